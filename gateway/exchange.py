@@ -1,0 +1,194 @@
+"""The two objects that travel through the gateway: a request going down, a response coming up.
+
+The client-facing proxy turns every client request (absolute-form, or origin-form inside an
+intercepted TLS connection) into one :class:`Exchange` and hands it to a :class:`Handler`
+(the cache/upstream pipeline), which returns a :class:`Response` whose body is a stream.
+No layer buffers a body: bodies are either small ``bytes`` already in memory, a region of a file
+(so a plain-HTTP connection can use ``sendfile``), or an async iterator of chunks.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol
+
+from multidict import CIMultiDict
+
+#: RFC 9110 §7.6.1 hop-by-hop fields, always removed in both directions (plus anything named in
+#: the Connection header, handled by :func:`strip_hop_by_hop`).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+_ids = itertools.count(1)
+_ID_PREFIX = os.urandom(3).hex()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ids):x}"
+
+
+def strip_hop_by_hop(headers: CIMultiDict) -> CIMultiDict:
+    """Return a copy without hop-by-hop fields or fields listed in ``Connection``."""
+    named = set()
+    for value in headers.getall("connection", []):
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    out: CIMultiDict = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in named:
+            continue
+        out.add(k, v)
+    return out
+
+
+@dataclass
+class Exchange:
+    """One client request, as seen after the proxy protocol has been peeled off."""
+
+    method: str
+    scheme: str                     # "https" (intercepted) or "http" (absolute-form)
+    host: str                       # lower-case, no port
+    port: int
+    target: str                     # origin-form: "/path?query"
+    headers: CIMultiDict            # end-to-end request headers (hop-by-hop removed)
+    body: Optional[AsyncIterator[bytes]] = None
+    client: str = ""                # "ip:port" of the proxy client
+    id: str = field(default_factory=new_request_id)
+    started: float = field(default_factory=time.monotonic)
+    #: notes layers add for the access log (cache outcome, upstream status, kind …)
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.split("?", 1)[1] if "?" in self.target else ""
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.target}"
+
+
+class Body:
+    """A response body. ``length`` is the exact byte count when known (Content-Length)."""
+
+    length: Optional[int] = None
+
+    def chunks(self) -> AsyncIterator[bytes]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the body holds (file handles, upstream connections, cache pins)."""
+
+
+class EmptyBody(Body):
+    length = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        return
+        yield b""  # pragma: no cover
+
+
+class BytesBody(Body):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.data:
+            yield self.data
+
+
+class FileBody(Body):
+    """A region of a file on disk; plain connections send it with ``loop.sendfile`` (zero-copy)."""
+
+    def __init__(self, path: str, offset: int, length: int, chunk_size: int = 256 * 1024,
+                 on_close: Optional[Callable[[], None]] = None) -> None:
+        self.path = path
+        self.offset = offset
+        self.length = length
+        self.chunk_size = chunk_size
+        self._on_close = on_close
+        self._closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        # Blocking reads of page-cache-hot data are faster than a thread hop per chunk; cold
+        # reads on a local disk are short enough at 256 KiB not to stall the loop noticeably.
+        remaining = self.length
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            while remaining > 0:
+                data = f.read(min(self.chunk_size, remaining))
+                if not data:
+                    raise IOError(f"{self.path} is shorter than expected")
+                remaining -= len(data)
+                yield data
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._on_close:
+                self._on_close()
+
+
+class StreamBody(Body):
+    """Chunks from an async iterator (upstream response, or a cache fill still growing)."""
+
+    def __init__(self, iterator: AsyncIterator[bytes], length: Optional[int] = None,
+                 on_close: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+        self._it = iterator
+        self.length = length
+        self._on_close = on_close
+        self._closed = False
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._it
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        aclose = getattr(self._it, "aclose", None)
+        if aclose:
+            try:
+                await aclose()
+            except Exception:  # noqa: BLE001 - closing must never mask the real outcome
+                pass
+        if self._on_close:
+            await self._on_close()
+
+
+@dataclass
+class Response:
+    status: int
+    headers: CIMultiDict = field(default_factory=CIMultiDict)
+    body: Body = field(default_factory=EmptyBody)
+    reason: str = ""
+    #: where the bytes come from, for metrics: "cache", "upstream" or "gateway"
+    source: str = "gateway"
+
+
+class Handler(Protocol):
+    """What the proxy calls for every intercepted or absolute-form request."""
+
+    async def handle(self, exchange: Exchange) -> Response: ...
+
+
+def error_response(status: int, message: str, *, reason: str = "",
+                   headers: Optional[dict[str, str]] = None) -> Response:
+    """A short plain-text answer produced by the gateway itself."""
+    h = CIMultiDict({"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"})
+    for k, v in (headers or {}).items():
+        h[k] = v
+    return Response(status, h, BytesBody((message.rstrip("\n") + "\n").encode()), reason=reason)

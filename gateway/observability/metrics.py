@@ -1,0 +1,182 @@
+"""The metrics catalogue: every Prometheus series the gateway exports, defined in one place.
+
+Why one object instead of module-level globals: tests start several gateways in one process, and
+each needs its own :class:`CollectorRegistry`. Every layer receives the :class:`Metrics` instance it
+is given; nothing registers collectors on the global default registry.
+
+Label sets are bounded by construction: hosts go through :meth:`Metrics.host_label`, which folds
+any host not named in the configuration into ``"other"``; no URL, path or digest is ever a label.
+``docs/metrics.md`` is checked against :data:`CATALOGUE` by a test.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+PREFIX = "trivy_gateway_"
+
+#: artifacts whose served age is exported (trivy_gateway_artifact_age_seconds{artifact=...})
+ARTIFACTS = ("vulnerability_db", "java_db", "checks_bundle", "vex_hub")
+#: values of the ``result`` label of trivy_gateway_cache_requests_total
+CACHE_RESULTS = ("hit", "miss", "stale", "coalesced", "negative", "revalidated", "bypass", "error")
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
+_RETRY_AFTER_BUCKETS = (0.001, 0.1, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
+
+
+class Metrics:
+    """All collectors of one gateway instance, on their own registry."""
+
+    def __init__(self, known_hosts: Iterable[str] = (), registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self._known_hosts = {h.lower() for h in known_hosts if h and "*" not in h}
+        r = self.registry
+        p = PREFIX
+
+        # -- client-facing proxy ----------------------------------------------------------
+        self.build_info = Info(p + "build", "Version of the running gateway.", registry=r)
+        self.requests = Counter(
+            p + "requests_total",
+            "Client requests handled, by target host, policy decision and response status.",
+            ["host", "decision", "status"], registry=r)
+        self.request_duration = Histogram(
+            p + "request_duration_seconds",
+            "Time from a client request's head to the end of its response, by target host.",
+            ["host"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.active_connections = Gauge(
+            p + "active_connections",
+            "Open client connections, by kind (client: plain proxy connection; intercepted: "
+            "TLS terminated by the gateway; tunnel: bytes relayed blind).",
+            ["kind"], registry=r)
+        self.denied = Counter(
+            p + "denied_total",
+            "Requests and CONNECTs refused by policy, by host (unconfigured hosts fold into "
+            "'other') and reason (not_allowed, rule, ssrf, port).",
+            ["host", "reason"], registry=r)
+        self.proxy_auth_failures = Counter(
+            p + "proxy_auth_failures_total",
+            "Requests refused with 407 because Proxy-Authorization was missing or wrong.", registry=r)
+        self.client_errors = Counter(
+            p + "client_errors_total",
+            "Malformed or aborted client requests, by reason.", ["reason"], registry=r)
+        self.tunnel_bytes = Counter(
+            p + "tunnel_bytes_total",
+            "Bytes relayed through blind tunnels, by direction (upstream, downstream).",
+            ["direction"], registry=r)
+
+        # -- TLS --------------------------------------------------------------------------
+        self.leaf_certs_minted = Counter(
+            p + "tls_leaf_certificates_minted_total",
+            "Leaf certificates minted for intercepted hosts (cache misses of the leaf LRU).",
+            registry=r)
+        self.tls_handshake_errors = Counter(
+            p + "tls_handshake_errors_total",
+            "Client TLS handshakes with the gateway that failed (often: the client does not "
+            "trust the gateway CA).", registry=r)
+
+        # -- cache --------------------------------------------------------------------------
+        self.cache_requests = Counter(
+            p + "cache_requests_total",
+            "Intercepted requests by upstream host, artifact kind (oci_blob, oci_manifest, "
+            "oci_auth, maven, github, generic) and cache result (" + ", ".join(CACHE_RESULTS) + ").",
+            ["host", "kind", "result"], registry=r)
+        self.served_bytes = Counter(
+            p + "served_bytes_total",
+            "Response body bytes sent to clients, by source (cache, upstream).",
+            ["source"], registry=r)
+        self.cache_size_bytes = Gauge(
+            p + "cache_size_bytes", "Bytes of cached bodies on disk.", registry=r)
+        self.cache_max_size_bytes = Gauge(
+            p + "cache_max_size_bytes", "Configured disk budget of the cache.", registry=r)
+        self.cache_entries = Gauge(
+            p + "cache_entries", "Cached objects (blobs and response entries).", ["type"], registry=r)
+        self.cache_evictions = Counter(
+            p + "cache_evictions_total", "Cached blobs removed to stay within the disk budget.",
+            registry=r)
+        self.cache_digest_mismatches = Counter(
+            p + "cache_digest_mismatches_total",
+            "Upstream bodies whose sha256 did not match the digest requested (never stored).",
+            ["host"], registry=r)
+        self.cache_store_errors = Counter(
+            p + "cache_store_errors_total",
+            "Failures to store a response (disk full, I/O error); the client is still served.",
+            ["reason"], registry=r)
+        self.cache_fills_in_flight = Gauge(
+            p + "cache_fills_in_flight", "Upstream fetches currently being written to the cache.",
+            registry=r)
+        self.artifact_age = Gauge(
+            p + "artifact_age_seconds",
+            "Age of the Trivy artifact most recently served (time since the gateway last got it "
+            "fresh from upstream); grows while stale content hides an upstream outage.",
+            ["artifact"], registry=r)
+
+        # -- upstream ---------------------------------------------------------------------
+        self.upstream_responses = Counter(
+            p + "upstream_responses_total",
+            "Responses received from upstreams, by host and status (errors: status 'error').",
+            ["host", "status"], registry=r)
+        self.upstream_latency = Histogram(
+            p + "upstream_request_duration_seconds",
+            "Time to response headers from an upstream, by host.",
+            ["host"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_retries = Counter(
+            p + "upstream_retries_total",
+            "Upstream requests retried, by host and reason (connect, timeout, status_429, "
+            "status_5xx, body).", ["host", "reason"], registry=r)
+        self.upstream_retry_after = Histogram(
+            p + "upstream_retry_after_seconds",
+            "Retry-After values received from upstreams (as sent, before flooring/capping).",
+            ["host"], buckets=_RETRY_AFTER_BUCKETS, registry=r)
+        self.upstream_queue_wait = Histogram(
+            p + "upstream_queue_wait_seconds",
+            "Time requests waited for the per-host rate limiter and concurrency cap.",
+            ["host"], buckets=_WAIT_BUCKETS, registry=r)
+        self.upstream_queue_depth = Gauge(
+            p + "upstream_queue_depth", "Requests waiting for the per-host limiter.", ["host"],
+            registry=r)
+        self.upstream_rate = Gauge(
+            p + "upstream_rate_limit_per_second",
+            "Current allowed request rate per host (lowered on 429, recovers gradually).",
+            ["host"], registry=r)
+        self.upstream_connections = Gauge(
+            p + "upstream_active_requests", "Requests in flight to each upstream host.", ["host"],
+            registry=r)
+        self.circuit_state = Gauge(
+            p + "upstream_circuit_state",
+            "Circuit breaker state per upstream host: 0 closed, 1 half-open, 2 open.",
+            ["host"], registry=r)
+        self.failovers = Counter(
+            p + "upstream_failovers_total",
+            "Requests answered from an equivalent repository after the requested one failed.",
+            ["from_host", "to_host"], registry=r)
+        self.resumed_downloads = Counter(
+            p + "upstream_resumed_downloads_total",
+            "Upstream bodies cut mid-way and resumed with a Range request.", ["host"], registry=r)
+
+        self.cache_max_size_bytes.set(0)
+
+    # -----------------------------------------------------------------------------------
+    def add_known_hosts(self, hosts: Iterable[str]) -> None:
+        self._known_hosts.update(h.lower() for h in hosts if h and "*" not in h)
+
+    def host_label(self, host: str | None) -> str:
+        """A bounded label value: configured hosts by name, anything else as ``other``."""
+        if not host:
+            return "other"
+        host = host.lower()
+        return host if host in self._known_hosts else "other"
+
+
+def catalogue() -> dict[str, dict]:
+    """Name → {type, help, labels} for every exported metric (used for docs and tests)."""
+    m = Metrics()
+    out: dict[str, dict] = {}
+    for collector in list(m.registry._collector_to_names):  # noqa: SLF001 - no public API for this
+        for family in collector.describe():
+            labels = list(getattr(collector, "_labelnames", ()))
+            name = family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
+            out[name] = {"type": family.type, "help": family.documentation, "labels": labels}
+    return dict(sorted(out.items()))

@@ -1,0 +1,44 @@
+"""Client-facing proxy protocol settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ._parse import ConfigError, Duration
+
+
+@dataclass(frozen=True)
+class ProxyAuthSettings:
+    """Optional ``Proxy-Authorization: Basic`` (Go clients send it for ``http://user:pass@gw:3128``)."""
+
+    enabled: bool = False
+    username: str = ""
+    #: the password itself is never in the YAML: it comes from this environment variable or file
+    password_env: str = "TRIVY_GATEWAY_PROXY_PASSWORD"
+    password_file: Optional[str] = None
+    realm: str = "trivy-gateway"
+    #: resolved at load time from password_env / password_file; never logged
+    password: str = ""
+
+    def validate(self, path: str) -> None:
+        if self.enabled and not self.username:
+            raise ConfigError(f"{path}.username", "required when proxy auth is enabled")
+
+    def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
+        return (f"ProxyAuthSettings(enabled={self.enabled}, username={self.username!r}, "
+                f"password={'***' if self.password else ''!r})")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    auth: ProxyAuthSettings = ProxyAuthSettings()
+    #: pseudonym used in the Via header we add (RFC 9110 §7.6.3)
+    via_pseudonym: str = "trivy-gateway"
+    #: a client connection idle this long between requests is closed
+    idle_timeout: Duration = Duration(120)
+    #: time allowed for a client to send a complete request head
+    header_timeout: Duration = Duration(30)
+    #: request heads larger than this are refused with 431
+    max_header_bytes: int = 64 * 1024
+    #: chunk size used when relaying bodies
+    chunk_size: int = 256 * 1024

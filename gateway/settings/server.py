@@ -1,0 +1,39 @@
+"""Where the gateway listens and keeps its state, and how it shuts down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._parse import ConfigError, Duration
+
+
+def split_hostport(value: str, path: str) -> tuple[str, int]:
+    """``"0.0.0.0:3128"`` → ``("0.0.0.0", 3128)``; ``"[::1]:3128"`` works too."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(path, f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    #: proxy clients connect here (HTTPS_PROXY=http://host:3128)
+    listen: str = "0.0.0.0:3128"
+    #: /metrics, /healthz, /readyz and the status page, on a separate port so the proxy port
+    #: never serves anything but proxy traffic
+    admin_listen: str = "0.0.0.0:9128"
+    #: CA, cache and state; created on first start
+    data_dir: str = "./gateway-data"
+    #: on SIGTERM: stop accepting, let in-flight transfers finish for this long, then exit
+    drain_grace: Duration = Duration(30)
+
+    def validate(self, path: str) -> None:
+        split_hostport(self.listen, f"{path}.listen")
+        split_hostport(self.admin_listen, f"{path}.admin_listen")
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return split_hostport(self.listen, "server.listen")
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        return split_hostport(self.admin_listen, "server.admin_listen")
