@@ -1,0 +1,380 @@
+"""Content-addressed body store on disk, with fills that readers can follow while they grow.
+
+Layout under the cache root (one filesystem, so publishing is an atomic ``rename``)::
+
+    blobs/sha256/ab/abcdef…   published bodies, named by the sha256 of their bytes
+    tmp/fill-…                bodies being written; removed at start-up (never served)
+
+Why every cached body lives here, not only OCI blobs: one mechanism gives all kinds the same
+guarantees — hashed while streaming, verified before publish, atomic rename, LRU eviction that
+never touches a pinned blob — and identical bodies (the same DB on two registries) are stored once.
+
+A :class:`Fill` is written by exactly one producer (a background task, so a client that goes
+away does not abort it) and read by any number of followers through :meth:`Fill.follow`, which
+streams the bytes already on disk and then waits for more: followers see the first byte long
+before a 650 MiB Java DB has landed. Readers keep their file descriptor open, so the rename at
+publish time (or the unlink after a failure) never pulls bytes from under them.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Optional
+
+from ..observability.logging import get_logger
+from ..observability.metrics import Metrics
+
+log = get_logger("gateway.cache")
+
+READ_CHUNK = 256 * 1024
+
+
+class DigestMismatch(Exception):
+    """The bytes received do not hash to the digest that was asked for."""
+
+
+class FillFailed(Exception):
+    """The producer of a fill gave up (upstream error, disk error); followers must abort."""
+
+
+class StoreFull(Exception):
+    """Not enough disk (budget or free space) to store a body; serve it without storing."""
+
+
+@dataclass
+class BlobRecord:
+    size: int
+    last_access: float
+    pins: int = 0
+
+
+def _hex_of(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise ValueError(f"unsupported digest {digest!r}")
+    return hexpart
+
+
+class Fill:
+    """One body being written to ``tmp/``; see the module docstring."""
+
+    def __init__(self, store: "BlobStore", expected_digest: Optional[str],
+                 expected_size: Optional[int]) -> None:
+        self.store = store
+        self.expected_digest = expected_digest
+        self.expected_size = expected_size
+        self.path = store.tmp_dir / f"fill-{os.getpid()}-{time.monotonic_ns()}-{id(self):x}"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._hash = hashlib.sha256()
+        self.written = 0
+        self.digest: Optional[str] = None
+        self.state = "filling"  # filling | committed | failed
+        self.error: Optional[BaseException] = None
+        self._wakeup = asyncio.Event()
+        store._reserved += expected_size or 0
+
+    # -- producer side --------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Append bytes (blocking write: page-cache speed; an ENOSPC surfaces as StoreFull)."""
+        if self.state != "filling":
+            raise FillFailed("fill is closed")
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
+            self.store.metrics.cache_store_errors.labels(reason).inc()
+            log.error("cache_write_failed", path=str(self.path), error=str(exc), reason=reason)
+            self.fail(StoreFull(f"cannot write cache file: {exc.strerror}"))
+            raise StoreFull(str(exc)) from None
+        self._hash.update(data)
+        self.written += len(data)
+        self._notify()
+
+    def commit(self) -> str:
+        """Verify and publish; returns the body's ``sha256:`` digest."""
+        if self.state != "filling":
+            raise FillFailed("fill is closed")
+        digest = "sha256:" + self._hash.hexdigest()
+        if self.expected_size is not None and self.written != self.expected_size:
+            exc = DigestMismatch(f"expected {self.expected_size} bytes, got {self.written}")
+            self.fail(exc)
+            raise exc
+        if self.expected_digest and digest != self.expected_digest:
+            exc = DigestMismatch(f"expected {self.expected_digest}, got {digest}")
+            self.fail(exc)
+            raise exc
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            self.store._publish(self.path, digest, self.written)
+        except OSError as exc:
+            self.store.metrics.cache_store_errors.labels("io_error").inc()
+            self.fail(StoreFull(f"cannot publish: {exc.strerror}"))
+            raise StoreFull(str(exc)) from None
+        self.digest = digest
+        self.state = "committed"
+        self._release_reservation()
+        self._notify()
+        return digest
+
+    def fail(self, exc: BaseException) -> None:
+        if self.state != "filling":
+            return
+        self.state = "failed"
+        self.error = exc
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._release_reservation()
+        self._notify()
+
+    def _release_reservation(self) -> None:
+        self.store._reserved -= self.expected_size or 0
+        self.store._fills.discard(self)
+
+    def _notify(self) -> None:
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    # -- follower side --------------------------------------------------------------------
+    async def follow(self, start: int = 0, end: Optional[int] = None) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of the body as they land; raises FillFailed if it fails."""
+        fd = self._open_for_reading()
+        try:
+            pos = start
+            while True:
+                limit = self.written if end is None else min(self.written, end)
+                while pos < limit:
+                    data = os.pread(fd, min(READ_CHUNK, limit - pos), pos)
+                    if not data:
+                        raise FillFailed("cache file shorter than recorded")
+                    pos += len(data)
+                    yield data
+                if self.state == "failed":
+                    raise FillFailed(str(self.error))
+                if end is not None and pos >= end:
+                    return
+                if self.state == "committed" and pos >= self.written:
+                    return
+                if pos >= self.written:
+                    await self._wakeup.wait()
+        finally:
+            os.close(fd)
+
+    def _open_for_reading(self) -> int:
+        if self.state == "failed":
+            raise FillFailed(str(self.error))
+        if self.state == "committed":
+            return os.open(self.store.path_of(self.digest), os.O_RDONLY)
+        return os.open(self.path, os.O_RDONLY)
+
+
+class BlobStore:
+    """See the module docstring. All methods run on the event loop thread."""
+
+    def __init__(self, root: Path, max_size: int, min_free_space: int, metrics: Metrics) -> None:
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs" / "sha256"
+        self.tmp_dir = self.root / "tmp"
+        self.max_size = max_size
+        self.min_free_space = min_free_space
+        self.metrics = metrics
+        self._index: dict[str, BlobRecord] = {}
+        self._size = 0
+        self._reserved = 0
+        self._fills: set[Fill] = set()
+
+    # -- start-up ----------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create directories, drop leftovers of interrupted fills, rebuild the index from disk."""
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._index.clear()
+        self._size = 0
+        for sub in self.blob_dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                name = f.name
+                if len(name) != 64 or f.name.startswith("."):
+                    f.unlink(missing_ok=True)
+                    continue
+                st = f.stat()
+                self._index["sha256:" + name] = BlobRecord(st.st_size, max(st.st_atime, st.st_mtime))
+                self._size += st.st_size
+        self._update_gauges()
+        self.metrics.cache_max_size_bytes.set(self.max_size)
+        log.info("cache_opened", root=str(self.root), blobs=len(self._index), bytes=self._size)
+
+    # -- lookups -------------------------------------------------------------------------------
+    def path_of(self, digest: str) -> Path:
+        hexpart = _hex_of(digest)
+        return self.blob_dir / hexpart[:2] / hexpart
+
+    def has(self, digest: str) -> bool:
+        return digest in self._index
+
+    def size_of(self, digest: str) -> Optional[int]:
+        rec = self._index.get(digest)
+        return rec.size if rec else None
+
+    def pin(self, digest: str) -> Optional[Path]:
+        """Mark a blob as being read (never evicted meanwhile); returns its path or None."""
+        rec = self._index.get(digest)
+        if rec is None:
+            return None
+        path = self.path_of(digest)
+        if not path.exists():  # removed behind our back (operator, fsck): forget it
+            self._forget(digest)
+            return None
+        rec.pins += 1
+        rec.last_access = time.time()
+        return path
+
+    def unpin(self, digest: str) -> None:
+        rec = self._index.get(digest)
+        if rec and rec.pins > 0:
+            rec.pins -= 1
+
+    def read_small(self, digest: str, limit: int) -> Optional[bytes]:
+        """Whole body of a small blob (manifests, POMs) or None if absent/too large."""
+        rec = self._index.get(digest)
+        if rec is None or rec.size > limit:
+            return None
+        try:
+            data = self.path_of(digest).read_bytes()
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+        rec.last_access = time.time()
+        return data
+
+    # -- writing -------------------------------------------------------------------------------
+    def begin_fill(self, expected_digest: Optional[str] = None,
+                   expected_size: Optional[int] = None) -> Fill:
+        """Start a fill, or raise StoreFull when the body cannot be stored (serve it uncached)."""
+        need = expected_size or 0
+        if need > self.max_size:
+            raise StoreFull(f"body of {need} bytes exceeds the cache budget")
+        self._make_room(need + self._reserved)
+        free = self.free_space()
+        if free is not None and free - need < self.min_free_space:
+            self.metrics.cache_store_errors.labels("disk_full").inc()
+            raise StoreFull(f"only {free} bytes free on the cache filesystem")
+        fill = Fill(self, expected_digest, expected_size)
+        self._fills.add(fill)
+        return fill
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store a small in-memory body synchronously; returns its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if digest in self._index:
+            self._index[digest].last_access = time.time()
+            return digest
+        fill = self.begin_fill(None, len(data))
+        fill.write(data)
+        return fill.commit()
+
+    def _publish(self, tmp_path: Path, digest: str, size: int) -> None:
+        final = self.path_of(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if digest in self._index and final.exists():
+            os.unlink(tmp_path)  # same bytes arrived twice; keep the first copy
+            self._index[digest].last_access = time.time()
+            return
+        os.rename(tmp_path, final)
+        self._index[digest] = BlobRecord(size, time.time())
+        self._size += size
+        self._make_room(0)
+        self._update_gauges()
+
+    def free_space(self) -> Optional[int]:
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    # -- eviction ------------------------------------------------------------------------------
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used, unpinned blobs until ``incoming`` more bytes fit."""
+        if self._size + incoming <= self.max_size:
+            return
+        for digest, rec in sorted(self._index.items(), key=lambda kv: kv[1].last_access):
+            if self._size + incoming <= self.max_size:
+                break
+            if rec.pins:
+                continue
+            self.remove(digest)
+            self.metrics.cache_evictions.inc()
+
+    def remove(self, digest: str) -> bool:
+        rec = self._index.get(digest)
+        if rec is None or rec.pins:
+            return False
+        try:
+            os.unlink(self.path_of(digest))
+        except FileNotFoundError:
+            pass
+        self._forget(digest)
+        return True
+
+    def _forget(self, digest: str) -> None:
+        rec = self._index.pop(digest, None)
+        if rec:
+            self._size -= rec.size
+            self._update_gauges()
+
+    # -- inspection ----------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def count(self) -> int:
+        return len(self._index)
+
+    @property
+    def fills_in_flight(self) -> int:
+        return len(self._fills)
+
+    def digests(self) -> list[str]:
+        return list(self._index)
+
+    def verify(self, digest: str) -> bool:
+        """Re-hash a stored blob; a blob that does not match its name is removed."""
+        path = self.path_of(digest)
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1024 * 1024), b""):
+                    h.update(chunk)
+        except FileNotFoundError:
+            self._forget(digest)
+            return False
+        if "sha256:" + h.hexdigest() != digest:
+            log.error("cache_blob_corrupt", digest=digest)
+            self.metrics.cache_digest_mismatches.labels("other").inc()
+            self.remove(digest)
+            return False
+        return True
+
+    def _update_gauges(self) -> None:
+        self.metrics.cache_size_bytes.set(self._size)
+        self.metrics.cache_entries.labels("blob").set(len(self._index))

@@ -1,0 +1,232 @@
+"""Cached responses: metadata on disk (one JSON file per key), bodies in the blob store.
+
+An :class:`Entry` is what a later request needs to answer without the upstream: status,
+headers to replay, the digest of the body in the :class:`~gateway.cache.blobstore.BlobStore`,
+and the freshness facts (when it was last validated, until when it is fresh, its validators).
+
+Metadata writes are ``write tmp + fsync + rename``, so a crash leaves either the old or the new
+entry, never half of one. An entry whose body blob is missing is treated as absent.
+
+A memory front (aiocache; ``memory`` per process, ``redis`` to share between replicas) holds
+hot entries together with small bodies, so a hit on a manifest, token or POM touches no disk.
+Why a byte budget around aiocache: its memory backend has no size bound of its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from aiocache import Cache as AioCache
+
+from ..observability.logging import get_logger
+from ..observability.metrics import Metrics
+from ..settings import MemoryFrontSettings
+
+log = get_logger("gateway.cache")
+
+
+@dataclass
+class Entry:
+    key: str
+    kind: str
+    status: int
+    headers: list[tuple[str, str]]
+    body_digest: Optional[str]
+    body_size: int
+    #: when the upstream last confirmed this content (fetch or successful revalidation)
+    validated_at: float
+    #: fresh until this time (inf for immutable content)
+    fresh_until: float
+    #: first stored (age of the content itself)
+    stored_at: float = field(default_factory=time.time)
+    etag: Optional[str] = None
+    last_modified: Optional[str] = None
+    negative: bool = False
+    #: free-form facts for the status page (reference, docker digest, upstream url …)
+    meta: dict = field(default_factory=dict)
+
+    def is_fresh(self, now: Optional[float] = None) -> bool:
+        return (now or time.time()) < self.fresh_until
+
+    def staleness(self, now: Optional[float] = None) -> float:
+        """Seconds past expiry (0 while fresh)."""
+        return max(0.0, (now or time.time()) - self.fresh_until)
+
+    def ttl_left(self, now: Optional[float] = None) -> float:
+        return self.fresh_until - (now or time.time())
+
+    def header(self, name: str) -> Optional[str]:
+        lname = name.lower()
+        for k, v in self.headers:
+            if k.lower() == lname:
+                return v
+        return None
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        if d["fresh_until"] == float("inf"):
+            d["fresh_until"] = "inf"
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Entry":
+        d = json.loads(text)
+        if d.get("fresh_until") == "inf":
+            d["fresh_until"] = float("inf")
+        d["headers"] = [tuple(h) for h in d["headers"]]
+        return cls(**d)
+
+
+def _file_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class _MemoryFront:
+    """aiocache with an LRU byte budget. Values: (entry json, small body or None)."""
+
+    def __init__(self, settings: MemoryFrontSettings) -> None:
+        self.settings = settings
+        if settings.backend == "redis":
+            from urllib.parse import urlparse  # noqa: PLC0415 - only needed for redis
+
+            url = urlparse(settings.redis_url)
+            self.cache = AioCache(AioCache.REDIS, endpoint=url.hostname or "127.0.0.1",
+                                  port=url.port or 6379, db=int((url.path or "/0")[1:] or 0),
+                                  namespace="trivy-gateway")
+        else:
+            self.cache = AioCache(AioCache.MEMORY)
+        self._sizes: "OrderedDict[str, int]" = OrderedDict()
+        self._total = 0
+
+    async def get(self, key: str) -> Optional[tuple[str, Optional[bytes]]]:
+        value = await self.cache.get(key)
+        if value is not None and key in self._sizes:
+            self._sizes.move_to_end(key)
+        return value
+
+    async def set(self, key: str, entry_json: str, body: Optional[bytes]) -> None:
+        if body is not None and len(body) > self.settings.max_item_size:
+            body = None
+        size = len(entry_json) + (len(body) if body else 0)
+        await self.delete(key)
+        await self.cache.set(key, (entry_json, body))
+        self._sizes[key] = size
+        self._total += size
+        while self._total > self.settings.max_size and self._sizes:
+            old, old_size = self._sizes.popitem(last=False)
+            self._total -= old_size
+            await self.cache.delete(old)
+
+    async def delete(self, key: str) -> None:
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._total -= size
+        await self.cache.delete(key)
+
+    async def clear(self) -> None:
+        self._sizes.clear()
+        self._total = 0
+        await self.cache.clear()
+
+
+class EntryStore:
+    def __init__(self, root: Path, blobs, memory: MemoryFrontSettings, metrics: Metrics) -> None:
+        self.dir = Path(root) / "entries"
+        self.blobs = blobs
+        self.metrics = metrics
+        self.front = _MemoryFront(memory)
+        self.small_limit = memory.max_item_size
+        self._count = 0
+
+    def open(self) -> None:
+        """Create the directory, drop torn temp files and entries whose body is gone."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for f in self.dir.iterdir():
+            if f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+                continue
+            try:
+                entry = Entry.from_json(f.read_text("utf-8"))
+            except (ValueError, TypeError, KeyError, OSError):
+                log.warning("cache_entry_unreadable", file=f.name)
+                f.unlink(missing_ok=True)
+                continue
+            if entry.body_digest and not self.blobs.has(entry.body_digest):
+                f.unlink(missing_ok=True)
+                continue
+            count += 1
+        self._count = count
+        self.metrics.cache_entries.labels("response").set(count)
+
+    def _path(self, key: str) -> Path:
+        return self.dir / (_file_name(key) + ".json")
+
+    async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
+        """The entry and, when small enough to be in memory, its body."""
+        cached = await self.front.get(key)
+        if cached is not None:
+            entry = Entry.from_json(cached[0])
+            if entry.body_digest is None or self.blobs.has(entry.body_digest):
+                return entry, cached[1] if entry.body_digest else b""
+            await self.front.delete(key)
+        try:
+            text = self._path(key).read_text("utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            entry = Entry.from_json(text)
+        except (ValueError, TypeError, KeyError):
+            self._path(key).unlink(missing_ok=True)
+            return None
+        if entry.key != key:  # hash collision or a foreign file: never serve it
+            return None
+        if entry.body_digest and not self.blobs.has(entry.body_digest):
+            await self.delete(key)
+            return None
+        body = b"" if entry.body_digest is None else self.blobs.read_small(entry.body_digest,
+                                                                           self.small_limit)
+        await self.front.set(key, text, body)
+        return entry, body
+
+    async def put(self, entry: Entry, body: Optional[bytes] = None) -> None:
+        text = entry.to_json()
+        path = self._path(entry.key)
+        tmp = path.with_suffix(".tmp")
+        existed = path.exists()
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if not existed:
+            self._count += 1
+            self.metrics.cache_entries.labels("response").set(self._count)
+        await self.front.set(entry.key, text, body)
+
+    async def delete(self, key: str) -> None:
+        await self.front.delete(key)
+        try:
+            self._path(key).unlink()
+            self._count -= 1
+            self.metrics.cache_entries.labels("response").set(self._count)
+        except FileNotFoundError:
+            pass
+
+    def iter_entries(self):
+        """All entries on disk (operator commands, status page)."""
+        for f in sorted(self.dir.glob("*.json")):
+            try:
+                yield Entry.from_json(f.read_text("utf-8"))
+            except (ValueError, TypeError, KeyError, OSError):
+                continue
+
+    @property
+    def count(self) -> int:
+        return self._count
