@@ -1,0 +1,283 @@
+"""Server-rendered HTML status page (``GET /`` on the admin port).
+
+Pure function of the ``status()`` dict: no I/O, no JavaScript. Every value that comes from the
+status dict is passed through :func:`html.escape` at the point it is written (hosts, references,
+errors and even numbers, since the dict is produced elsewhere and may carry anything). Missing or
+malformed keys render as an em dash instead of failing the page.
+"""
+from __future__ import annotations
+
+import html
+import math
+import time
+from functools import lru_cache
+from importlib import resources
+from string import Template
+from typing import Any, Mapping, Optional
+
+ARTIFACT_TITLES = {
+    "vulnerability_db": "Vulnerability DB",
+    "java_db": "Java DB",
+    "checks_bundle": "Checks bundle",
+    "vex_hub": "VEX Hub",
+}
+CIRCUIT_TEXT = {"closed": "closed", "half_open": "half-open", "open": "open"}
+DASH = "\u2014"
+
+
+@lru_cache(maxsize=1)
+def _template() -> Template:
+    return Template(resources.files("gateway.admin").joinpath("status.html").read_text("utf-8"))
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> Optional[float]:
+    """A finite float, or None for anything else (None, strings, NaN, bools)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def human_bytes(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return DASH
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    if n < 1024:
+        return f"{sign}{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{sign}{n:.1f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def human_duration(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return DASH
+    if n < 0:
+        return "0s"
+    s = int(n)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def percent(value: Any) -> str:
+    n = _num(value)
+    return DASH if n is None else f"{n * 100:.1f}%"
+
+
+def short_digest(digest: Any) -> str:
+    """``sha256:8cf26c7b1f2e…`` (algorithm + 12 hex digits)."""
+    text = str(digest)
+    algo, sep, hexpart = text.partition(":")
+    if sep and len(hexpart) > 12:
+        return f"{algo}:{hexpart[:12]}\u2026"
+    return text if len(text) <= 24 else text[:23] + "\u2026"
+
+
+def _val(value: Any) -> str:
+    """Escaped text of a plain value; None becomes an em dash."""
+    return esc(DASH if value is None else value)
+
+
+def _mapping(value: Any) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _badge(text: str, cls: str, elem_id: str = "") -> str:
+    id_attr = f' id="{esc(elem_id)}"' if elem_id else ""
+    return f'<span class="badge {esc(cls)}"{id_attr}>{esc(text)}</span>'
+
+
+def _ready_badge(status: Mapping) -> str:
+    if status.get("draining") is True:
+        return _badge("draining", "state-warn")
+    ready = status.get("ready")
+    if ready is True:
+        return _badge("ready", "state-ok")
+    if ready is False:
+        return _badge("not ready", "state-bad")
+    return _badge("readiness unknown", "state-warn")
+
+
+def _cell(text: str, cls: str = "", title: str = "") -> str:
+    attrs = (f' class="{esc(cls)}"' if cls else "") + (f' title="{esc(title)}"' if title else "")
+    return f"<td{attrs}>{text}</td>"
+
+
+def _summary(status: Mapping) -> str:
+    results = _mapping(status.get("cache_results"))
+    served = _mapping(status.get("bytes_served"))
+    from_cache, from_upstream = _num(served.get("cache")), _num(served.get("upstream"))
+    total = (from_cache or 0) + (from_upstream or 0)
+    share = percent(from_cache / total) if from_cache is not None and total > 0 else DASH
+    ratio = status.get("hit_ratio")
+    counts = " · ".join(f"{esc(k)} {esc(int(v) if _num(v) is not None else v)}"
+                        for k, v in results.items()) or "no cacheable requests yet"
+    return f"""<section id="traffic">
+<h2>Cache effectiveness</h2>
+<div class="cards">
+  <div class="card"><div class="label">Hit ratio</div>
+    <div class="value" id="hit-ratio">{esc(percent(ratio))}</div>
+    <div class="muted">{counts}</div></div>
+  <div class="card"><div class="label">Served from cache</div>
+    <div class="value" id="bytes-cache">{esc(human_bytes(from_cache))}</div>
+    <div class="muted">{esc(share)} of all bytes served</div></div>
+  <div class="card"><div class="label">Fetched from upstream</div>
+    <div class="value" id="bytes-upstream">{esc(human_bytes(from_upstream))}</div>
+    <div class="muted">bytes the upstreams had to send</div></div>
+</div>
+</section>"""
+
+
+def _artifacts(status: Mapping) -> str:
+    items = status.get("artifacts")
+    rows = []
+    for item in items if isinstance(items, list) else []:
+        item = _mapping(item)
+        name = item.get("artifact")
+        title = ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
+        digest = item.get("digest")
+        digest_cell = (_cell(f"<code>{esc(short_digest(digest))}</code>", "digest", str(digest))
+                       if digest else _cell(DASH))
+        stale = item.get("stale")
+        if stale is True:
+            marker = _badge("stale", "state-warn")
+        elif stale is False:
+            marker = _badge("fresh", "state-ok")
+        else:
+            marker = DASH
+        age_title = ""
+        fetched = _num(item.get("fetched_at"))
+        if fetched is not None:
+            age_title = "fetched " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(fetched))
+        rows.append(
+            f'<tr class="artifact" data-artifact="{esc(name if name is not None else "")}">'
+            + _cell(esc(title))
+            + _cell(f"<code>{esc(item.get('reference') or DASH)}</code>", "reference")
+            + digest_cell
+            + _cell(esc(human_bytes(item.get("size"))), "num size")
+            + _cell(esc(human_duration(item.get("age_seconds"))), "num age", age_title)
+            + _cell(marker, "stale")
+            + "</tr>")
+    if not rows:
+        body = ('<p class="muted" id="no-artifacts">No Trivy artifact has been cached yet. '
+                "The first scan through the gateway fills the cache.</p>")
+    else:
+        body = ('<table id="artifacts"><thead><tr><th>Artifact</th><th>Reference</th>'
+                '<th>Digest</th><th class="num">Size</th><th class="num">Age</th>'
+                "<th>State</th></tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+    return f'<section id="artifacts-section">\n<h2>Cached Trivy artifacts</h2>\n{body}\n</section>'
+
+
+def _upstreams(status: Mapping) -> str:
+    ups = _mapping(status.get("upstreams"))
+    rows = []
+    for host in sorted(ups, key=str):
+        info = _mapping(ups[host])
+        state = info.get("circuit")
+        state_key = state if state in CIRCUIT_TEXT else "unknown"
+        state_text = CIRCUIT_TEXT.get(state, str(state) if state is not None else "unknown")
+        remaining = _num(info.get("open_remaining"))
+        remaining_text = (f"{remaining:.0f}s" if remaining is not None and remaining > 0
+                          else DASH)
+        rate = _num(info.get("rate"))
+        last_error = info.get("last_error")
+        last_status = info.get("last_status")
+
+        rows.append(
+            f'<tr class="upstream" data-host="{esc(host)}">'
+            + _cell(f"<code>{esc(host)}</code>", "host")
+            + _cell(f'<span class="badge circuit circuit-{esc(state_key)}">{esc(state_text)}</span>',
+                    "circuit-cell")
+            + _cell(esc(remaining_text), "num open-remaining")
+            + _cell(esc(DASH if rate is None else f"{rate:g}/s"), "num rate")
+            + _cell(_val(info.get("queue_depth")), "num queue")
+            + _cell(_val(info.get("in_flight")), "num in-flight")
+            + _cell(_val(info.get("requests")), "num requests")
+            + _cell(_val(last_status), "num last-status")
+            + _cell(esc(last_error) if last_error else DASH, "last-error error" if last_error else "last-error")
+            + "</tr>")
+    if not rows:
+        body = '<p class="muted" id="no-upstreams">No upstream has been contacted yet.</p>'
+    else:
+        body = ('<table id="upstreams"><thead><tr><th>Host</th><th>Circuit</th>'
+                '<th class="num">Open for</th><th class="num">Rate</th><th class="num">Queue</th>'
+                '<th class="num">In flight</th><th class="num">Requests</th>'
+                '<th class="num">Last status</th><th>Last error</th></tr></thead><tbody>\n'
+                + "\n".join(rows) + "\n</tbody></table>")
+    return f'<section id="upstreams-section">\n<h2>Upstream health</h2>\n{body}\n</section>'
+
+
+def _cache(status: Mapping) -> str:
+    cache = _mapping(status.get("cache"))
+    used, budget = _num(cache.get("size_bytes")), _num(cache.get("max_size_bytes"))
+    if used is not None and budget:
+        frac = max(0.0, min(used / budget, 1.0))
+        level = "bad" if frac >= 0.9 else "warn" if frac >= 0.75 else ""
+        bar = (f'<div class="bar {level}" title="{esc(percent(used / budget))} of the budget">'
+               f'<div style="width: {frac * 100:.1f}%"></div></div>')
+        usage = f"{esc(human_bytes(used))} of {esc(human_bytes(budget))} ({esc(percent(used / budget))})"
+    else:
+        bar = ""
+        usage = f"{esc(human_bytes(used))} of {esc(human_bytes(budget))}"
+    return f"""<section id="cache-section">
+<h2>Cache disk</h2>
+<div id="cache-usage">{usage}</div>
+{bar}
+<dl>
+  <dt>Blobs</dt><dd>{_val(cache.get("blobs"))}</dd>
+  <dt>Entries</dt><dd>{_val(cache.get("entries"))}</dd>
+  <dt>Free on disk</dt><dd>{esc(human_bytes(cache.get("disk_free_bytes")))}</dd>
+</dl>
+</section>"""
+
+
+def _ca(status: Mapping) -> str:
+    ca = _mapping(status.get("ca"))
+    return f"""<section id="ca-section">
+<h2>Gateway CA</h2>
+<p>Clients must trust this certificate to use the gateway for HTTPS
+(<code>SSL_CERT_FILE</code>, <code>trivy --cacert</code>):
+<a class="download" id="ca-link" href="/ca.pem" download="trivy-gateway-ca.pem">Download CA certificate (ca.pem)</a></p>
+<dl>
+  <dt>Subject</dt><dd>{esc(ca.get("subject") or DASH)}</dd>
+  <dt>SHA-256 fingerprint</dt><dd class="mono" id="ca-fingerprint">{esc(ca.get("fingerprint_sha256") or DASH)}</dd>
+  <dt>Valid until</dt><dd>{esc(ca.get("not_after") or DASH)}</dd>
+</dl>
+</section>"""
+
+
+def render_status_page(status: Mapping, *, refresh_seconds: int = 10, error: str = "",
+                       now: Optional[float] = None) -> str:
+    """The whole page as a string. ``error`` (escaped) is shown when ``status()`` itself failed."""
+    status = _mapping(status)
+    sections = []
+    if error:
+        sections.append(f'<section id="status-error" class="error"><h2>Status unavailable</h2>'
+                        f"<p>{esc(error)}</p></section>")
+    sections += [_summary(status), _artifacts(status), _upstreams(status), _cache(status),
+                 _ca(status)]
+    refresh = (f'<meta http-equiv="refresh" content="{int(refresh_seconds)}">'
+               if refresh_seconds > 0 else "")
+    rendered = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if now is None else now))
+    return _template().substitute(
+        refresh=refresh,
+        version=esc(status.get("version") or DASH),
+        uptime=esc(human_duration(status.get("uptime_seconds"))),
+        ready_badge=_ready_badge(status),
+        sections="\n".join(sections),
+        rendered_at=esc(rendered),
+        refresh_note=esc(f", refreshes every {int(refresh_seconds)}s" if refresh_seconds > 0 else ""),
+    )
