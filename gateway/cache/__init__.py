@@ -1,1 +1,5 @@
+"""Cache stores: content-addressed bodies on disk, response entries with a memory front."""
+from .blobstore import BlobStore, DigestMismatch, Fill, FillFailed, StoreFull
+from .entries import Entry, EntryStore
 
+__all__ = ["BlobStore", "Fill", "FillFailed", "DigestMismatch", "StoreFull", "Entry", "EntryStore"]

@@ -1,0 +1,256 @@
+"""The request pipeline: policy has allowed the request; now cache, then upstream.
+
+For every :class:`~gateway.exchange.Exchange` the proxy hands over:
+
+1. :func:`gateway.resources.classify` says what it is (blob, tag manifest, POM, …).
+2. Not cacheable → forwarded as a stream (``Cache-Status: …; fwd=bypass``).
+3. A fresh entry → answered from the cache (memory for small bodies, the blob file otherwise);
+   tag manifests close to expiry are refreshed in the background.
+4. Otherwise one :class:`~gateway.pipeline.fetch.FetchJob` per key fetches (or revalidates) and
+   every concurrent client streams from its fill. If the upstream fails — error, timeout, 429,
+   5xx, open circuit — a stale entry within ``max_stale`` is served and marked ``stale``.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Optional
+
+from multidict import CIMultiDict
+
+from ..cache import BlobStore, Entry, EntryStore
+from ..exchange import BytesBody, Exchange, Response, StreamBody, error_response
+from ..observability.logging import get_logger
+from ..observability.metrics import Metrics
+from ..resources import IMMUTABLE, Resource, classify
+from ..settings import Settings
+from ..upstream.types import UpstreamError, UpstreamRequest
+from .fetch import FetchJob, Outcome
+from .serve import cache_status, response_from_entry, response_from_fill, storable_headers
+
+log = get_logger("gateway.pipeline")
+
+#: request fields the gateway handles itself and never forwards on a cacheable fetch
+_OWN_FIELDS = ("host", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
+               "range", "if-range", "accept-encoding", "cache-control", "pragma")
+_STALE_ON_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class Pipeline:
+    """Implements :class:`gateway.exchange.Handler`."""
+
+    def __init__(self, settings: Settings, blobs: BlobStore, entries: EntryStore, upstream,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.cfg = settings.cache
+        self.blobs = blobs
+        self.entries = entries
+        self.upstream = upstream
+        self.metrics = metrics
+        self.chunk_size = settings.proxy.chunk_size
+        self._jobs: dict[str, FetchJob] = {}
+        self._background: set[asyncio.Task] = set()
+        #: artifact name → facts about the last tag manifest served (status page)
+        self.artifacts: dict[str, dict] = {}
+        self.results: dict[str, int] = {}
+
+    # -- entry point ----------------------------------------------------------------------------
+    async def handle(self, ex: Exchange) -> Response:
+        lower = {k.lower(): v for k, v in ex.headers.items()}
+        res = classify(ex.method, ex.host, ex.path, ex.query, lower, self.cfg)
+        ex.notes["kind"] = res.kind
+        if not res.cacheable or ex.method not in ("GET", "HEAD") or (
+                res.kind == "oci_blob" and ex.method == "HEAD"
+                and not self.blobs.has(res.digest or "")):
+            return await self._forward(ex, res)
+        found = await self.entries.get(res.cache_key)
+        now = time.time()
+        if found is not None:
+            entry, body = found
+            if entry.is_fresh(now):
+                result = "negative" if entry.negative else "hit"
+                self._maybe_refresh(ex, res, entry, now)
+                return self._serve(ex, res, entry, body, result,
+                                   cache_status(result, ttl=entry.ttl_left(now)))
+        else:
+            entry, body = None, None
+        job, leader = self._job_for(ex, res, entry)
+        outcome = await asyncio.shield(job.outcome)
+        return await self._answer(ex, res, outcome, entry, body, collapsed=not leader)
+
+    # -- the cache's answers -------------------------------------------------------------------
+    def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],
+               result: str, status_value: str) -> Response:
+        self._count(ex, res, result)
+        self._note_artifact(res, entry, stale=result == "stale")
+        try:
+            return response_from_entry(ex, entry, body, self.blobs, status_value, self.chunk_size)
+        except LookupError:
+            # the blob went away between lookup and pin: answer as a miss next time
+            asyncio.get_running_loop().create_task(self.entries.delete(entry.key))
+            return error_response(503, "cached object vanished; retry", headers={"Retry-After": "1"})
+
+    async def _answer(self, ex: Exchange, res: Resource, outcome: Outcome, stale: Optional[Entry],
+                      stale_body: Optional[bytes], collapsed: bool) -> Response:
+        if outcome.kind == "fill":
+            self._count(ex, res, "coalesced" if collapsed else "miss")
+            ex.notes["upstream_status"] = outcome.fwd_status
+            value = cache_status("miss", fwd_status=outcome.fwd_status, stored=True,
+                                 collapsed=collapsed)
+            return response_from_fill(ex, outcome.status, outcome.headers, outcome.fill, value)
+        if outcome.kind == "entry":
+            entry = outcome.entry
+            body = stale_body if stale is entry else None
+            return self._serve(ex, res, entry, body, "revalidated",
+                               cache_status("revalidated", fwd_status=304,
+                                            ttl=entry.ttl_left(), collapsed=collapsed))
+        # The upstream gave no storable answer: serve stale if allowed.
+        failed_status = outcome.status if outcome.kind in ("bytes", "stream") else None
+        upstream_failed = outcome.kind == "error" or failed_status in _STALE_ON_STATUS
+        if stale is not None and upstream_failed and stale.staleness() <= res.max_stale:
+            if outcome.kind == "stream" and outcome.response is not None and not outcome.taken:
+                outcome.taken = True
+                await outcome.response.release()
+            why = outcome.error.reason if outcome.error else f"upstream {failed_status}"
+            log.warning("serving_stale", key=res.cache_key, host=ex.host, why=why,
+                        stale_for=round(stale.staleness()))
+            return self._serve(ex, res, stale, stale_body, "stale",
+                               cache_status("stale", ttl=stale.ttl_left(), detail="stale",
+                                            fwd_status=failed_status))
+        if outcome.kind == "error":
+            self._count(ex, res, "error")
+            err = outcome.error
+            headers = {"Cache-Status": cache_status("miss", detail=err.reason)}
+            if err.retry_after:
+                headers["Retry-After"] = str(max(1, int(round(err.retry_after))))
+            ex.notes["upstream_error"] = err.reason
+            return error_response(err.status, f"trivy-gateway: {err.message}",
+                                  reason=_reason_phrase(err), headers=headers)
+        self._count(ex, res, "coalesced" if collapsed else "miss")
+        headers = CIMultiDict(outcome.headers)
+        headers["Cache-Status"] = cache_status("miss", fwd_status=outcome.status,
+                                               collapsed=collapsed)
+        ex.notes["upstream_status"] = outcome.status
+        if outcome.kind == "bytes":
+            body = BytesBody(outcome.body) if ex.method != "HEAD" else BytesBody(b"")
+            return Response(outcome.status, headers, body, source="upstream")
+        if not outcome.taken and outcome.response is not None:
+            outcome.taken = True
+            resp = outcome.response
+            return Response(resp.status, headers, _upstream_body(resp, ex.method),
+                            source="upstream")
+        return await self._forward(ex, res)  # the single stream was taken: fetch our own
+
+    # -- single flight ---------------------------------------------------------------------
+    def _job_for(self, ex: Exchange, res: Resource, stale: Optional[Entry]) -> tuple[FetchJob, bool]:
+        job = self._jobs.get(res.cache_key)
+        if job is not None and not job.done.is_set():
+            job.waiters += 1
+            return job, False
+        job = self._start_job(ex, res, stale)
+        job.waiters += 1
+        return job, True
+
+    def _start_job(self, ex: Exchange, res: Resource, stale: Optional[Entry]) -> FetchJob:
+        headers = CIMultiDict((k, v) for k, v in ex.headers.items()
+                              if k.lower() not in _OWN_FIELDS)
+        equivalents = []
+        if res.kind in ("oci_blob", "oci_manifest") and res.public and res.registry:
+            equivalents = [eq for eq in self.upstream.equivalents(res.registry, res.repository)
+                           if f"{eq[0]}/{eq[1]}" in self.cfg.oci.public_repositories]
+        job = FetchJob(res.cache_key, res, self._url(ex), headers, stale, self.blobs,
+                       self.entries, self.upstream.request, equivalents, self.metrics,
+                       self.upstream.record_failover, ex.host)
+        self._jobs[res.cache_key] = job
+        task = asyncio.get_running_loop().create_task(job.run(), name=f"fetch {res.cache_key}")
+        job.task = task
+        self._background.add(task)
+
+        def _done(t: asyncio.Task, key=res.cache_key, job=job) -> None:
+            self._background.discard(t)
+            if self._jobs.get(key) is job:
+                del self._jobs[key]
+        task.add_done_callback(_done)
+        return job
+
+    def _maybe_refresh(self, ex: Exchange, res: Resource, entry: Entry, now: float) -> None:
+        """Refresh a tag manifest in the background before it expires (clients rarely wait)."""
+        if not res.refresh_ahead or not res.public or entry.fresh_until == IMMUTABLE:
+            return
+        ttl = res.ttl
+        if now - entry.validated_at < ttl * res.refresh_ahead or res.cache_key in self._jobs:
+            return
+        log.info("refresh_ahead", key=res.cache_key)
+        self._start_job(ex, res, entry)
+
+    # -- pass-through -------------------------------------------------------------------------
+    async def _forward(self, ex: Exchange, res: Resource) -> Response:
+        headers = CIMultiDict((k, v) for k, v in ex.headers.items() if k.lower() != "host")
+        req = UpstreamRequest(ex.method, self._url(ex), headers, body=ex.body, kind=res.kind)
+        self._count(ex, res, "bypass")
+        try:
+            resp = await self.upstream.request(req)
+        except UpstreamError as err:
+            ex.notes["upstream_error"] = err.reason
+            extra = {"Cache-Status": cache_status("bypass", detail=err.reason)}
+            if err.retry_after:
+                extra["Retry-After"] = str(max(1, int(round(err.retry_after))))
+            return error_response(err.status, f"trivy-gateway: {err.message}",
+                                  reason=_reason_phrase(err), headers=extra)
+        ex.notes["upstream_status"] = resp.status
+        out = CIMultiDict(storable_headers(resp.headers))
+        out["Cache-Status"] = cache_status("bypass", fwd_status=resp.status)
+        return Response(resp.status, out, _upstream_body(resp, ex.method), reason=resp.reason,
+                        source="upstream")
+
+    # -- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _url(ex: Exchange) -> str:
+        return ex.url
+
+    def _count(self, ex: Exchange, res: Resource, result: str) -> None:
+        ex.notes["cache"] = result
+        self.results[result] = self.results.get(result, 0) + 1
+        self.metrics.cache_requests.labels(self.metrics.host_label(ex.host), res.kind, result).inc()
+
+    def _note_artifact(self, res: Resource, entry: Entry, stale: bool) -> None:
+        name = entry.meta.get("artifact") if entry.meta else None
+        if not name or not (res.kind == "oci_manifest" and res.reference
+                            and not res.reference.startswith("sha256:")
+                            or res.kind == "github" and entry.status == 200):
+            return
+        age = max(0.0, time.time() - entry.validated_at)
+        self.metrics.artifact_age.labels(name).set(age)
+        self.artifacts[name] = {
+            "artifact": name,
+            "reference": entry.meta.get("reference") or entry.key.split("|")[1],
+            "digest": entry.meta.get("layer_digest") or entry.meta.get("manifest_digest")
+            or entry.body_digest,
+            "size": entry.meta.get("layer_size") or entry.body_size,
+            "fetched_at": entry.validated_at,
+            "age_seconds": age,
+            "stale": stale or not entry.is_fresh(),
+        }
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _reason_phrase(err: UpstreamError) -> str:
+    text = err.message.replace("\r", " ").replace("\n", " ")
+    return text[:200]
+
+
+def _upstream_body(resp, method: str):
+    length = resp.headers.get("Content-Length")
+    if method == "HEAD":
+        from .serve import _HeadBody  # noqa: PLC0415
+
+        body = _HeadBody(int(length) if length and length.isdigit() else 0)
+        asyncio.get_running_loop().create_task(resp.release())
+        return body
+    return StreamBody(resp.iter_chunks(), int(length) if length and length.isdigit() else None,
+                      on_close=resp.release)

@@ -1,0 +1,165 @@
+"""Turning a cache entry (or a fill in progress) into a client response.
+
+Handles what a cache owes its clients on a hit: ``Age``, RFC 9211 ``Cache-Status``, conditional
+requests (``If-None-Match`` / ``If-Modified-Since`` → 304), single byte ranges (→ 206 / 416,
+with ``If-Range``), HEAD, and for OCI blobs the registry headers (``Docker-Content-Digest``,
+``ETag``) — hits are answered 200 with the bytes, never with the upstream's signed redirect.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from multidict import CIMultiDict
+
+from ..cache import BlobStore, Entry, Fill
+from ..exchange import Body, BytesBody, EmptyBody, Exchange, FileBody, Response, StreamBody
+
+CACHE_NAME = "trivy-gateway"
+
+#: response fields never stored or replayed (the proxy frames the body itself)
+NOT_STORED = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "date", "age", "set-cookie", "via",
+    "cache-status", "content-range", "accept-ranges",
+})
+
+
+def cache_status(kind: str, *, ttl: Optional[float] = None, fwd_status: Optional[int] = None,
+                 detail: Optional[str] = None, stored: bool = False,
+                 collapsed: bool = False) -> str:
+    """An RFC 9211 Cache-Status member for this gateway."""
+    parts = [CACHE_NAME]
+    if kind in ("hit", "stale", "negative"):
+        parts.append("hit")
+    elif kind == "revalidated":
+        parts.append("fwd=stale")
+    elif kind == "bypass":
+        parts.append("fwd=bypass")
+    else:
+        parts.append("fwd=uri-miss")
+    if fwd_status is not None:
+        parts.append(f"fwd-status={fwd_status}")
+    if ttl is not None and ttl != float("inf"):
+        parts.append(f"ttl={int(ttl)}")
+    if stored:
+        parts.append("stored")
+    if collapsed:
+        parts.append("collapsed")
+    if detail:
+        parts.append(f"detail={detail}")
+    return "; ".join(parts)
+
+
+def storable_headers(headers) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.items() if k.lower() not in NOT_STORED]
+
+
+def _etag_matches(if_none_match: str, etag: Optional[str]) -> bool:
+    if not etag:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    strip = lambda t: t.strip().removeprefix("W/")  # noqa: E731 - weak comparison
+    return any(strip(t) == strip(etag) for t in if_none_match.split(","))
+
+
+def parse_range(value: str, size: int) -> Optional[tuple[int, int]] | str:
+    """One ``bytes=`` range → (start, end exclusive); "unsatisfiable"; None to ignore Range."""
+    unit, _, spec = value.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # multiple ranges: answer the whole representation (allowed by RFC 9110)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0:
+                return "unsatisfiable"
+            return max(0, size - n), size
+        start = int(first)
+        end = int(last) + 1 if last else size
+    except ValueError:
+        return None
+    if start >= size or end <= start:
+        return "unsatisfiable"
+    return start, min(end, size)
+
+
+def entry_headers(entry: Entry, now: float) -> CIMultiDict:
+    h = CIMultiDict(entry.headers)
+    h["Age"] = str(max(0, int(now - entry.validated_at)))
+    return h
+
+
+def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs: BlobStore,
+                        status_value: str, chunk_size: int = 256 * 1024) -> Response:
+    """Answer ``ex`` from a stored entry (hit, stale, negative, revalidated)."""
+    now = time.time()
+    headers = entry_headers(entry, now)
+    headers["Cache-Status"] = status_value
+    status = entry.status
+    size = entry.body_size
+    inm = ex.headers.get("If-None-Match")
+    if status == 200 and inm is not None and _etag_matches(inm, entry.etag):
+        return _not_modified(headers)
+    ims = ex.headers.get("If-Modified-Since")
+    if status == 200 and inm is None and ims and entry.last_modified == ims:
+        return _not_modified(headers)
+    start, end = 0, size
+    rng = ex.headers.get("Range")
+    if rng and status == 200 and ex.method == "GET":
+        if_range = ex.headers.get("If-Range")
+        if if_range is None or if_range == entry.etag or if_range == entry.last_modified:
+            parsed = parse_range(rng, size)
+            if parsed == "unsatisfiable":
+                h = CIMultiDict({"Content-Range": f"bytes */{size}", "Cache-Status": status_value})
+                return Response(416, h, EmptyBody(), source="cache")
+            if parsed is not None:
+                start, end = parsed
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if entry.status == 200:
+        headers["Accept-Ranges"] = "bytes"
+    if ex.method == "HEAD":
+        return Response(status, headers, _HeadBody(end - start), source="cache")
+    return Response(status, headers, _entry_body(entry, body, blobs, start, end, chunk_size),
+                    source="cache")
+
+
+def _not_modified(headers: CIMultiDict) -> Response:
+    keep = ("etag", "cache-control", "expires", "last-modified", "vary", "age", "cache-status",
+            "docker-content-digest", "content-location")
+    h = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in keep)
+    return Response(304, h, EmptyBody(), source="cache")
+
+
+class _HeadBody(EmptyBody):
+    """No bytes, but the length the GET would have (Content-Length of a HEAD response)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+
+def _entry_body(entry: Entry, body: Optional[bytes], blobs: BlobStore, start: int, end: int,
+                chunk_size: int) -> Body:
+    if entry.body_digest is None or end <= start:
+        return EmptyBody()
+    if body is not None:
+        return BytesBody(body[start:end] if (start, end) != (0, len(body)) else body)
+    digest = entry.body_digest
+    path = blobs.pin(digest)
+    if path is None:
+        raise LookupError(f"blob {digest} vanished")
+    return FileBody(str(path), start, end - start, chunk_size, on_close=lambda: blobs.unpin(digest))
+
+
+def response_from_fill(ex: Exchange, status: int, headers: CIMultiDict, fill: Fill,
+                       status_value: str) -> Response:
+    """Answer from a fill still being written (the miss leader and coalesced followers)."""
+    h = CIMultiDict(headers)
+    h["Cache-Status"] = status_value
+    length = fill.expected_size
+    if ex.method == "HEAD":
+        return Response(status, h, _HeadBody(length) if length is not None else EmptyBody(),
+                        source="upstream")
+    return Response(status, h, StreamBody(fill.follow(), length), source="upstream")
