@@ -1,0 +1,160 @@
+"""Command line: ``trivy-gateway serve | ca export | ca bundle | check-config | cache …``.
+
+Every command that needs configuration loads it the same way (embedded default → ``--config`` →
+env → flags) and reports a bad file with the key and the file name, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Optional, Sequence
+
+from . import __version__
+from .settings import ConfigError, Settings, load_settings, parse_duration
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    server = {}
+    for flag, key in (("listen", "listen"), ("admin_listen", "admin_listen"),
+                      ("data_dir", "data_dir")):
+        value = getattr(args, flag, None)
+        if value:
+            server[key] = value
+    return {"server": server} if server else {}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None), overrides=_overrides(args))
+
+
+def _add_config_flags(p: argparse.ArgumentParser, *, server: bool = False) -> None:
+    p.add_argument("--config", help="YAML file merged over the embedded default "
+                   "(env TRIVY_GATEWAY_CONFIG)")
+    p.add_argument("--data-dir", dest="data_dir", help="CA, cache and state (server.data_dir)")
+    if server:
+        p.add_argument("--listen", help="proxy address HOST:PORT (server.listen, default 0.0.0.0:3128)")
+        p.add_argument("--admin-listen", dest="admin_listen",
+                       help="admin address HOST:PORT (server.admin_listen, default 0.0.0.0:9128)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trivy-gateway", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"trivy-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the proxy and the admin endpoints")
+    _add_config_flags(p, server=True)
+
+    p = sub.add_parser("check-config", help="validate the configuration and exit")
+    _add_config_flags(p)
+    p.add_argument("--print", action="store_true", help="print the effective settings as JSON")
+
+    ca = sub.add_parser("ca", help="the gateway's certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    for name, text in (("export", "print the CA certificate (PEM)"),
+                       ("bundle", "print system roots + the gateway CA, for SSL_CERT_FILE")):
+        p = ca_sub.add_parser(name, help=text)
+        _add_config_flags(p)
+
+    cache = sub.add_parser("cache", help="inspect and maintain the cache (gateway may be running)")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    p = cache_sub.add_parser("stats", help="sizes and counts")
+    _add_config_flags(p)
+    p = cache_sub.add_parser("ls", help="list cached responses")
+    _add_config_flags(p)
+    p = cache_sub.add_parser("purge", help="remove entries (all, or by host/repository/age)")
+    _add_config_flags(p)
+    p.add_argument("--host", help="only entries fetched from this host")
+    p.add_argument("--repo", help="only OCI entries of this repository (e.g. aquasec/trivy-db)")
+    p.add_argument("--older-than", dest="older_than", help="only entries validated longer ago (e.g. 7d)")
+    p = cache_sub.add_parser("verify", help="re-hash every blob; drop the ones that do not match")
+    _add_config_flags(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "serve")  # `python -m gateway [--listen …]` runs the gateway
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "check-config":
+            return _check_config(settings, args)
+        if args.command == "ca":
+            return _ca(settings, args)
+        if args.command == "cache":
+            from .cache.admin import run_cache_command  # noqa: PLC0415 - only for this command
+
+            return run_cache_command(settings, args)
+    except ConfigError as exc:
+        print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return 2
+
+
+def _serve(settings: Settings) -> int:
+    from .app import Gateway  # noqa: PLC0415 - keep `ca export` and friends light
+
+    try:
+        asyncio.run(Gateway(settings).run_forever())
+    except OSError as exc:
+        print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(settings: Settings, args: argparse.Namespace) -> int:
+    if args.print:
+        import dataclasses  # noqa: PLC0415
+
+        def _plain(obj):
+            if dataclasses.is_dataclass(obj):
+                return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                        if f.name not in ("password", "secret")}
+            if isinstance(obj, (tuple, list)):
+                return [_plain(x) for x in obj]
+            if hasattr(obj, "items"):
+                return {k: _plain(v) for k, v in obj.items()}
+            return obj
+
+        print(json.dumps(_plain(settings), indent=2, default=str))
+    print(f"configuration OK ({settings.source}): {len(settings.policy.rules)} policy rules, "
+          f"listen {settings.server.listen}, admin {settings.server.admin_listen}, "
+          f"data dir {settings.server.data_dir}", file=sys.stderr)
+    return 0
+
+
+def _ca(settings: Settings, args: argparse.Namespace) -> int:
+    from .tls.ca import CertificateAuthority, bundle_pem, export_pem  # noqa: PLC0415
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority.load_or_create(settings)
+    if args.ca_command == "export":
+        sys.stdout.write(export_pem(ca))
+    else:
+        sys.stdout.write(bundle_pem(ca))
+    return 0
+
+
+def parse_age(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    return time.time() - parse_duration(value, "--older-than")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
