@@ -1,0 +1,161 @@
+"""Blob store and entry store on a real filesystem: verification, atomic publish, followers,
+eviction that respects pins, recovery after a crash."""
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from gateway.cache import BlobStore, DigestMismatch, Entry, EntryStore, FillFailed, StoreFull
+from gateway.observability.metrics import Metrics
+from gateway.settings import MemoryFrontSettings
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = BlobStore(tmp_path / "cache", max_size=10 * 1024 * 1024, min_free_space=0, metrics=Metrics())
+    s.open()
+    return s
+
+
+async def test_fill_verifies_and_publishes_atomically(store):
+    data = os.urandom(300_000)
+    fill = store.begin_fill(digest(data), len(data))
+    fill.write(data[:1000])
+    assert not store.has(digest(data))  # nothing visible before commit
+    fill.write(data[1000:])
+    assert fill.commit() == digest(data)
+    assert store.has(digest(data))
+    assert store.path_of(digest(data)).read_bytes() == data
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_digest_mismatch_is_never_stored(store):
+    data = b"x" * 5000
+    wrong = digest(b"something else")
+    fill = store.begin_fill(wrong, len(data))
+    fill.write(data)
+    with pytest.raises(DigestMismatch):
+        fill.commit()
+    assert not store.has(wrong) and not store.has(digest(data))
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_truncated_body_is_never_stored(store):
+    data = b"y" * 5000
+    fill = store.begin_fill(None, 6000)
+    fill.write(data)
+    with pytest.raises(DigestMismatch):
+        fill.commit()
+    assert store.count == 0
+
+
+async def test_followers_stream_while_fill_grows(store):
+    data = os.urandom(2 * 1024 * 1024)
+    fill = store.begin_fill(digest(data), len(data))
+    got = [bytearray(), bytearray()]
+    first_byte_before_commit = []
+
+    async def follower(i):
+        async for chunk in fill.follow():
+            if not got[i]:
+                first_byte_before_commit.append(fill.state == "filling")
+            got[i] += chunk
+
+    tasks = [asyncio.create_task(follower(i)) for i in range(2)]
+    for off in range(0, len(data), 64 * 1024):
+        fill.write(data[off:off + 64 * 1024])
+        await asyncio.sleep(0)
+    fill.commit()
+    await asyncio.gather(*tasks)
+    assert all(bytes(g) == data for g in got)
+    assert first_byte_before_commit == [True, True]
+
+
+async def test_followers_abort_when_fill_fails(store):
+    fill = store.begin_fill(None, 100)
+    fill.write(b"a" * 10)
+
+    async def follow():
+        return [c async for c in fill.follow()]
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.01)
+    fill.fail(RuntimeError("upstream died"))
+    with pytest.raises(FillFailed):
+        await task
+
+
+async def test_lru_eviction_skips_pinned_blobs(tmp_path):
+    s = BlobStore(tmp_path / "c", max_size=3000, min_free_space=0, metrics=Metrics())
+    s.open()
+    a, b, c = b"a" * 1000, b"b" * 1000, b"c" * 1500
+    da = s.put_bytes(a)
+    db = s.put_bytes(b)
+    assert s.pin(da) is not None  # being read: must survive
+    s.put_bytes(c)  # needs room: b is the only unpinned candidate
+    assert s.has(da) and not s.has(db) and s.has(digest(c))
+    assert s.size <= 3000
+
+
+async def test_store_full_is_reported_not_raised_mid_request(tmp_path):
+    s = BlobStore(tmp_path / "c", max_size=1000, min_free_space=0, metrics=Metrics())
+    s.open()
+    with pytest.raises(StoreFull):
+        s.begin_fill(None, 5000)
+    # free-space floor larger than the disk → refuses to start a fill
+    s2 = BlobStore(tmp_path / "d", max_size=10**12, min_free_space=10**18, metrics=Metrics())
+    s2.open()
+    with pytest.raises(StoreFull):
+        s2.begin_fill(None, 10)
+
+
+async def test_restart_drops_partial_fills_and_keeps_published(tmp_path):
+    root = tmp_path / "cache"
+    s = BlobStore(root, 10**9, 0, Metrics())
+    s.open()
+    good = s.put_bytes(b"published")
+    partial = s.begin_fill(None, 10**6)
+    partial.write(b"half of it")  # process "dies" here: no commit, no fail
+    s2 = BlobStore(root, 10**9, 0, Metrics())
+    s2.open()
+    assert s2.has(good)
+    assert list(s2.tmp_dir.iterdir()) == []
+    assert s2.count == 1
+
+
+async def test_verify_removes_corrupt_blob(store):
+    d = store.put_bytes(b"hello world")
+    path = store.path_of(d)
+    os.chmod(path, 0o644)
+    path.write_bytes(b"hello w0rld")
+    assert store.verify(d) is False
+    assert not store.has(d)
+
+
+async def test_entry_store_roundtrip_and_missing_blob(tmp_path):
+    blobs = BlobStore(tmp_path / "c", 10**9, 0, Metrics())
+    blobs.open()
+    entries = EntryStore(tmp_path / "c", blobs, MemoryFrontSettings(), Metrics())
+    entries.open()
+    body = b'{"schemaVersion":2}'
+    d = blobs.put_bytes(body)
+    e = Entry(key="k1", kind="oci_manifest", status=200, headers=[("Content-Type", "x")],
+              body_digest=d, body_size=len(body), validated_at=1.0, fresh_until=float("inf"))
+    await entries.put(e, body)
+    got, got_body = await entries.get("k1")
+    assert got.fresh_until == float("inf") and got_body == body
+    # a fresh process (no memory front) reads it from disk
+    entries2 = EntryStore(tmp_path / "c", blobs, MemoryFrontSettings(), Metrics())
+    entries2.open()
+    got2, body2 = await entries2.get("k1")
+    assert got2.key == "k1" and body2 == body
+    # the body blob disappears → the entry is treated as absent, never served empty
+    blobs.remove(d)
+    entries3 = EntryStore(tmp_path / "c", blobs, MemoryFrontSettings(), Metrics())
+    entries3.open()
+    assert await entries3.get("k1") is None
