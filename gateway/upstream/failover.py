@@ -1,0 +1,43 @@
+"""Failover groups: OCI repositories that publish identical artifacts (same digests).
+
+Pure lookups over ``upstream.failover_groups`` (entries ``"registry/repository"``): the cache layer
+asks for the other members of a failed repository's group and tries them in the configured order;
+when one of them answers it calls :meth:`Failover.record_failover` for the metric.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+from ..observability.metrics import Metrics
+
+
+def _split(entry: str) -> tuple[str, str]:
+    registry, _, repository = entry.strip().strip("/").partition("/")
+    return registry.lower(), repository
+
+
+def equivalents(groups: Iterable[Sequence[str]], registry: str, repository: str
+                ) -> list[tuple[str, str]]:
+    """The other members of the group holding ``registry/repository``, in configured order."""
+    key = (registry.lower(), repository.strip("/"))
+    for group in groups:
+        members = [_split(e) for e in group]
+        if key in members:
+            return [m for m in members if m != key]
+    return []
+
+
+class Failover:
+    def __init__(self, groups: Iterable[Sequence[str]], metrics: Optional[Metrics] = None) -> None:
+        self.groups = tuple(tuple(g) for g in groups)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.add_known_hosts({_split(e)[0] for g in self.groups for e in g})
+
+    def equivalents(self, registry: str, repository: str) -> list[tuple[str, str]]:
+        return equivalents(self.groups, registry, repository)
+
+    def record_failover(self, from_host: str, to_host: str) -> None:
+        if self.metrics is not None:
+            self.metrics.failovers.labels(from_host=self.metrics.host_label(from_host),
+                                          to_host=self.metrics.host_label(to_host)).inc()

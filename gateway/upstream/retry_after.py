@@ -1,0 +1,79 @@
+"""Parsing of the pushback hints upstreams send: ``Retry-After`` and ghcr.io's error-body text.
+
+Three forms are understood:
+
+* ``Retry-After: 120`` (delta-seconds; a fraction is tolerated),
+* ``Retry-After: Wed, 21 Oct 2026 07:28:00 GMT`` (HTTP-date, relative to now),
+* the Go-duration text ghcr.io puts in its error body,
+  ``TOOMANYREQUESTS: retry-after: 35.852µs, allowed: 44000/minute`` (``1m30s``, ``250ms``, …).
+
+All functions are pure; values are returned as sent (seconds, never negative). Flooring to
+``retry.retry_after_min`` and capping are the caller's business.
+"""
+from __future__ import annotations
+
+import re
+import time
+from email.utils import parsedate_to_datetime
+from typing import Optional
+
+_GO_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+_GO_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|μs|ms|s|m|h)")
+_GO_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ns|us|µs|μs|ms|s|m|h))+$")
+#: "retry-after: 35.852µs" / "Retry-After: 2s" / "retry after 30" inside an error body
+_BODY_HINT = re.compile(r"retry[-_ ]after\"?\s*[:=]?\s*\"?\s*([0-9][0-9.a-zµμ]*)", re.IGNORECASE)
+
+
+def parse_go_duration(text: str) -> Optional[float]:
+    """``"1m30.5s"`` → 90.5; ``"35.852µs"`` → 3.5852e-05; a bare number is seconds."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        return value if value >= 0 else None
+    if not _GO_DURATION.match(text):
+        return None
+    return sum(float(num) * _GO_UNITS[unit] for num, unit in _GO_PART.findall(text))
+
+
+def parse_retry_after_header(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After`` header value (delta-seconds or HTTP-date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if seconds >= 0 else None
+    go = parse_go_duration(value)
+    if go is not None:
+        return go
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def parse_retry_after_body(body: bytes | str) -> Optional[float]:
+    """The hint ghcr.io embeds in a 429 body (``retry-after: 35.852µs``), if any."""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    m = _BODY_HINT.search(body)
+    if not m:
+        return None
+    token = m.group(1).rstrip(".,")
+    return parse_go_duration(token)
