@@ -1,0 +1,273 @@
+"""The gateway as a whole (subprocess, real sockets, real TLS) against the emulated upstreams:
+caching, coalescing, verification, stale serving, crash safety. Upstream request counts come
+from the emulated servers' own access log."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import aiohttp
+import pytest
+
+from tests.emulated.world import CDN, CODELOAD, GHCR, GITHUB, MAVEN, MIRROR
+
+MANIFEST_ACCEPT = ("application/vnd.oci.image.manifest.v1+json,"
+                   "application/vnd.docker.distribution.manifest.v2+json")
+
+
+def blob_path(world, kind="db", registry=MIRROR):
+    repo = {"db": ("aquasec/trivy-db", "aquasecurity/trivy-db"),
+            "javadb": ("aquasec/trivy-java-db", "aquasecurity/trivy-java-db"),
+            "checks": ("aquasec/trivy-checks", "aquasecurity/trivy-checks")}[kind]
+    name = repo[0] if registry == MIRROR else repo[1]
+    return f"/v2/{name}/blobs/{world.digest(kind, 'layer')}"
+
+
+async def get(gw, url, *, method="GET", headers=None, session=None, read=True):
+    own = session is None
+    session = session or aiohttp.ClientSession()
+    try:
+        async with session.request(method, url, proxy=gw.proxy_url, ssl=gw.client_ssl(),
+                                   headers=headers or {}, allow_redirects=False,
+                                   auto_decompress=False) as r:
+            body = await r.read() if read else b""
+            return r.status, r.headers, body
+    finally:
+        if own:
+            await session.close()
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_blob_cold_then_warm_makes_zero_upstream_requests(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    url = f"https://{MIRROR}{blob_path(world)}"
+    status, headers, body = await get(gw, url)
+    assert status == 200 and sha(body) == world.digest("db", "layer")
+    assert "fwd=uri-miss" in headers["Cache-Status"]
+    assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 1
+    world.clear_log()
+    status, headers, body2 = await get(gw, url)
+    assert status == 200 and body2 == body
+    assert headers["Cache-Status"].startswith("trivy-gateway; hit")
+    assert headers["Docker-Content-Digest"] == world.digest("db", "layer")
+    assert int(headers["Content-Length"]) == len(body)
+    assert world.requests() == []  # nothing at all reached any upstream
+
+
+async def test_ghcr_redirect_followed_by_gateway_and_shared_with_mirror(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    status, headers, body = await get(gw, f"https://{GHCR}{blob_path(world, 'javadb', GHCR)}")
+    assert status == 200, body[:200]  # the client never sees the 307
+    assert sha(body) == world.digest("javadb", "layer")
+    assert len(world.requests(host=CDN)) == 1
+    world.clear_log()
+    # the same digest requested from the other registry is a hit: identical public artifact
+    status, headers, body2 = await get(gw, f"https://{MIRROR}{blob_path(world, 'javadb', MIRROR)}")
+    assert status == 200 and body2 == body and "hit" in headers["Cache-Status"]
+    assert world.requests() == []
+
+
+async def test_eight_concurrent_cold_clients_one_upstream_fetch_streaming(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    size = len(world.published["db"].layer.data) if hasattr(world.published["db"].layer, "data") else None
+    # slow the upstream so the fill takes a few seconds and followers must stream, not wait
+    world.throttle(MIRROR, 25 * 1024 * 1024, path="/blobs/")
+    url = f"https://{MIRROR}{blob_path(world)}"
+    first_byte: list[float] = []
+    done: list[float] = []
+    digests: list[str] = []
+
+    async def client():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, proxy=gw.proxy_url, ssl=gw.client_ssl()) as r:
+                assert r.status == 200
+                h = hashlib.sha256()
+                first = True
+                async for chunk in r.content.iter_chunked(256 * 1024):
+                    if first:
+                        first_byte.append(time.monotonic())
+                        first = False
+                    h.update(chunk)
+                done.append(time.monotonic())
+                digests.append("sha256:" + h.hexdigest())
+
+    await asyncio.gather(*(client() for _ in range(8)))
+    assert digests == [world.digest("db", "layer")] * 8
+    assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 1
+    # every client got its first byte before the fill completed (no one waited for the whole blob)
+    assert max(first_byte) < min(done)
+    assert gw.metric("trivy_gateway_cache_requests_total", result="coalesced") == 7
+    del size
+
+
+async def test_corrupted_upstream_body_is_never_stored(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    world.corrupt_byte(MIRROR, 1000, path="/blobs/", times=1)
+    url = f"https://{MIRROR}{blob_path(world, 'checks')}"
+    with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+        await get(gw, url)  # the client is cut off rather than handed bad bytes as complete
+    assert gw.metric("trivy_gateway_cache_digest_mismatches_total") == 1
+    status, headers, body = await get(gw, url)  # fetched again, correctly this time
+    assert status == 200 and sha(body) == world.digest("checks", "layer")
+    assert "fwd=uri-miss" in headers["Cache-Status"]
+    assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 2
+
+
+async def test_range_and_conditional_requests_on_hits(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    url = f"https://{MIRROR}{blob_path(world, 'checks')}"
+    _, _, full = await get(gw, url)
+    status, headers, part = await get(gw, url, headers={"Range": "bytes=10-99"})
+    assert status == 206 and part == full[10:100]
+    assert headers["Content-Range"] == f"bytes 10-99/{len(full)}"
+    status, headers, _ = await get(gw, url, headers={"Range": f"bytes={len(full) + 5}-"})
+    assert status == 416
+    etag = headers.get("ETag") or f'"{world.digest("checks", "layer")}"'
+    status, _, body = await get(gw, url, headers={"If-None-Match": etag})
+    assert status == 304 and body == b""
+    status, headers, body = await get(gw, url, method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(full)
+
+
+async def test_tag_manifest_served_stale_when_upstream_down(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-db": "1s"}}}})
+    url = f"https://{MIRROR}/v2/aquasec/trivy-db/manifests/2"
+    status, headers, manifest = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and sha(manifest) == world.digest("db")
+    await asyncio.sleep(1.5)  # expired
+    world.refuse(MIRROR)
+    world.refuse(GHCR)  # its failover partner too
+    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and body == manifest
+    assert "detail=stale" in headers["Cache-Status"]
+    assert gw.metric("trivy_gateway_cache_requests_total", result="stale") >= 1
+    assert gw.metric("trivy_gateway_artifact_age_seconds", artifact="vulnerability_db") >= 1
+
+
+async def test_expired_tag_revalidated_cheaply(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-checks": "1s"}}}})
+    url = f"https://{MIRROR}/v2/aquasec/trivy-checks/manifests/2"
+    _, _, manifest = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    await asyncio.sleep(1.3)
+    world.clear_log()
+    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and body == manifest
+    reqs = world.requests(host=MIRROR, path_contains="/manifests/")
+    assert len(reqs) == 1
+    assert reqs[0].status in (200, 304)
+
+
+async def test_kill_during_fill_then_restart_serves_nothing_partial(clean_upstreams, make_gateway, tmp_path):
+    world = clean_upstreams
+    data_dir = tmp_path / "shared-data"
+    gw = make_gateway(world, data_dir=data_dir)
+    world.throttle(MIRROR, 5 * 1024 * 1024, path="/blobs/")
+    url = f"https://{MIRROR}{blob_path(world)}"
+
+    async def partial():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, proxy=gw.proxy_url, ssl=gw.client_ssl()) as r:
+                got = 0
+                async for chunk in r.content.iter_chunked(65536):
+                    got += len(chunk)
+                    if got > 3 * 1024 * 1024:
+                        gw.kill()  # kill -9 in the middle of the fill
+                        return got
+
+    with pytest.raises(aiohttp.ClientError):
+        await partial()
+        await asyncio.sleep(0.5)
+    world.clear_faults()
+    gw2 = make_gateway(world, data_dir=data_dir)
+    world.clear_log()
+    status, headers, body = await get(gw2, url)
+    assert status == 200 and sha(body) == world.digest("db", "layer")
+    assert "fwd=uri-miss" in headers["Cache-Status"]  # nothing partial was kept as a hit
+    assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 1
+
+
+async def test_restart_keeps_cache_warm_and_upstream_down_still_serves(clean_upstreams, make_gateway, tmp_path):
+    world = clean_upstreams
+    data_dir = tmp_path / "warm"
+    gw = make_gateway(world, data_dir=data_dir)
+    url = f"https://{MIRROR}{blob_path(world, 'checks')}"
+    _, _, body = await get(gw, url)
+    assert gw.stop() == 0
+    for host in (MIRROR, GHCR, CDN):
+        world.refuse(host)
+    gw2 = make_gateway(world, data_dir=data_dir)
+    status, headers, body2 = await get(gw2, url)
+    assert status == 200 and body2 == body and "hit" in headers["Cache-Status"]
+
+
+async def test_maven_release_cached_404_negative_429_passed_not_cached(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    pom = f"https://{MAVEN}/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom"
+    missing = f"https://{MAVEN}/maven2/org/example/nothing/9.9/nothing-9.9.pom"
+    status, _, body = await get(gw, pom)
+    assert status == 200 and b"<project" in body
+    status, _, _ = await get(gw, missing)
+    assert status == 404
+    world.clear_log()
+    assert (await get(gw, pom))[0] == 200
+    status, headers, _ = await get(gw, missing)
+    assert status == 404 and "hit" in headers["Cache-Status"]  # negative entry
+    assert world.requests(host=MAVEN) == []
+    other = f"https://{MAVEN}/maven2/org/example/demo/demo-transitive/0.9.0/demo-transitive-0.9.0.pom"
+    world.too_many_requests(MAVEN, path="demo-transitive", times=1, retry_after=1800, style="plain")
+    status, headers, _ = await get(gw, other)
+    assert status == 429 and headers.get("Retry-After")
+    # the circuit is open now: cached POMs still served, nothing reaches Maven
+    world.clear_log()
+    assert (await get(gw, pom))[0] == 200
+    status, headers, body = await get(gw, other)
+    assert status == 429 and 1700 <= int(headers["Retry-After"]) <= 1800
+    assert b"repo.maven.apache.org" in body
+    assert world.requests(host=MAVEN) == []
+
+
+async def test_vex_archive_redirect_cached_and_client_etag_gets_304(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    status, headers, _ = await get(gw, f"https://{GITHUB}/aquasecurity/vexhub/archive/refs/heads/main.tar.gz")
+    assert status == 302 and CODELOAD in headers["Location"]
+    status, headers, archive = await get(gw, headers["Location"])
+    assert status == 200 and archive
+    etag = headers["ETag"]
+    world.clear_log()
+    status, headers, body = await get(gw, f"https://{CODELOAD}/aquasecurity/vexhub/tar.gz/refs/heads/main",
+                                      headers={"If-None-Match": etag})
+    assert status == 304 and body == b""
+    assert world.requests(host=CODELOAD) == []
+
+
+async def test_size_cap_degrades_to_pass_through(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world, {"cache": {"max_size": "1MiB"}})
+    url = f"https://{MIRROR}{blob_path(world)}"  # far larger than the budget
+    for _ in range(2):
+        status, headers, body = await get(gw, url)
+        assert status == 200 and sha(body) == world.digest("db", "layer")
+    assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 2
+
+
+async def test_blob_failover_to_ghcr_when_mirror_refuses(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world)
+    world.refuse(MIRROR)
+    status, headers, body = await get(gw, f"https://{MIRROR}{blob_path(world, 'checks')}")
+    assert status == 200 and sha(body) == world.digest("checks", "layer")
+    assert len(world.requests(host=GHCR, path_contains="/blobs/")) == 1
+    assert gw.metric("trivy_gateway_upstream_failovers_total") == 1
