@@ -61,7 +61,8 @@ class FetchJob:
     def __init__(self, key: str, res: Resource, url: str, headers: CIMultiDict,
                  stale: Optional[Entry], blobs: BlobStore, entries: EntryStore,
                  request: Fetcher, equivalents: list[tuple[str, str]], metrics: Metrics,
-                 record_failover: Callable[[str, str], None], host: str) -> None:
+                 record_failover: Callable[[str, str], None], host: str,
+                 on_stored: Optional[Callable[[Entry], None]] = None) -> None:
         self.key = key
         self.res = res
         self.url = url
@@ -74,6 +75,7 @@ class FetchJob:
         self.metrics = metrics
         self.record_failover = record_failover
         self.host = host
+        self.on_stored = on_stored
         self.outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.done = asyncio.Event()
         self.waiters = 0
@@ -262,6 +264,9 @@ class FetchJob:
         except OSError as exc:
             self.metrics.cache_store_errors.labels("io_error").inc()
             log.error("entry_write_failed", key=self.key, error=str(exc))
+            return
+        if self.on_stored:
+            self.on_stored(entry)
 
     async def _revalidated(self, resp: UpstreamResponse) -> Entry:
         entry = self.stale

@@ -160,7 +160,8 @@ class Pipeline:
                            if f"{eq[0]}/{eq[1]}" in self.cfg.oci.public_repositories]
         job = FetchJob(res.cache_key, res, self._url(ex), headers, stale, self.blobs,
                        self.entries, self.upstream.request, equivalents, self.metrics,
-                       self.upstream.record_failover, ex.host)
+                       self.upstream.record_failover, ex.host,
+                       on_stored=lambda entry: self._note_artifact(res, entry, stale=False))
         self._jobs[res.cache_key] = job
         task = asyncio.get_running_loop().create_task(job.run(), name=f"fetch {res.cache_key}")
         job.task = task
