@@ -71,15 +71,15 @@ class Gateway:
         self.upstream = UpstreamClient(s.upstream, self.metrics, address_guard=policy.address_allowed)
         await self.upstream.start()
         self.pipeline = Pipeline(s, self.blobs, self.entries, self.upstream, self.metrics)
-        host, port = s.server.listen_addr
         self.proxy = ProxyServer(s, policy, leaf, self.pipeline, self.metrics,
-                                 open_tunnel=self.upstream.open_tunnel, host=host, port=port)
+                                 open_tunnel=self.upstream.open_tunnel)
         await self.proxy.start()
+        host, port = self.proxy.address
         ahost, aport = s.server.admin_addr
         self.admin = AdminServer(self.metrics, self.status, self.ready, lambda: self.ca.cert_pem,
                                  ahost, aport)
         await self.admin.start()
-        log.info("gateway_started", version=__version__, listen=f"{host}:{self.proxy.port}",
+        log.info("gateway_started", version=__version__, listen=f"{host}:{port}",
                  admin=f"{ahost}:{self.admin.port}", data_dir=str(s.data_dir),
                  config=s.source, ca_sha256=self.ca.fingerprint_sha256)
 
@@ -93,7 +93,7 @@ class Gateway:
         self.draining = True
         log.info("gateway_draining", grace=self.settings.server.drain_grace)
         if self.proxy:
-            await self.proxy.stop_accepting()
+            self.proxy.stop_accepting()
             await self.proxy.drain(self.settings.server.drain_grace)
             await self.proxy.close()
         if self.pipeline:
