@@ -1,1 +1,26 @@
+"""The client-facing forward proxy: asyncio streams + h11.
 
+Why not aiohttp's web server (which the upstream side does use, as a client): a forward proxy must
+answer ``CONNECT`` with ``200`` and then *own the raw connection*: start TLS on it as a server
+with a certificate chosen for the CONNECT host (interception), or splice its bytes to an upstream
+socket (tunnel). aiohttp's server has no supported way to take a connection over after a
+response; its request parser also insists on origin-form/absolute-form semantics of a web
+server. So the client side is built on:
+
+* ``asyncio.start_server`` streams, with flow control (``drain()``) for backpressure both ways;
+* **h11** — a small, well-tested, I/O-free HTTP/1.1 state machine. It does the parsing and
+  framing (Content-Length, chunked, keep-alive, HEAD/204/304, ``Expect: 100-continue``, the
+  CONNECT protocol switch, header size limit) and enforces that a body matches its declared
+  length, while leaving every byte of I/O to us. That is what makes the CONNECT takeover,
+  ``loop.sendfile`` for cached files (``send_with_data_passthrough``) and streaming without
+  buffering straightforward;
+* ``loop.start_tls`` to upgrade an accepted connection to TLS in place with a minted leaf.
+
+HTTP/2 is deliberately not offered to clients (ALPN ``http/1.1`` only): Trivy and curl fall back
+to HTTP/1.1, and one request per stream keeps the proxy simple.
+"""
+from .auth import ProxyAuth
+from .server import ProxyServer
+from .tunnel import DirectTunnelOpener, TunnelOpener, pipe
+
+__all__ = ["ProxyServer", "ProxyAuth", "DirectTunnelOpener", "TunnelOpener", "pipe"]

@@ -1,0 +1,728 @@
+"""One client connection: HTTP/1.1 with h11, CONNECT (intercept / tunnel), absolute-form.
+
+A connection starts in ``client`` mode (plain HTTP to the proxy port). A ``CONNECT`` that policy
+intercepts is answered ``200 Connection established`` and upgraded in place to TLS with a leaf
+minted for the CONNECT host; the connection then carries origin-form HTTP/1.1 requests for that
+host (``intercepted`` mode) on a fresh h11 state machine. A ``CONNECT`` that policy tunnels is
+answered once the upstream socket is open, and the connection becomes a blind byte pipe
+(``tunnel`` mode).
+
+Framing rules applied to responses (h11 enforces the byte counts):
+
+* ``Content-Length`` comes from ``Body.length`` when known; otherwise the body is chunked
+  (HTTP/1.1 clients) or close-delimited (HTTP/1.0 clients).
+* HEAD responses never carry a body; their ``Content-Length`` is the handler's header if it set
+  one, else ``Body.length``. 1xx/204/304 responses never carry a body either.
+* A body that fails or ends short mid-way aborts the client connection: a truncated body is never
+  presented as complete.
+* A :class:`~gateway.exchange.FileBody` on a plain (non-TLS) connection is sent with
+  ``loop.sendfile`` (zero-copy). h11 is told about those bytes through
+  ``send_with_data_passthrough`` with a placeholder whose ``len()`` is the region size, so its
+  Content-Length bookkeeping stays exact.
+"""
+from __future__ import annotations
+
+import asyncio
+import http
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import h11
+from multidict import CIMultiDict
+
+from ..exchange import Exchange, FileBody, Response, error_response, new_request_id, strip_hop_by_hop
+from ..observability.logging import get_logger
+from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
+from .tunnel import pipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import ProxyServer
+
+log = get_logger("gateway.proxy")
+access_log = get_logger("gateway.access")
+
+#: bytes asked of the socket per read; larger than anything a StreamReader buffers (2 × 64 KiB
+#: limit + one 256 KiB recv), so a read always empties it (needed before switching to TLS)
+READ_SIZE = 1024 * 1024
+#: request body left unread by the handler that is discarded to keep the connection; beyond it
+#: the connection is closed instead
+DISCARD_LIMIT = 1024 * 1024
+#: loop.sendfile is called per slice of this size, each under the idle timeout
+SENDFILE_SLICE = 8 * 1024 * 1024
+
+KEEP, CLOSE, SWITCHED = "keep", "close", "switched"
+
+
+class _HeaderTimeout(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    """The client closed or reset the connection."""
+
+
+@dataclass
+class _Record:
+    """What the access log line and the request metrics say about one request."""
+
+    client: str
+    method: str
+    started: float
+    id: str = field(default_factory=new_request_id)
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    decision: str = "none"
+    status: int = 0
+    bytes: int = 0
+    bytes_in: int = 0
+    error: Optional[str] = None
+    exchange: Optional[Exchange] = None
+    established: bool = False      # a CONNECT answered 200
+
+
+class _Region:
+    """Stands in for a file region in h11's Data event: h11 only needs ``len()``."""
+
+    __slots__ = ("length",)
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _encode(value: str) -> bytes:
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+def reason_phrase(text: str, limit: int = 400) -> bytes:
+    """A reason phrase: one line of printable characters (RFC 9112 §4), bounded."""
+    cleaned = "".join(ch if 32 <= ord(ch) < 127 or 160 <= ord(ch) < 256 else " " for ch in text)
+    cleaned = " ".join(cleaned.split())
+    if len(cleaned) > limit:
+        cleaned = cleaned[:limit - 3] + "..."
+    return cleaned.encode("latin-1")
+
+
+def _default_reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class ClientConnection:
+    def __init__(self, server: "ProxyServer", reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.settings = server.settings.proxy
+        self.metrics = server.metrics
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.kind: Optional[str] = None
+        #: True while a request is being read or answered (drain waits for it)
+        self.busy = False
+        self.tls_host: Optional[str] = None
+        self.tls_port = 0
+        self.conn = self._new_h11()
+        self._upstream_writer: Optional[asyncio.StreamWriter] = None
+        self._idle_timeout = float(self.settings.idle_timeout)
+        self._header_timeout = float(self.settings.header_timeout)
+        self._loop = asyncio.get_running_loop()
+
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
+
+    def _set_kind(self, kind: Optional[str]) -> None:
+        if self.kind is not None:
+            self.metrics.active_connections.labels(kind=self.kind).dec()
+        self.kind = kind
+        if kind is not None:
+            self.metrics.active_connections.labels(kind=kind).inc()
+
+    # -- lifecycle (called by the server) ----------------------------------------------------
+    def close_if_idle(self) -> bool:
+        if self.busy:
+            return False
+        self.writer.transport.close()
+        return True
+
+    def abort(self) -> None:
+        if self._upstream_writer is not None:
+            self._upstream_writer.transport.abort()
+        self.writer.transport.abort()
+
+    async def run(self) -> None:
+        self._set_kind("client")
+        try:
+            await self._serve()
+        except (ConnectionError, _ClientGone, asyncio.IncompleteReadError):
+            pass
+        except Exception:  # noqa: BLE001 - one bad connection must not take the server down
+            log.exception("connection_failed", client=self.client)
+        finally:
+            self.busy = False
+            self._set_kind(None)
+            if self._upstream_writer is not None:
+                self._upstream_writer.transport.abort()
+            transport = self.writer.transport
+            if not transport.is_closing():
+                transport.close()
+
+    # -- reading ------------------------------------------------------------------------------
+    async def _read(self, timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self.reader.read(READ_SIZE)
+
+    async def _read_head(self) -> Optional[h11.Request]:
+        deadline: Optional[float] = None
+        if self.conn.trailing_data[0]:           # pipelined request already buffered
+            self.busy = True
+            deadline = self._loop.time() + self._header_timeout
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                timeout = self._idle_timeout if deadline is None else deadline - self._loop.time()
+                if timeout <= 0:
+                    raise _HeaderTimeout()
+                try:
+                    data = await self._read(timeout)
+                except TimeoutError:
+                    if deadline is None:
+                        return None              # idle keep-alive connection: close quietly
+                    raise _HeaderTimeout() from None
+                except ConnectionError:
+                    return None
+                if data and deadline is None:
+                    self.busy = True
+                    deadline = self._loop.time() + self._header_timeout
+                if not data and self.conn.their_state is h11.IDLE and \
+                        not self.conn.trailing_data[0]:
+                    return None                  # clean close between requests
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                self.busy = True
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+
+    async def _next_body_event(self):
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _ClientGone(f"request body: {exc}") from None
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self._read(self._idle_timeout)
+            except TimeoutError:
+                raise _ClientGone("request body: no data within proxy.idle_timeout") from None
+            except ConnectionError as exc:
+                raise _ClientGone(f"request body: {exc}") from None
+            self.conn.receive_data(data)
+
+    async def _request_body(self, rec: _Record):
+        """The request body as an async iterator; reads the socket only when asked (backpressure)."""
+        if self.conn.they_are_waiting_for_100_continue:
+            self.writer.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await self._drain()
+        while True:
+            event = await self._next_body_event()
+            if isinstance(event, h11.Data):
+                rec.bytes_in += len(event.data)
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise _ClientGone(f"unexpected {type(event).__name__} in the request body")
+
+    async def _discard_body(self) -> bool:
+        """Read what is left of the request body (bounded); False when the connection must close."""
+        discarded = 0
+        try:
+            while self.conn.their_state is h11.SEND_BODY:
+                event = await self._next_body_event()
+                if isinstance(event, h11.Data):
+                    discarded += len(event.data)
+                    if discarded > DISCARD_LIMIT:
+                        return False
+        except _ClientGone:
+            return False
+        return self.conn.their_state is h11.DONE
+
+    # -- writing ------------------------------------------------------------------------------
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                await self.writer.drain()
+        except (ConnectionError, TimeoutError) as exc:
+            raise _ClientGone(str(exc) or "client stopped reading") from None
+
+    async def _send_raw_error(self, status: int, message: str) -> None:
+        """An error answer outside h11's normal flow (after a protocol error); then close."""
+        body = (message.rstrip("\n") + "\n").encode("utf-8")
+        head = (f"HTTP/1.1 {status} ".encode() + reason_phrase(message or _default_reason(status))
+                + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+        try:
+            self.writer.write(head + body)
+            await self._drain()
+        except _ClientGone:
+            pass
+
+    def _response_headers(self, rec: _Record, method: str, response: Response,
+                          extra: Optional[dict], close: bool) -> list[tuple[bytes, bytes]]:
+        status = response.status
+        headers = strip_hop_by_hop(response.headers)
+        body = response.body
+        if status < 200 or status in (204, 304):
+            if status != 304:
+                headers.popall("content-length", None)
+        elif method == "HEAD":
+            if "content-length" not in headers and body.length:
+                headers["Content-Length"] = str(body.length)
+        else:
+            headers.popall("content-length", None)
+            if body.length is not None:
+                headers["Content-Length"] = str(body.length)
+        via = ", ".join(headers.popall("via", []))
+        headers["Via"] = (via + ", " if via else "") + f"1.1 {self.settings.via_pseudonym}"
+        for k, v in (extra or {}).items():
+            headers[k] = v
+        if close or self.server.draining:
+            headers["Connection"] = "close"
+        return [(_encode(k), _encode(v)) for k, v in headers.items()]
+
+    async def _respond(self, rec: _Record, method: str, response: Response, *,
+                       extra_headers: Optional[dict] = None, close: bool = False) -> str:
+        """Send ``response``; always closes its body. Returns KEEP or CLOSE."""
+        body = response.body
+        rec.status = response.status
+        try:
+            try:
+                head = h11.Response(
+                    status_code=response.status,
+                    headers=self._response_headers(rec, method, response, extra_headers, close),
+                    reason=reason_phrase(response.reason or _default_reason(response.status)))
+                self.writer.write(self.conn.send(head))
+            except h11.LocalProtocolError as exc:
+                rec.error = f"invalid response head: {exc}"
+                rec.status = 502
+                log.warning("invalid_response", request_id=rec.id, host=rec.host, error=str(exc))
+                await self._send_raw_error(502, f"the gateway produced an invalid response: {exc}")
+                return CLOSE
+            has_body = not (method == "HEAD" or response.status < 200
+                            or response.status in (204, 304))
+            if has_body:
+                if (isinstance(body, FileBody) and self.tls_host is None and body.length
+                        and self.writer.transport.get_extra_info("sslcontext") is None):
+                    await self._send_file(rec, body)
+                else:
+                    await self._send_stream(rec, body)
+            self.writer.write(self.conn.send(h11.EndOfMessage()))
+            await self._drain()
+        except _ClientGone as exc:
+            rec.error = rec.error or f"client gone: {exc}"
+            self.metrics.client_errors.labels(reason="disconnected").inc()
+            self.writer.transport.abort()
+            return CLOSE
+        except h11.LocalProtocolError as exc:
+            # the body did not match its declared length: never let it look complete
+            rec.error = f"response body: {exc}"
+            log.warning("response_body_mismatch", request_id=rec.id, host=rec.host, error=str(exc))
+            self.writer.transport.abort()
+            return CLOSE
+        finally:
+            try:
+                await body.close()
+            except Exception:  # noqa: BLE001
+                log.exception("body_close_failed", request_id=rec.id)
+        if self.conn.our_state is h11.MUST_CLOSE or close:
+            return CLOSE
+        return KEEP
+
+    async def _send_stream(self, rec: _Record, body) -> None:
+        iterator = body.chunks().__aiter__()
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except _ClientGone:
+                raise
+            except Exception as exc:  # noqa: BLE001 - upstream/cache failure mid-body
+                rec.error = f"response body failed after {rec.bytes} bytes: {exc}"
+                log.warning("response_body_failed", request_id=rec.id, host=rec.host,
+                            bytes=rec.bytes, error=str(exc) or type(exc).__name__)
+                raise _ClientGone(rec.error) from None
+            if not chunk:
+                continue
+            for piece in self.conn.send_with_data_passthrough(h11.Data(data=chunk)):
+                self.writer.write(piece)
+            rec.bytes += len(chunk)
+            await self._drain()
+
+    async def _send_file(self, rec: _Record, body: FileBody) -> None:
+        region = _Region(body.length)
+        pieces = self.conn.send_with_data_passthrough(h11.Data(data=region))
+        await self._drain()
+        for piece in pieces:
+            if piece is not region:
+                self.writer.write(piece)
+                continue
+            try:
+                with open(body.path, "rb") as f:
+                    offset, remaining = body.offset, body.length
+                    while remaining > 0:
+                        count = min(SENDFILE_SLICE, remaining)
+                        async with asyncio.timeout(self._idle_timeout):
+                            sent = await self._loop.sendfile(self.writer.transport, f, offset, count)
+                        if sent <= 0:
+                            raise OSError(f"{body.path} is shorter than expected")
+                        offset += sent
+                        remaining -= sent
+                        rec.bytes += sent
+            except (ConnectionError, TimeoutError) as exc:
+                raise _ClientGone(str(exc) or "client stopped reading") from None
+            except OSError as exc:
+                rec.error = f"sendfile failed after {rec.bytes} bytes: {exc}"
+                log.warning("response_body_failed", request_id=rec.id, host=rec.host,
+                            bytes=rec.bytes, error=str(exc))
+                raise _ClientGone(rec.error) from None
+
+    async def _error(self, rec: _Record, status: int, message: str, *, reason: str = "",
+                     close: bool = False, extra_headers: Optional[dict] = None,
+                     client_error: Optional[str] = None) -> str:
+        if client_error:
+            self.metrics.client_errors.labels(reason=client_error).inc()
+            rec.error = message
+        response = error_response(status, message, reason=reason)
+        return await self._respond(rec, rec.method, response, extra_headers=extra_headers,
+                                   close=close)
+
+    # -- the request loop --------------------------------------------------------------------
+    async def _serve(self) -> None:
+        while True:
+            self.busy = False
+            if self.server.draining:
+                return
+            try:
+                request = await self._read_head()
+            except _HeaderTimeout:
+                self.metrics.client_errors.labels(reason="header_timeout").inc()
+                await self._send_raw_error(408, "request head not received within "
+                                                "proxy.header_timeout")
+                return
+            except h11.RemoteProtocolError as exc:
+                if self.conn.trailing_data[1]:
+                    self.metrics.client_errors.labels(reason="disconnected").inc()
+                    return
+                status = exc.error_status_hint or 400
+                if status == 431:
+                    self.metrics.client_errors.labels(reason="header_too_large").inc()
+                    msg = (f"request head larger than proxy.max_header_bytes "
+                           f"({self.settings.max_header_bytes} bytes)")
+                else:
+                    self.metrics.client_errors.labels(reason="malformed").inc()
+                    msg = f"malformed HTTP request: {exc}"
+                await self._send_raw_error(status, msg)
+                return
+            if request is None:
+                return
+            outcome = await self._dispatch(request)
+            if outcome == SWITCHED:
+                continue
+            if outcome == CLOSE or self.server.draining:
+                return
+            if self.conn.our_state is h11.MUST_CLOSE:
+                return
+            if self.conn.their_state is not h11.DONE and not await self._discard_body():
+                return
+            try:
+                self.conn.start_next_cycle()
+            except h11.ProtocolError:
+                return
+
+    async def _dispatch(self, request: h11.Request) -> str:
+        method = request.method.decode("ascii", "replace")
+        target = request.target.decode("ascii", "replace")
+        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1"))
+                              for k, v in request.headers.raw_items())
+        rec = _Record(client=self.client, method=method, started=self._loop.time())
+        try:
+            if self.tls_host is not None:
+                return await self._intercepted_request(request, rec, target, headers)
+            if method == "CONNECT":
+                return await self._connect(rec, target, headers)
+            if is_absolute(target):
+                return await self._absolute(request, rec, target, headers)
+            rec.path = target.split("?", 1)[0][:200]
+            return await self._error(
+                rec, 400,
+                f"trivy-gateway is a forward proxy, not a web server: got {method} {target[:200]}. "
+                "Point clients at it with HTTPS_PROXY=http://<gateway>:<port> (CONNECT) or "
+                "HTTP_PROXY (absolute-form requests such as GET http://host/path).",
+                reason="Bad Request: this is a proxy, send CONNECT or an absolute URL",
+                client_error="not_proxy_request")
+        finally:
+            self._account(rec)
+
+    # -- CONNECT ----------------------------------------------------------------------------
+    def _authorized(self, headers: CIMultiDict) -> bool:
+        if self.server.auth.check(headers.getall("proxy-authorization", [])):
+            return True
+        self.metrics.proxy_auth_failures.inc()
+        return False
+
+    async def _auth_required(self, rec: _Record) -> str:
+        rec.error = "proxy authentication required"
+        return await self._error(
+            rec, 407, "proxy authentication required: put the credentials in the proxy URL, "
+            "e.g. HTTPS_PROXY=http://user:password@gateway:3128",
+            extra_headers={"Proxy-Authenticate": self.server.auth.challenge})
+
+    async def _deny(self, rec: _Record, decision) -> str:
+        self.metrics.denied.labels(host=self.metrics.host_label(decision.host),
+                                   reason=decision.reason_code).inc()
+        rec.error = decision.reason
+        if decision.reason_code == "rule":
+            message = decision.reason
+        else:
+            message = (f"{decision.reason}\nTo allow it, add a rule to policy.rules in the gateway "
+                       f"configuration, e.g.  - {{host: {decision.host}, action: intercept}}")
+        return await self._error(rec, 403, message, reason=decision.reason)
+
+    async def _connect(self, rec: _Record, target: str, headers: CIMultiDict) -> str:
+        rec.path = ""
+        try:
+            host, port = parse_authority(target)
+        except TargetError as exc:
+            return await self._error(rec, 400, f"bad CONNECT target {target[:200]!r}: {exc}",
+                                     reason=f"Bad CONNECT target: {exc}",
+                                     client_error="bad_target", close=True)
+        rec.host, rec.port, rec.scheme = host, port, "https"
+        if not self._authorized(headers):
+            return await self._auth_required(rec)
+        decision = self.server.policy.decide(host, port)
+        rec.decision = decision.action
+        if not decision.allowed:
+            return await self._deny(rec, decision)
+        event = await self._next_body_event()
+        if not isinstance(event, h11.EndOfMessage):
+            return await self._error(rec, 400, "a CONNECT request must not have a body",
+                                     client_error="malformed", close=True)
+        if decision.action == "tunnel":
+            return await self._tunnel(rec, host, port)
+        return await self._intercept(rec, host, port)
+
+    async def _intercept(self, rec: _Record, host: str, port: int) -> str:
+        if self.conn.trailing_data[0]:
+            return await self._error(
+                rec, 400, "the client sent data before the proxy answered CONNECT",
+                client_error="early_data", close=True)
+        try:
+            context = self.server.leaf_issuer.context_for(host)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("leaf_mint_failed", host=host)
+            return await self._error(rec, 500, f"cannot mint a certificate for {host}: {exc}",
+                                     close=True)
+        self.writer.write(self.conn.send(h11.Response(
+            status_code=200, headers=[], reason=b"Connection established")))
+        rec.status = 200
+        # No await between writing the 200 and start_tls: the client's ClientHello must reach
+        # the TLS protocol, not the plain reader. The handshake uses only the local leaf: it
+        # never waits for an upstream connection.
+        reader = asyncio.StreamReader(limit=2 ** 16, loop=self._loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        try:
+            transport = await self._loop.start_tls(
+                self.writer.transport, protocol, context, server_side=True,
+                ssl_handshake_timeout=self._header_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            self.metrics.tls_handshake_errors.inc()
+            rec.error = f"TLS handshake failed: {exc}"
+            log.info("tls_handshake_failed", client=self.client, host=host,
+                     error=str(exc) or type(exc).__name__,
+                     hint="does the client trust the gateway CA? (trivy-gateway ca export)")
+            return CLOSE
+        protocol.connection_made(transport)
+        self.reader = reader
+        self.writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+        self.conn = self._new_h11()
+        self.tls_host, self.tls_port = host, port
+        rec.established = True
+        self._set_kind("intercepted")
+        return SWITCHED
+
+    async def _tunnel(self, rec: _Record, host: str, port: int) -> str:
+        budget = max(2 * float(self.server.settings.upstream.connect_timeout), 5.0)
+        try:
+            async with asyncio.timeout(budget):
+                up_reader, up_writer = await self.server.open_tunnel(host, port)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an explained answer
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                message = f"no connection within {budget:g}s"
+            if getattr(exc, "reason", None) == "ssrf":
+                rec.decision = "deny"
+                self.metrics.denied.labels(host=self.metrics.host_label(host), reason="ssrf").inc()
+                rec.error = message
+                return await self._error(rec, 403, message, reason=message, close=True)
+            status = getattr(exc, "status", None)
+            if not isinstance(status, int) or not 500 <= status < 600:
+                status = 504 if isinstance(exc, TimeoutError) else 502
+            rec.error = message
+            text = f"cannot open a tunnel to {host}:{port}: {message}"
+            return await self._error(rec, status, text, reason=text, close=True)
+        self._upstream_writer = up_writer
+        self.writer.write(self.conn.send(h11.Response(
+            status_code=200, headers=[], reason=b"Connection established")))
+        rec.status = 200
+        rec.established = True
+        early = self.conn.trailing_data[0]
+        if early:
+            up_writer.write(early)
+        self._set_kind("tunnel")
+        try:
+            await self._drain()
+        except _ClientGone:
+            up_writer.transport.abort()
+            return CLOSE
+        up, down, error = await pipe((self.reader, self.writer), (up_reader, up_writer),
+                                     self.metrics, self._idle_timeout, self.settings.chunk_size)
+        rec.bytes_in, rec.bytes, rec.error = up + len(early), down, error
+        return CLOSE
+
+    # -- HTTP requests ----------------------------------------------------------------------
+    async def _absolute(self, request: h11.Request, rec: _Record, target: str,
+                        headers: CIMultiDict) -> str:
+        try:
+            scheme, host, port, origin = parse_absolute(target)
+        except TargetError as exc:
+            return await self._error(rec, 400, f"bad request target {target[:200]!r}: {exc}",
+                                     reason=f"Bad request target: {exc}", client_error="bad_target")
+        rec.scheme, rec.host, rec.port, rec.path = scheme, host, port, origin.split("?", 1)[0]
+        if scheme != "http":
+            return await self._error(
+                rec, 400, f"{scheme}:// URLs must be requested through CONNECT: set HTTPS_PROXY "
+                "(not HTTP_PROXY) to the gateway, or request http:// URLs",
+                reason="Bad Request: use CONNECT for https URLs", client_error="bad_target")
+        if not self._authorized(headers):
+            return await self._auth_required(rec)
+        decision = self.server.policy.decide(host, port, plain_http=True)
+        rec.decision = decision.action
+        if not decision.allowed:
+            return await self._deny(rec, decision)
+        if decision.action != "intercept":
+            rec.decision = "deny"
+            self.metrics.denied.labels(host=self.metrics.host_label(host), reason="rule").inc()
+            message = (f"{host} is allowed as a blind tunnel only ({decision.rule_key}); "
+                       "plain-HTTP requests to it are not relayed: use https (CONNECT)")
+            rec.error = message
+            return await self._error(rec, 403, message, reason=message)
+        return await self._exchange(request, rec, "http", host, port, origin, headers)
+
+    async def _intercepted_request(self, request: h11.Request, rec: _Record, target: str,
+                                   headers: CIMultiDict) -> str:
+        host, port = self.tls_host, self.tls_port
+        rec.scheme, rec.host, rec.port, rec.decision = "https", host, port, "intercept"
+        if rec.method == "CONNECT":
+            return await self._error(rec, 400, "CONNECT inside an intercepted connection is not "
+                                     "supported", client_error="malformed", close=True)
+        origin = target
+        if is_absolute(target):
+            try:
+                scheme, t_host, t_port, origin = parse_absolute(target)
+            except TargetError as exc:
+                return await self._error(rec, 400, f"bad request target: {exc}",
+                                         client_error="bad_target")
+            if (scheme, t_host, t_port) != ("https", host, port):
+                return await self._misdirected(rec, target)
+        elif not (target.startswith("/") or (target == "*" and rec.method == "OPTIONS")):
+            return await self._error(rec, 400, f"bad request target {target[:200]!r}",
+                                     client_error="bad_target")
+        rec.path = origin.split("?", 1)[0]
+        host_header = headers.get("host")
+        if host_header is not None and not is_absolute(target):
+            try:
+                h_host, h_port = parse_authority(host_header, 443)
+            except TargetError:
+                return await self._error(rec, 400, f"bad Host header {host_header[:200]!r}",
+                                         client_error="bad_target")
+            if (h_host, h_port) != (host, port):
+                return await self._misdirected(rec, host_header)
+        return await self._exchange(request, rec, "https", host, port, origin, headers)
+
+    async def _misdirected(self, rec: _Record, what: str) -> str:
+        here = authority(self.tls_host or "", self.tls_port, "https")
+        return await self._error(
+            rec, 421, f"this connection was opened with CONNECT {here}; it cannot carry requests "
+            f"for {what[:200]}", reason=f"Misdirected Request: connection is for {here}",
+            client_error="misdirected")
+
+    async def _exchange(self, request: h11.Request, rec: _Record, scheme: str, host: str,
+                        port: int, origin: str, headers: CIMultiDict) -> str:
+        ex_headers = strip_hop_by_hop(headers)
+        # RFC 9112 §3.2.2: the target's authority wins over whatever Host the client sent
+        ex_headers.popall("host", None)
+        ex_headers["Host"] = authority(host, port, scheme)
+        via = ", ".join(ex_headers.popall("via", []))
+        version = request.http_version.decode("ascii", "replace")
+        ex_headers["Via"] = (via + ", " if via else "") + f"{version} {self.settings.via_pseudonym}"
+        has_body = "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0"
+        body_iter = self._request_body(rec) if has_body else None
+        exchange = Exchange(method=rec.method, scheme=scheme, host=host, port=port, target=origin,
+                            headers=ex_headers, body=body_iter, client=self.client, id=rec.id)
+        exchange.notes["decision"] = rec.decision
+        rec.exchange = exchange
+        try:
+            response = await self.server.handler.handle(exchange)
+        except asyncio.CancelledError:
+            raise
+        except _ClientGone as exc:
+            rec.error = f"client gone: {exc}"
+            self.metrics.client_errors.labels(reason="disconnected").inc()
+            return CLOSE
+        except Exception as exc:  # noqa: BLE001 - the handler should answer; if it raises, say so
+            log.exception("handler_failed", request_id=rec.id, host=host)
+            response = error_response(502, f"the gateway failed to handle the request to "
+                                           f"{host}: {type(exc).__name__}: {exc}")
+        outcome = await self._respond(rec, rec.method, response)
+        if body_iter is not None:
+            await body_iter.aclose()
+        return outcome
+
+    # -- accounting ---------------------------------------------------------------------------
+    def _account(self, rec: _Record) -> None:
+        duration = self._loop.time() - rec.started
+        host_label = self.metrics.host_label(rec.host)
+        self.metrics.requests.labels(host=host_label, decision=rec.decision,
+                                     status=str(rec.status)).inc()
+        if not rec.established:
+            self.metrics.request_duration.labels(host=host_label).observe(duration)
+        if not self.server.settings.logging.access_log:
+            return
+        notes = rec.exchange.notes if rec.exchange is not None else {}
+        fields = dict(request_id=rec.id, client=rec.client, method=rec.method,
+                      scheme=rec.scheme or None, host=rec.host or None, port=rec.port or None,
+                      path=rec.path, status=rec.status, bytes=rec.bytes, duration=round(duration, 4),
+                      decision=rec.decision, cache=notes.get("cache"))
+        if rec.bytes_in:
+            fields["bytes_in"] = rec.bytes_in
+        if rec.error:
+            fields["error"] = rec.error
+        access_log.info("request", **fields)

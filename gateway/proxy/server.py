@@ -1,0 +1,148 @@
+"""The proxy listener: accepts client connections and owns their lifecycle (drain, close)."""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from ..observability.logging import get_logger
+from .auth import ProxyAuth
+from .connection import ClientConnection
+from .tunnel import TunnelOpener
+
+log = get_logger("gateway.proxy")
+
+
+class ProxyServer:
+    """``ProxyServer(settings, policy, leaf_issuer, handler, metrics, open_tunnel)``.
+
+    * ``settings``: the whole :class:`~gateway.settings.Settings` (``server.listen``, ``proxy``,
+      ``upstream.connect_timeout``, ``logging.access_log`` are read);
+    * ``policy``: :class:`~gateway.policy.Policy`; ``leaf_issuer``: :class:`~gateway.tls.LeafIssuer`;
+    * ``handler``: anything with ``async handle(Exchange) -> Response``;
+    * ``open_tunnel``: ``async (host, port) -> (StreamReader, StreamWriter)`` for tunnel rules.
+
+    ``listen`` overrides ``settings.server.listen`` (``"127.0.0.1:0"`` picks a free port;
+    :attr:`address` tells which).
+    """
+
+    def __init__(self, settings, policy, leaf_issuer, handler, metrics,
+                 open_tunnel: Optional[TunnelOpener] = None, *, listen: Optional[str] = None) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.leaf_issuer = leaf_issuer
+        self.handler = handler
+        self.metrics = metrics
+        self.open_tunnel = open_tunnel or _no_tunnel
+        self.auth = ProxyAuth(settings.proxy.auth)
+        self.draining = False
+        self._listen = listen or settings.server.listen
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._connections: dict[ClientConnection, asyncio.Task] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        metrics.add_known_hosts(policy.hosts)
+
+    # -- introspection --------------------------------------------------------------------
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) actually bound (the first socket when several)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the proxy server is not listening")
+        return self._server.sockets[0].getsockname()[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._connections)
+
+    @property
+    def busy_connections(self) -> int:
+        return sum(1 for c in self._connections if c.busy)
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        host, _, port = self._listen.rpartition(":")
+        host = host.strip("[]") or None
+        self._server = await asyncio.start_server(
+            self._on_client, host, int(port), limit=2 ** 16, reuse_address=True, backlog=512)
+        log.info("proxy_listening", address=f"{self.address[0]}:{self.address[1]}",
+                 auth=self.auth.enabled)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket(s); established connections carry on."""
+        if self._server is not None and self._server.is_serving():
+            self._server.close()
+            log.info("proxy_stopped_accepting", connections=len(self._connections))
+
+    async def drain(self, grace: float) -> bool:
+        """Finish in-flight requests within ``grace`` seconds; idle connections close at once.
+
+        Responses sent while draining carry ``Connection: close``. Whatever is still running
+        when the grace period ends is aborted. Returns True when everything finished in time.
+        """
+        self.stop_accepting()
+        self.draining = True
+        for conn in list(self._connections):
+            conn.close_if_idle()
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            log.warning("proxy_drain_timeout", aborted=len(self._connections), grace=grace)
+            await self._abort_all()
+            return False
+
+    async def close(self) -> None:
+        """Stop accepting and abort every connection (no grace)."""
+        self.stop_accepting()
+        self.draining = True
+        await self._abort_all()
+        if self._server is not None:
+            self._server.close()
+            try:
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                pass
+
+    async def _abort_all(self) -> None:
+        tasks = []
+        for conn, task in list(self._connections.items()):
+            conn.abort()
+            task.cancel()
+            tasks.append(task)
+        if tasks:
+            try:
+                async with asyncio.timeout(5):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            except TimeoutError:
+                log.warning("proxy_connections_not_closed", count=len(self._connections))
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = ClientConnection(self, reader, writer)
+        task = asyncio.current_task()
+        self._connections[conn] = task
+        self._idle.clear()
+        if self.draining:
+            conn.abort()
+        try:
+            await conn.run()
+        finally:
+            self._connections.pop(conn, None)
+            if not self._connections:
+                self._idle.set()
+
+
+async def _no_tunnel(host: str, port: int):
+    from ..upstream.types import UpstreamError
+    raise UpstreamError("connect", host, "tunnelling is not available in this gateway")

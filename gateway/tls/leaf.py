@@ -1,0 +1,150 @@
+"""Leaf certificates for intercepted hosts, minted on demand and kept in a bounded LRU.
+
+Every leaf shares one ECDSA P-256 key pair generated when the issuer starts (per process, never
+written to disk), so minting is one signature (~100 µs) rather than a key generation. Each leaf
+carries the host as a SAN (DNS name or IP address: Go ignores the CN), the serverAuth EKU, the
+CA's key identifier as AKI, and a validity of ``tls.leaf_validity`` backdated by an hour for
+clients whose clocks run slow. The server-side :class:`ssl.SSLContext` built for a leaf is cached
+with it: building a context costs more than a cache lookup and it can be shared by any number of
+connections.
+
+Python's ``SSLContext.load_cert_chain`` only reads files, so the PEM (leaf + CA chain + key) is
+handed over through an anonymous in-memory file (``memfd_create``) on Linux; elsewhere through a
+temporary file in a private directory, removed at once.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..policy.rules import normalize_host, parse_ip
+from .ca import CertificateAuthority
+
+#: clocks of clients may lag; a leaf is valid from this long before it was minted
+BACKDATE = dt.timedelta(hours=1)
+
+
+@dataclass
+class _Leaf:
+    cert: x509.Certificate
+    not_after: float              # epoch seconds
+    context: ssl.SSLContext
+
+
+class LeafIssuer:
+    """``LeafIssuer(ca, settings, metrics)``; ``settings`` is Settings or TLSSettings."""
+
+    def __init__(self, ca: CertificateAuthority, settings, metrics=None) -> None:
+        self.ca = ca
+        tls = getattr(settings, "tls", settings)
+        self.validity = dt.timedelta(seconds=float(tls.leaf_validity))
+        self.cache_size = int(tls.leaf_cache_size)
+        self.metrics = metrics
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key_pem = self._key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption())
+        self._ski = x509.SubjectKeyIdentifier.from_public_key(self._key.public_key())
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca.subject_key_identifier)
+        self._cache: "OrderedDict[str, _Leaf]" = OrderedDict()
+        # re-mint a cached leaf once less than this much of its validity is left
+        self._renew_margin = min(self.validity.total_seconds() / 4, 86400.0)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    # ------------------------------------------------------------------------------------
+    def mint(self, host: str) -> x509.Certificate:
+        """A new leaf certificate for ``host`` (no caching)."""
+        host = normalize_host(host)
+        ip = parse_ip(host)
+        san = x509.IPAddress(ip) if ip is not None else x509.DNSName(host)
+        now = dt.datetime.now(dt.timezone.utc)
+        not_before = max(now - BACKDATE, self.ca.cert.not_valid_before_utc)
+        not_after = min(now + self.validity, self.ca.cert.not_valid_after_utc)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]) if len(host) <= 64 \
+            else x509.Name([])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.ca.cert.subject)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([san]), critical=not len(subject))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(self._ski, critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        cert = builder.sign(self.ca.key, self.ca.signature_hash)
+        if self.metrics is not None:
+            self.metrics.leaf_certs_minted.inc()
+        return cert
+
+    def certificate_for(self, host: str) -> x509.Certificate:
+        return self._entry(host).cert
+
+    def context_for(self, host: str) -> ssl.SSLContext:
+        """A server-side context presenting a leaf for ``host`` (TLS ≥ 1.2, ALPN http/1.1)."""
+        return self._entry(host).context
+
+    def _entry(self, host: str) -> _Leaf:
+        key = normalize_host(host)
+        leaf = self._cache.get(key)
+        if leaf is not None and leaf.not_after - time.time() > self._renew_margin:
+            self._cache.move_to_end(key)
+            return leaf
+        cert = self.mint(key)
+        leaf = _Leaf(cert, cert.not_valid_after_utc.timestamp(), self._build_context(cert))
+        self._cache[key] = leaf
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return leaf
+
+    def _build_context(self, cert: x509.Certificate) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        ctx.set_alpn_protocols(["http/1.1"])
+        pem = cert.public_bytes(serialization.Encoding.PEM) + self.ca.chain_pem + self._key_pem
+        load_chain_from_memory(ctx, pem)
+        return ctx
+
+
+def load_chain_from_memory(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """``ctx.load_cert_chain`` from PEM bytes holding certificates and the private key."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("trivy-gateway-leaf", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            return
+        except OSError:
+            pass                      # e.g. /proc not mounted: fall back to a private file
+        finally:
+            os.close(fd)
+    with tempfile.TemporaryDirectory(prefix="trivy-gateway-leaf-") as d:   # mode 0700
+        path = os.path.join(d, "leaf.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        ctx.load_cert_chain(path)
