@@ -55,12 +55,14 @@ HOW_TO_USE = """\
 All examples assume the default scrape job name `trivy-gateway` (see
 `deploy/prometheus/prometheus.yml`); drop the `job` matcher if you scrape differently.
 
-**Hit ratio** (share of cacheable requests answered without waiting for an upstream):
+**Hit ratio** (share of cacheable requests the gateway answered without a full upstream
+download: hits, stale serves, coalesced followers, negative hits and 304 revalidations, against
+those plus misses; the same definition as `hit_ratio` on the status page):
 
 ```promql
 sum(rate(trivy_gateway_cache_requests_total{result=~"hit|stale|coalesced|negative|revalidated"}[1h]))
 /
-sum(rate(trivy_gateway_cache_requests_total{result!~"bypass"}[1h]))
+sum(rate(trivy_gateway_cache_requests_total{result=~"hit|stale|coalesced|negative|revalidated|miss"}[1h]))
 ```
 
 **Bytes saved** (bytes served from the cache instead of the internet, per day, and as a share):
