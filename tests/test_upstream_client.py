@@ -6,25 +6,10 @@ import time
 
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.upstream import UpstreamError, UpstreamRequest
-from upstream_support import PKI, FakeServer, new_client, sample, settings, stop_all
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return PKI(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def other_pki(tmp_path_factory):
-    return PKI(tmp_path_factory.mktemp("pki-untrusted"), name="untrusted CA")
-
-
-def GET(url, **kw):
-    headers = CIMultiDict(kw.pop("headers", {}))
-    return UpstreamRequest("GET", url, headers=headers, **kw)
+from upstream_support import (GET, FakeServer, new_client, other_pki, pki, sample,  # noqa: F401
+                              settings, stop_all)
 
 
 async def test_plain_get_through_override_with_other_port_keeps_host_and_sni(pki):

@@ -196,3 +196,25 @@ def sample(metrics: Metrics, name: str, **labels) -> float:
 
 async def stop_all(*servers: FakeServer) -> None:
     await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+
+
+# -- fixtures (imported by the test modules; there is no shared conftest for these) -----------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki-untrusted"), name="untrusted CA")
+
+
+def GET(url: str, **kw) -> "UpstreamRequest":
+    from multidict import CIMultiDict
+
+    from gateway.upstream import UpstreamRequest
+    headers = CIMultiDict(kw.pop("headers", {}))
+    return UpstreamRequest("GET", url, headers=headers, **kw)

@@ -360,8 +360,9 @@ class UpstreamClient:
             if auth:
                 h["Authorization"] = auth
             resp = await self._follow(req, h, deadline, inject=False)
-            final_host = URL(resp.url, encoded=True).authority
-            if resp.status == 401 and attempt == 0 and final_host == registry.lower():
+            final_host = (URL(resp.url, encoded=True).host or "").lower()
+            if resp.status == 401 and attempt == 0 and \
+                    final_host == registry.lower().rsplit(":", 1)[0]:
                 await resp.release()
                 self.tokens.invalidate(registry, repository)
                 log.info("registry_token_refresh", registry=registry, repository=repository)
