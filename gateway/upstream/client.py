@@ -16,6 +16,7 @@ The response body streams; with ``resumable`` a body cut mid-way is resumed with
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
 import re
@@ -230,8 +231,10 @@ class UpstreamClient:
         self.tokens = RegistryTokens(self)
         parent = settings.parent_proxy
         self._proxy: Optional[str] = parent.url or None
-        self._proxy_auth = (aiohttp.BasicAuth(parent.username, parent.password)
-                            if parent.url and parent.username else None)
+        self._proxy_headers = (
+            {"Proxy-Authorization": "Basic " + base64.b64encode(
+                f"{parent.username}:{parent.password}".encode()).decode("ascii")}
+            if parent.url and parent.username else None)
         proxy_host = urlsplit(parent.url).hostname if parent.url else None
         self.resolver = OverrideResolver(settings.address_overrides, address_guard,
                                          trusted_hosts=(proxy_host,) if proxy_host else ())
@@ -584,7 +587,7 @@ class UpstreamClient:
                 resp = await self._session.request(
                     method, url, headers=headers, data=body, allow_redirects=False,
                     proxy=self._proxy if use_proxy else None,
-                    proxy_auth=self._proxy_auth if use_proxy else None)
+                    proxy_headers=self._proxy_headers if use_proxy else None)
         except BaseException as exc:
             st.limiter.release()
             if isinstance(exc, asyncio.CancelledError) and not cm.expired():
