@@ -13,6 +13,7 @@ parameters (gzip mtime 0, fixed tar mtimes), so digests are stable.
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import gzip
 import hashlib
@@ -21,6 +22,7 @@ import json
 import mmap
 import os
 import random
+import shutil
 import sqlite3
 import struct
 import tarfile
@@ -280,6 +282,7 @@ class ArtifactStore:
                 d = os.environ.get("TRIVY_EMU_ARTIFACT_DIR")
                 if not d:
                     d = tempfile.mkdtemp(prefix="trivy-emu-artifacts-")
+                    atexit.register(shutil.rmtree, d, True)
                 cls._shared = ArtifactStore(d)
             return cls._shared
 

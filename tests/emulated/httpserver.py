@@ -338,11 +338,13 @@ class HostServer:
         if not head_only and status in (200, 206) and len(body) > 0:
             body_faults = self.faults.take_body_faults(self.host, req.method, req.path)
 
-        writer.write(head.encode("latin-1"))
         if head_only or not body:
-            await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
+            # complete the entry before the client can possibly see the answer
             self.log.finish(entry)
+            writer.write(head.encode("latin-1"))
+            await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
             return True
+        writer.write(head.encode("latin-1"))
 
         total = len(body)
         cut = body_faults.get("cut")
@@ -371,10 +373,15 @@ class HostServer:
                 b = bytearray(piece)
                 b[corrupt_at - sent] ^= 0xFF
                 piece = bytes(b)
+            if sent + n >= total:
+                # last piece: complete the log entry before the client can
+                # observe the end of the response
+                entry.bytes_sent = sent + n
+                self.log.finish(entry, note=" ".join(notes) if notes else None)
             writer.write(piece)
-            await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
             sent += n
             entry.bytes_sent = sent
+            await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
             if rate > 0:
                 due = t0 + sent / rate
                 delay = due - time.monotonic()

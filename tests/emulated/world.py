@@ -20,6 +20,7 @@ import itertools
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
@@ -224,6 +225,16 @@ class World:
     def requests(self, host: str | None = None, method: str | None = None, path_contains: str | None = None,
                  **kw: Any) -> list[LogEntry]:
         return self.log.query(host=host, method=method, path_contains=path_contains, **kw)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block (bounded) until every logged request is done; True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(e.done for e in self.log.entries()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def clear_log(self) -> None:
         self.log.clear()
