@@ -221,3 +221,32 @@ async def test_token_bucket_spaces_requests(pki):
     finally:
         await client.close()
         await stop_all(srv)
+
+
+async def test_retry_after_beyond_max_opens_circuit_and_deadline_returns_last_status(pki):
+    async def handler(request, srv):
+        if request.path == "/busy":
+            return web.Response(status=503, text="maintenance", headers={"Retry-After": "45"})
+        return web.Response(status=503, text="later", headers={"Retry-After": "2"})
+
+    srv = await FakeServer(pki, ["a.test", "b.test"], handler).start()
+    client, _ = new_client(settings({"a.test": srv.addr, "b.test": srv.addr}, pki.ca_file,
+                                    retry=dict(retry_after_max=30)), ["a.test", "b.test"])
+    await client.start()
+    try:
+        resp = await client.request(GET("https://a.test/busy"))
+        assert resp.status == 503 and await resp.read() == b"maintenance"
+        assert client.circuit_remaining("a.test") == pytest.approx(45, abs=1)
+        with pytest.raises(UpstreamError) as ei:
+            await client.request(GET("https://a.test/other"))
+        assert ei.value.status == 503 and ei.value.reason == "circuit_open"
+        # Retry-After 2 s does not fit in a 1 s deadline: the 503 itself is the answer, at once
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        resp = await client.request(GET("https://b.test/x", deadline=loop.time() + 1))
+        assert resp.status == 503 and await resp.read() == b"later"
+        assert time.monotonic() - t0 < 0.5
+        assert srv.count == 2
+    finally:
+        await client.close()
+        await stop_all(srv)

@@ -216,6 +216,15 @@ class _Response(UpstreamResponse):
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} {_safe_url(self.url)}>"
 
+    def __del__(self) -> None:
+        # safety net for a caller that neither consumed nor released the body: give the
+        # host's concurrency slot back so the limiter cannot leak capacity
+        if getattr(self, "_slot_held", False):
+            try:
+                self._drop_connection(reuse=False)
+            except Exception:  # noqa: BLE001 - interpreter shutdown, no loop
+                pass
+
 
 class UpstreamClient:
     def __init__(self, settings: UpstreamSettings, metrics: Metrics, *,
@@ -245,6 +254,14 @@ class UpstreamClient:
     # -- lifecycle ----------------------------------------------------------------------------
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context()  # system store, verification on, hostname check on
+        paths = ssl.get_default_verify_paths()
+        if not ((paths.cafile and os.path.exists(paths.cafile)) or
+                (paths.capath and os.path.isdir(paths.capath) and os.listdir(paths.capath))):
+            try:  # a slim image without a system store: Mozilla's bundle, if installed
+                import certifi
+                ctx.load_verify_locations(cafile=certifi.where())
+            except (ImportError, OSError, ssl.SSLError):
+                log.warning("no_system_ca_store", hint="set SSL_CERT_FILE or upstream.ca_bundle")
         for var, kind in (("SSL_CERT_FILE", "cafile"), ("SSL_CERT_DIR", "capath")):
             path = os.environ.get(var)
             if path and os.path.exists(path):
@@ -270,7 +287,8 @@ class UpstreamClient:
         self._ssl = self._ssl_context()
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=self._per_host_cap(), ssl=self._ssl, resolver=self.resolver,
-            use_dns_cache=True, ttl_dns_cache=int(s.dns_cache_ttl) or None,
+            use_dns_cache=float(s.dns_cache_ttl) > 0,
+            ttl_dns_cache=float(s.dns_cache_ttl) if float(s.dns_cache_ttl) > 0 else None,
             keepalive_timeout=float(s.keepalive_timeout))
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, trust_env=False,
@@ -502,44 +520,63 @@ class UpstreamClient:
 
             # a response head arrived
             r = _Response(self, st, resp, url, hop_headers)
-            status = resp.status
-            if status not in RETRY_STATUSES:
-                if status >= 500:
-                    st.breaker.failure(status, f"status {status}", probe=probe)
-                else:
-                    st.breaker.success(probe=probe)
-                return r
-            # 429 / 502 / 503 / 504
-            buffered = await r._buffer_small(ERROR_BODY_LIMIT, deadline)
-            ra = parse_retry_after_header(resp.headers.get("Retry-After"))
-            if ra is None and r._prefix and status in (429, 503):
-                ra = parse_retry_after_body(r._prefix)
-            if ra is not None:
-                self.metrics.upstream_retry_after.labels(host=st.label).observe(ra)
-            if status == 429:
-                st.limiter.on_throttled()
-            if ra is not None and (ra > retry.retry_after_max or
-                                   (status in (429, 503) and
-                                    ra >= self.settings.circuit.long_retry_after)):
-                window = st.breaker.open_for_retry_after(ra, status)
-                log.warning("upstream_pushback", host=host, status=status, retry_after=ra,
-                            circuit_open_seconds=window, url=_safe_url(url), kind=kind)
-                return r
-            if probe:
-                st.breaker.failure(status, f"status {status}", probe=True)
-                return r
-            delay = self._backoff(attempt)
-            if ra is not None:
-                delay = max(delay, ra, float(retry.retry_after_min))
-            if (attempt + 1 >= attempts or not buffered or not idempotent
-                    or loop.time() + delay >= deadline):
-                st.breaker.failure(status, f"status {status}")
-                return r
+            try:
+                outcome = await self._judge(st, r, attempt, attempts, idempotent, probe,
+                                            deadline, kind)
+            except BaseException:
+                r._drop_connection(reuse=False)
+                if probe:
+                    st.breaker.probe_abandoned()
+                raise
+            if outcome is not None:
+                return outcome
             last = r
-            self._count_retry(st, "status_429" if status == 429 else "status_5xx", attempt,
-                              delay, url, retry_after=ra)
-            await asyncio.sleep(delay)
             attempt += 1
+
+    async def _judge(self, st: _HostState, r: _Response, attempt: int, attempts: int,
+                     idempotent: bool, probe: bool, deadline: float, kind: str
+                     ) -> Optional[_Response]:
+        """Decide about a response head: return it (final) or sleep and return None (retry)."""
+        retry = self.settings.retry
+        status = r.status
+        host, url = st.host, r._yurl
+        if status not in RETRY_STATUSES:
+            if status >= 500:
+                st.breaker.failure(status, f"status {status}", probe=probe)
+            else:
+                st.breaker.success(probe=probe)
+            return r
+        # 429 / 502 / 503 / 504: the error body is small, read it (hints, and it can be kept)
+        buffered = await r._buffer_small(ERROR_BODY_LIMIT, deadline)
+        ra = parse_retry_after_header(r.headers.get("Retry-After"))
+        if ra is None and r._prefix and status in (429, 503):
+            ra = parse_retry_after_body(r._prefix)
+        if ra is not None:
+            self.metrics.upstream_retry_after.labels(host=st.label).observe(ra)
+        if status == 429:
+            st.limiter.on_throttled()
+        if ra is not None and (ra > retry.retry_after_max or
+                               (status in (429, 503) and
+                                ra >= self.settings.circuit.long_retry_after)):
+            window = st.breaker.open_for_retry_after(ra, status)
+            log.warning("upstream_pushback", host=host, status=status, retry_after=ra,
+                        circuit_open_seconds=window, url=_safe_url(url), kind=kind)
+            return r
+        if probe:
+            st.breaker.failure(status, f"status {status}", probe=True)
+            return r
+        delay = self._backoff(attempt)
+        if ra is not None:
+            delay = max(delay, ra, float(retry.retry_after_min))
+        loop = asyncio.get_running_loop()
+        if (attempt + 1 >= attempts or not buffered or not idempotent
+                or loop.time() + delay >= deadline):
+            st.breaker.failure(status, f"status {status}")
+            return r
+        self._count_retry(st, "status_429" if status == 429 else "status_5xx", attempt,
+                          delay, url, retry_after=ra)
+        await asyncio.sleep(delay)
+        return None
 
     def _backoff(self, attempt: int) -> float:
         r = self.settings.retry
