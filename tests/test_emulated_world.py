@@ -726,3 +726,43 @@ async def test_publish_new_db_version(world):
         async with s.get(f"https://{MIRROR}/v2/aquasec/trivy-db/manifests/{old}",
                          headers={"Authorization": f"Bearer {tok}"}) as r:
             assert r.status == 200  # old versions stay reachable by digest
+
+
+async def test_async_world_and_tunnel_proxy(tmp_path):
+    """``async with World(...)`` on the test's own loop, plus the tunnel proxy."""
+    from tests.emulated import TunnelProxy, TunnelProxyThread, World
+    from tests.emulated.client import world_ssl_context
+
+    async with World(tmp_path / "w", db_size_mib=0.25) as w:
+        assert set(w.address_overrides) == set(w.hosts) and w.ca_pem.exists()
+        assert all(v == f"127.0.0.1:{w.port(h)}" for h, v in w.address_overrides.items())
+        ctx = world_ssl_context(str(w.ca_pem))
+        async with TunnelProxy(w.address_overrides) as tp:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"https://{CHECK}/updates", proxy=tp.url, ssl=ctx) as r:
+                    assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+                with pytest.raises(aiohttp.ClientError):  # not an emulated host -> 502
+                    async with s.get("https://repository.apache.org/", proxy=tp.url, ssl=ctx) as r:
+                        pass
+            await w.refuse(CHECK)
+            async with aiohttp.ClientSession() as s:
+                with pytest.raises(aiohttp.ClientError):  # CONNECT target refuses -> 502
+                    async with s.get(f"https://{CHECK}/updates", proxy=tp.url, ssl=ctx) as r:
+                        pass
+            await w.accept(CHECK)
+            assert [(r.target, r.status) for r in tp.connects()] == [
+                (f"{CHECK}:443", 200), ("repository.apache.org:443", 502), (f"{CHECK}:443", 502)]
+        assert [e.status for e in w.requests(host=CHECK)] == [200]
+        assert w.requests()[0].sni == CHECK
+
+    # the thread-hosted variant, against a world that is gone: CONNECT -> 502
+    tpt = TunnelProxyThread({CHECK: "127.0.0.1:9"})
+    proxy = await asyncio.to_thread(tpt.start)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(f"CONNECT {CHECK}:443 HTTP/1.1\r\nHost: {CHECK}:443\r\n\r\n".encode())
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 15)).startswith(b"HTTP/1.1 502")
+        writer.close()
+    finally:
+        await asyncio.to_thread(tpt.stop)
