@@ -177,3 +177,43 @@ async def raw_request(port: int, data: bytes, read_until_close: bool = True,
 
 def status_line(raw: bytes) -> str:
     return raw.split(b"\r\n", 1)[0].decode("latin-1")
+
+
+# -- a gateway in its own process (honest RSS, real SIGTERM) -----------------------------------
+
+def _serve_main(argv: list[str]) -> None:
+    """``python tests/proxy_support.py DIR [RULE_HOST ...]``: serve until SIGTERM, then drain.
+
+    Prints ``READY <port> <ca path>`` once listening; on SIGTERM stops accepting, prints
+    ``DRAINING``, drains with ``server.drain_grace`` and exits 0.
+    """
+    import pathlib
+    import signal
+
+    from gateway.observability.logging import configure_logging
+    from gateway.settings import LoggingSettings
+
+    configure_logging(LoggingSettings(level="warning"))
+    tmp = pathlib.Path(argv[0])
+    hosts = argv[1:] or ["registry.test"]
+    settings = make_settings(tmp, rules=[{"host": h, "action": "intercept"} for h in hosts])
+
+    async def run() -> None:
+        gw = Gateway(settings)
+        await gw.server.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        print(f"READY {gw.port} {gw.ca_path}", flush=True)
+        await stop.wait()
+        gw.server.stop_accepting()
+        print("DRAINING", flush=True)
+        finished = await gw.server.drain(float(settings.server.drain_grace))
+        await gw.server.close()
+        print(f"DRAINED {'clean' if finished else 'aborted'}", flush=True)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    import sys
+    _serve_main(sys.argv[1:])

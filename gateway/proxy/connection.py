@@ -185,9 +185,11 @@ class ClientConnection:
 
     async def _read_head(self) -> Optional[h11.Request]:
         deadline: Optional[float] = None
-        if self.conn.trailing_data[0]:           # pipelined request already buffered
+        buffered = len(self.conn.trailing_data[0])
+        if buffered:                             # pipelined request already buffered
             self.busy = True
             deadline = self._loop.time() + self._header_timeout
+        limit = self.settings.max_header_bytes
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
@@ -208,10 +210,15 @@ class ClientConnection:
                 if not data and self.conn.their_state is h11.IDLE and \
                         not self.conn.trailing_data[0]:
                     return None                  # clean close between requests
+                buffered += len(data)
                 self.conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
                 self.busy = True
+                # h11 bounds only an *incomplete* head; a complete one that arrived in one read
+                # is measured here (bytes consumed = bytes fed - bytes still buffered)
+                if buffered > limit and buffered - len(self.conn.trailing_data[0]) > limit:
+                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                 return event
             if isinstance(event, h11.ConnectionClosed):
                 return None
@@ -236,7 +243,8 @@ class ClientConnection:
     async def _request_body(self, rec: _Record):
         """The request body as an async iterator; reads the socket only when asked (backpressure)."""
         if self.conn.they_are_waiting_for_100_continue:
-            self.writer.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self.writer.write(self.conn.send(
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
             await self._drain()
         while True:
             event = await self._next_body_event()
@@ -406,8 +414,10 @@ class ClientConnection:
                      close: bool = False, extra_headers: Optional[dict] = None,
                      client_error: Optional[str] = None) -> str:
         if client_error:
+            # a client that sends what a proxy cannot use is misconfigured: do not keep it
             self.metrics.client_errors.labels(reason=client_error).inc()
             rec.error = message
+            close = True
         response = error_response(status, message, reason=reason)
         return await self._respond(rec, rec.method, response, extra_headers=extra_headers,
                                    close=close)

@@ -137,6 +137,10 @@ class ProxyServer:
             conn.abort()
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            # close()/drain() cancel connection tasks after aborting them. Finish normally:
+            # asyncio (3.11) logs an error when a client_connected_cb task ends cancelled.
+            pass
         finally:
             self._connections.pop(conn, None)
             if not self._connections:
