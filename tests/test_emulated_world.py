@@ -640,6 +640,18 @@ async def test_hang_drop_and_refuse(world):
     async with world_session(world) as s:
         async with s.get(f"https://{CHECK}/updates") as r:
             assert r.status == 200
+    await asyncio.to_thread(world.stall, CHECK, 5)
+    try:
+        assert not world.is_listening(CHECK)
+        async with world_session(world, timeout=aiohttp.ClientTimeout(total=1)) as s:
+            with pytest.raises(asyncio.TimeoutError):  # TCP accepted, TLS never answered
+                async with s.get(f"https://{CHECK}/updates") as r:
+                    pass
+    finally:
+        await asyncio.to_thread(world.accept, CHECK)
+    async with world_session(world) as s:
+        async with s.get(f"https://{CHECK}/updates") as r:
+            assert r.status == 200
     # the hang ended (bounded) and was logged
     assert await asyncio.to_thread(world.wait_idle, 5)
     notes = [e.note for e in world.requests(host=CHECK)]

@@ -118,14 +118,19 @@ class HostServer:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._stalled = False
 
     @property
     def listening(self) -> bool:
-        return self._server is not None
+        return self._server is not None and not self._stalled
 
     async def start(self) -> None:
+        if self._server is not None and self._stalled:
+            await self.stop_listening()
+            await self.close_connections()
         if self._server is not None:
             return
+        self._stalled = False
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
@@ -141,6 +146,35 @@ class HostServer:
         srv, self._server = self._server, None
         if srv is not None:
             srv.close()
+
+    async def stall(self, max_seconds: float = 30.0) -> None:
+        """Replace the TLS listener by one that accepts TCP connections and
+        never speaks (no TLS handshake); each is closed after *max_seconds*.
+        ``start()`` restores normal service."""
+        await self.stop_listening()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(128)
+        sock.setblocking(False)
+
+        async def _hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.add(task)
+            self._writers.add(writer)
+            try:
+                await asyncio.sleep(max_seconds)
+            except asyncio.CancelledError:
+                pass
+            finally:
+                self._writers.discard(writer)
+                if task is not None:
+                    self._tasks.discard(task)
+                writer.transport.abort()
+
+        self._server = await asyncio.start_server(_hold, sock=sock)
+        self._stalled = True
 
     async def close_connections(self) -> None:
         for w in list(self._writers):

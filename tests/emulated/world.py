@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -152,6 +153,8 @@ class World:
         for s in servers:
             await s.stop()
         self._started = False
+        if self._own_tmp:  # a workdir we created ourselves is removed
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def __aenter__(self) -> "World":
         return await self.start()
@@ -348,6 +351,14 @@ class World:
         self._check_host(host)
         await self._servers[host].start()
 
+    async def stall(self, host: str, max_seconds: float = 30.0) -> None:
+        """Accept TCP connections for *host* but never complete TLS (each is
+        closed after *max_seconds*); ``accept(host)`` restores service."""
+        self._check_host(host)
+        srv = self._servers[host]
+        await srv.close_connections()
+        await srv.stall(max_seconds)
+
     def is_listening(self, host: str) -> bool:
         return self._servers[host].listening
 
@@ -432,6 +443,9 @@ class WorldThread:
 
     def accept(self, host: str) -> None:
         self.call(self.world.accept(host))
+
+    def stall(self, host: str, max_seconds: float = 30.0) -> None:
+        self.call(self.world.stall(host, max_seconds))
 
     def tunnel_proxy(self, **kw: Any):
         """Start a CONNECT tunnel proxy (on this loop) mapping host:443 to the
