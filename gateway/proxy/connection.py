@@ -503,7 +503,7 @@ class ClientConnection:
             "e.g. HTTPS_PROXY=http://user:password@gateway:3128",
             extra_headers={"Proxy-Authenticate": self.server.auth.challenge})
 
-    async def _deny(self, rec: _Record, decision) -> str:
+    async def _deny(self, rec: _Record, decision, *, close: bool = False) -> str:
         self.metrics.denied.labels(host=self.metrics.host_label(decision.host),
                                    reason=decision.reason_code).inc()
         rec.error = decision.reason
@@ -512,7 +512,7 @@ class ClientConnection:
         else:
             message = (f"{decision.reason}\nTo allow it, add a rule to policy.rules in the gateway "
                        f"configuration, e.g.  - {{host: {decision.host}, action: intercept}}")
-        return await self._error(rec, 403, message, reason=decision.reason)
+        return await self._error(rec, 403, message, reason=decision.reason, close=close)
 
     async def _connect(self, rec: _Record, target: str, headers: CIMultiDict) -> str:
         rec.path = ""
@@ -528,7 +528,8 @@ class ClientConnection:
         decision = self.server.policy.decide(host, port)
         rec.decision = decision.action
         if not decision.allowed:
-            return await self._deny(rec, decision)
+            # nothing useful can follow a refused CONNECT on this connection
+            return await self._deny(rec, decision, close=True)
         event = await self._next_body_event()
         if not isinstance(event, h11.EndOfMessage):
             return await self._error(rec, 400, "a CONNECT request must not have a body",

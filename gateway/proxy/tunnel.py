@@ -6,6 +6,7 @@ direction: every write is followed by ``drain()``, which waits while the receivi
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Awaitable, Callable, Optional
 
@@ -137,8 +138,9 @@ class DirectTunnelOpener:
             except (OSError, TimeoutError) as exc:
                 last_error = exc
         if last_error is not None:
+            errno = getattr(last_error, "errno", None)
             what = "timed out" if isinstance(last_error, TimeoutError) else \
-                (getattr(last_error, "strerror", None) or str(last_error))
+                (os.strerror(errno) if errno else str(last_error))
             raise UpstreamError("timeout" if isinstance(last_error, TimeoutError) else "connect",
                                 host, f"cannot connect to {host}:{port}: {what}",
                                 status=504 if isinstance(last_error, TimeoutError) else 502)
