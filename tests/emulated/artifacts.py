@@ -180,6 +180,8 @@ def _sha256_file(path: Path) -> str:
 
 
 # ------------------------------------------------------------------- models
+_MMAP_LOCK = threading.Lock()
+
 @dataclass
 class Blob:
     """Immutable content addressed by digest, backed by a file (mmap) or bytes."""
@@ -208,10 +210,11 @@ class Blob:
             return self._data
         if self.size == 0:
             return b""
-        if self._mm is None:
-            assert self.path is not None
-            with self.path.open("rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with _MMAP_LOCK:
+            if self._mm is None:
+                assert self.path is not None
+                with self.path.open("rb") as f:
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return memoryview(self._mm)
 
     def read(self) -> bytes:

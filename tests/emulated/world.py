@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Iterable, TypeVar
 
 from .accesslog import AccessLog, LogEntry
 from .artifacts import (
