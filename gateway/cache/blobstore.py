@@ -157,7 +157,11 @@ class Fill:
         try:
             pos = start
             while True:
-                limit = self.written if end is None else min(self.written, end)
+                # While filling, the last byte is held back: the body is only verified at commit,
+                # and a client must never receive *all* the bytes of a body that fails to verify
+                # (it would take it as complete). A failed fill thus always ends truncated.
+                available = self.written if self.state == "committed" else self.written - 1
+                limit = available if end is None else min(available, end)
                 while pos < limit:
                     data = os.pread(fd, min(READ_CHUNK, limit - pos), pos)
                     if not data:
@@ -170,7 +174,7 @@ class Fill:
                     return
                 if self.state == "committed" and pos >= self.written:
                     return
-                if pos >= self.written:
+                if pos >= available:
                     await self._wakeup.wait()
         finally:
             os.close(fd)
