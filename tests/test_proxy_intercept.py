@@ -344,3 +344,70 @@ async def test_access_log_has_path_without_query(gw):
     get = entries[1]
     assert get["path"] == "/hello" and "abc" not in repr(get)
     assert get["status"] == 200 and get["bytes"] == len(out) and get["decision"] == "intercept"
+
+
+async def test_content_length_with_transfer_encoding_is_refused(gw):
+    raw = await raw_request(gw.port, b"POST http://registry.test/echo HTTP/1.1\r\n"
+                                     b"Host: registry.test\r\nContent-Length: 4\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n")
+    assert status_line(raw).startswith("HTTP/1.1 400"), raw[:200]
+    assert gw.handler.exchanges == []
+
+
+class EarlyAnswerHandler(MemoryHandler):
+    """Answers before the request body is read: ignoring it, or reading it in the background."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.background: list[asyncio.Task] = []
+        self.background_result: list = []
+
+    async def handle(self, ex):
+        self.exchanges.append(ex)
+        if ex.path == "/background" and ex.body is not None:
+            async def consume():
+                total = 0
+                try:
+                    async for chunk in ex.body:
+                        total += len(chunk)
+                        await asyncio.sleep(0.01)
+                except Exception as exc:  # noqa: BLE001
+                    self.background_result.append(type(exc).__name__)
+                    return
+                self.background_result.append(total)
+            self.background.append(asyncio.create_task(consume()))
+        from gateway.exchange import error_response
+        return error_response(401, "early answer")
+
+
+@pytest.mark.parametrize("size,reused", [(1000, True), (4 * 1024 * 1024, False)])
+async def test_unread_request_body_is_discarded_or_connection_closed(tmp_path, size, reused):
+    async with running_gateway(make_settings(tmp_path, rules=RULES),
+                               handler=EarlyAnswerHandler()) as gw:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            for _ in range(2):
+                async with session.post("http://registry.test/ignore", data=b"q" * size,
+                                        proxy=gw.url) as r:
+                    assert r.status == 401
+                    await r.read()
+        clients = {ex.client for ex in gw.handler.exchanges}
+        assert len(clients) == (1 if reused else 2)
+
+
+async def test_body_pulled_by_background_task_never_shares_the_socket(tmp_path):
+    handler = EarlyAnswerHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        async def body():
+            for _ in range(50):
+                yield b"b" * 65536
+                await asyncio.sleep(0.005)
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.post("http://registry.test/background", data=body(),
+                                        proxy=gw.url) as r:
+                    assert r.status == 401
+            except aiohttp.ClientError:
+                pass                       # the gateway may cut the upload short: allowed
+        await asyncio.wait_for(asyncio.gather(*handler.background), 10)
+    # the background reader got either an error or part of the body; never a RuntimeError
+    assert handler.background_result and handler.background_result[0] != "RuntimeError"

@@ -118,6 +118,57 @@ def _default_reason(status: int) -> str:
         return ""
 
 
+class RequestBody:
+    """The request body as an async iterator that reads the socket only when asked (backpressure).
+
+    The pipeline may pull it from another task (aiohttp sends a request body while it reads the
+    response). Once the response is sent the body is closed: later pulls fail, and if a pull is
+    still in flight the connection is not reused (two readers must never share the socket).
+    """
+
+    def __init__(self, conn: "ClientConnection", rec: _Record) -> None:
+        self._conn = conn
+        self._rec = rec
+        self.active = False
+        self.closed = False
+        self.done = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def __aiter__(self) -> "RequestBody":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.done:
+            raise StopAsyncIteration
+        if self.closed:
+            raise _ClientGone("the request body was read after the response was sent")
+        if self.active:
+            raise RuntimeError("the request body is already being read")
+        self.active = True
+        self.idle.clear()
+        try:
+            conn = self._conn
+            if conn.conn.they_are_waiting_for_100_continue:
+                conn.writer.write(conn.conn.send(
+                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
+                await conn._drain()
+            event = await conn._next_body_event()
+        finally:
+            self.active = False
+            self.idle.set()
+        if isinstance(event, h11.Data):
+            self._rec.bytes_in += len(event.data)
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            self.done = True
+            raise StopAsyncIteration
+        raise _ClientGone(f"unexpected {type(event).__name__} in the request body")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
 class ClientConnection:
     def __init__(self, server: "ProxyServer", reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -239,22 +290,6 @@ class ClientConnection:
             except ConnectionError as exc:
                 raise _ClientGone(f"request body: {exc}") from None
             self.conn.receive_data(data)
-
-    async def _request_body(self, rec: _Record):
-        """The request body as an async iterator; reads the socket only when asked (backpressure)."""
-        if self.conn.they_are_waiting_for_100_continue:
-            self.writer.write(self.conn.send(
-                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
-            await self._drain()
-        while True:
-            event = await self._next_body_event()
-            if isinstance(event, h11.Data):
-                rec.bytes_in += len(event.data)
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:
-                raise _ClientGone(f"unexpected {type(event).__name__} in the request body")
 
     async def _discard_body(self) -> bool:
         """Read what is left of the request body (bounded); False when the connection must close."""
@@ -694,8 +729,13 @@ class ClientConnection:
         via = ", ".join(ex_headers.popall("via", []))
         version = request.http_version.decode("ascii", "replace")
         ex_headers["Via"] = (via + ", " if via else "") + f"{version} {self.settings.via_pseudonym}"
-        has_body = "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0"
-        body_iter = self._request_body(rec) if has_body else None
+        chunked = "transfer-encoding" in headers
+        if chunked and "content-length" in headers:
+            # RFC 9112 §6.3: both framings at once is a request-smuggling pattern
+            return await self._error(rec, 400, "Content-Length together with Transfer-Encoding "
+                                     "is not accepted", client_error="malformed")
+        has_body = chunked or headers.get("content-length", "0").strip() not in ("", "0")
+        body_iter = RequestBody(self, rec) if has_body else None
         exchange = Exchange(method=rec.method, scheme=scheme, host=host, port=port, target=origin,
                             headers=ex_headers, body=body_iter, client=self.client, id=rec.id)
         exchange.notes["decision"] = rec.decision
@@ -712,10 +752,47 @@ class ClientConnection:
             log.exception("handler_failed", request_id=rec.id, host=host)
             response = error_response(502, f"the gateway failed to handle the request to "
                                            f"{host}: {type(exc).__name__}: {exc}")
-        outcome = await self._respond(rec, rec.method, response)
+        # A request body the handler left unread is discarded after the response when little
+        # is left; otherwise the response says Connection: close and the connection lingers.
+        close = False
+        if body_iter is not None and not body_iter.done:
+            length = headers.get("content-length", "").strip()
+            close = not (length.isdigit() and int(length) - rec.bytes_in <= DISCARD_LIMIT) \
+                or body_iter.active
+        outcome = await self._respond(rec, rec.method, response, close=close)
         if body_iter is not None:
             await body_iter.aclose()
+            if body_iter.active:
+                # another task is still pulling the body off this socket: let that read finish
+                # (bounded) before anything else reads, and never reuse the connection
+                try:
+                    async with asyncio.timeout(1):
+                        await body_iter.idle.wait()
+                except TimeoutError:
+                    self.writer.transport.abort()
+                    return CLOSE
+                close = True
+            if close and not self.writer.transport.is_closing():
+                await self._linger()
+                return CLOSE
         return outcome
+
+    async def _linger(self, seconds: float = 2.0, limit: int = 64 * 1024 * 1024) -> None:
+        """Close without resetting a client that is still sending (it must see the response):
+        half-close, then read and drop what arrives for a little while."""
+        try:
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            await self._drain()
+            dropped = 0
+            async with asyncio.timeout(seconds):
+                while dropped < limit:
+                    data = await self.reader.read(READ_SIZE)
+                    if not data:
+                        break
+                    dropped += len(data)
+        except (TimeoutError, ConnectionError, _ClientGone, OSError):
+            pass
 
     # -- accounting ---------------------------------------------------------------------------
     def _account(self, rec: _Record) -> None:
