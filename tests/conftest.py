@@ -46,4 +46,6 @@ def make_gateway(tmp_path):
 
     yield factory
     for gw in started:
-        gw.stop()
+        code = gw.stop()
+        # shown by pytest only when the test failed
+        print(f"--- gateway {gw.workdir.name} exit={code} log tail ---\n{gw.log_tail(40)}")

@@ -159,3 +159,43 @@ async def test_entry_store_roundtrip_and_missing_blob(tmp_path):
     entries3 = EntryStore(tmp_path / "c", blobs, MemoryFrontSettings(), Metrics())
     entries3.open()
     assert await entries3.get("k1") is None
+
+
+async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path):
+    """Two gateways' entry stores on one real Redis: a small entry stored by one is a hit for
+    the other, whose disk never saw it."""
+    import shutil
+    import subprocess
+
+    from tests.gateway_harness import free_port
+
+    server = shutil.which("redis-server")
+    assert server, "redis-server is required (apt-get install redis-server)"
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        front = MemoryFrontSettings(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0")
+        stores = []
+        for name in ("a", "b"):
+            blobs = BlobStore(tmp_path / name, 10**9, 0, Metrics())
+            blobs.open()
+            entries = EntryStore(tmp_path / name, blobs, front, Metrics())
+            entries.open()
+            stores.append((blobs, entries))
+        for _ in range(50):  # wait for redis to accept connections (bounded)
+            try:
+                await stores[0][1].front.cache.exists("ping")
+                break
+            except Exception:  # noqa: BLE001
+                await asyncio.sleep(0.1)
+        body = b"<project>pom</project>"
+        d = stores[0][0].put_bytes(body)
+        e = Entry(key="maven|x", kind="maven", status=200, headers=[], body_digest=d,
+                  body_size=len(body), validated_at=1.0, fresh_until=float("inf"))
+        await stores[0][1].put(e, body)
+        got = await stores[1][1].get("maven|x")
+        assert got is not None and got[1] == body and not stores[1][0].has(d)
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from aiocache import Cache as AioCache
+from aiocache.serializers import BaseSerializer
 
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
@@ -87,6 +88,26 @@ def _file_name(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class _FrontSerializer(BaseSerializer):
+    """(entry json, body or None) ⇄ bytes for Redis. Not pickle: a shared Redis must not be able
+    to make the gateway execute anything; this format only ever yields a string and bytes."""
+
+    DEFAULT_ENCODING = None
+
+    def dumps(self, value: tuple[str, Optional[bytes]]) -> bytes:
+        meta = value[0].encode()
+        flag = b"\x00" if value[1] is None else b"\x01"
+        return len(meta).to_bytes(4, "big") + meta + flag + (value[1] or b"")
+
+    def loads(self, value: Optional[bytes]) -> Optional[tuple[str, Optional[bytes]]]:
+        if value is None:
+            return None
+        n = int.from_bytes(value[:4], "big")
+        meta = value[4:4 + n].decode()
+        body = None if value[4 + n:5 + n] == b"\x00" else bytes(value[5 + n:])
+        return meta, body
+
+
 class _MemoryFront:
     """aiocache with an LRU byte budget. Values: (entry json, small body or None)."""
 
@@ -98,7 +119,8 @@ class _MemoryFront:
             url = urlparse(settings.redis_url)
             self.cache = AioCache(AioCache.REDIS, endpoint=url.hostname or "127.0.0.1",
                                   port=url.port or 6379, db=int((url.path or "/0")[1:] or 0),
-                                  namespace="trivy-gateway")
+                                  namespace="trivy-gateway:", serializer=_FrontSerializer(),
+                                  password=url.password)
         else:
             self.cache = AioCache(AioCache.MEMORY)
         self._sizes: "OrderedDict[str, int]" = OrderedDict()
@@ -173,9 +195,15 @@ class EntryStore:
         cached = await self.front.get(key)
         if cached is not None:
             entry = Entry.from_json(cached[0])
-            if entry.body_digest is None or self.blobs.has(entry.body_digest):
-                return entry, cached[1] if entry.body_digest else b""
-            await self.front.delete(key)
+            if entry.body_digest is None:
+                return entry, b""
+            if cached[1] is not None:
+                # small body held by the front itself (with Redis: possibly stored by another
+                # replica, verified when that replica filled it)
+                return entry, cached[1]
+            if self.blobs.has(entry.body_digest):
+                return entry, None
+            # a large body this replica does not hold: a miss here, but leave the shared entry
         try:
             text = self._path(key).read_text("utf-8")
         except FileNotFoundError:
