@@ -15,6 +15,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from gateway.exchange import FileBody
+
 from proxy_support import (PASSWORD, MemoryHandler, make_settings, raw_request, running_gateway,
                            status_line)
 
@@ -266,20 +268,29 @@ async def test_client_disconnect_mid_response_closes_the_body(gw):
     assert gw.metric("trivy_gateway_client_errors_total", reason="disconnected") == 1
 
 
-async def test_file_body_uses_sendfile_on_plain_and_streams_over_tls(gw, tmp_path):
+async def test_file_body_uses_sendfile_on_plain_and_streams_over_tls(gw, tmp_path, monkeypatch):
     data = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
     gw.handler.file_path = str(path)
+    iterated = []
+    original = FileBody.chunks
+
+    def counting_chunks(self):
+        iterated.append(self.path)
+        return original(self)
+    monkeypatch.setattr(FileBody, "chunks", counting_chunks)
     async with aiohttp.ClientSession() as session:
         async with session.get("http://registry.test/file", proxy=gw.url) as r:
             assert r.headers["Content-Length"] == str(len(data))
             assert await r.read() == data
         async with session.get("http://registry.test/hello", proxy=gw.url) as r:
             assert r.status == 200                   # h11 bookkeeping stayed right after sendfile
+        assert iterated == []                        # plain: loop.sendfile, never read in Python
         async with session.get("https://registry.test/file", proxy=gw.url,
                                ssl=client_ssl(gw.ca_path)) as r:
             assert await r.read() == data
+        assert iterated == [str(path)]               # TLS: bytes must pass through the SSL layer
 
 
 async def test_header_and_idle_timeouts(tmp_path):
