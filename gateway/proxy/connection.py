@@ -62,6 +62,10 @@ class _ClientGone(Exception):
     """The client closed or reset the connection."""
 
 
+class _BodyFailed(Exception):
+    """The response body could not be produced to the end (upstream cut, cache read error)."""
+
+
 @dataclass
 class _Record:
     """What the access log line and the request metrics say about one request."""
@@ -216,8 +220,8 @@ class ClientConnection:
         self._set_kind("client")
         try:
             await self._serve()
-        except (ConnectionError, _ClientGone, asyncio.IncompleteReadError):
-            pass
+        except (OSError, _ClientGone, asyncio.IncompleteReadError):
+            pass                                 # the client went away (reset, TLS error)
         except Exception:  # noqa: BLE001 - one bad connection must not take the server down
             log.exception("connection_failed", client=self.client)
         finally:
@@ -253,7 +257,7 @@ class ClientConnection:
                     if deadline is None:
                         return None              # idle keep-alive connection: close quietly
                     raise _HeaderTimeout() from None
-                except ConnectionError:
+                except OSError:                  # reset, or a TLS error (ssl.SSLError)
                     return None
                 if data and deadline is None:
                     self.busy = True
@@ -287,7 +291,7 @@ class ClientConnection:
                 data = await self._read(self._idle_timeout)
             except TimeoutError:
                 raise _ClientGone("request body: no data within proxy.idle_timeout") from None
-            except ConnectionError as exc:
+            except OSError as exc:
                 raise _ClientGone(f"request body: {exc}") from None
             self.conn.receive_data(data)
 
@@ -310,7 +314,7 @@ class ClientConnection:
         try:
             async with asyncio.timeout(self._idle_timeout):
                 await self.writer.drain()
-        except (ConnectionError, TimeoutError) as exc:
+        except OSError as exc:                   # includes TimeoutError and ssl.SSLError
             raise _ClientGone(str(exc) or "client stopped reading") from None
 
     async def _send_raw_error(self, status: int, message: str) -> None:
@@ -381,6 +385,10 @@ class ClientConnection:
             self.metrics.client_errors.labels(reason="disconnected").inc()
             self.writer.transport.abort()
             return CLOSE
+        except _BodyFailed:
+            # abort: the client must see a cut connection, not a complete-looking body
+            self.writer.transport.abort()
+            return CLOSE
         except h11.LocalProtocolError as exc:
             # the body did not match its declared length: never let it look complete
             rec.error = f"response body: {exc}"
@@ -409,7 +417,7 @@ class ClientConnection:
                 rec.error = f"response body failed after {rec.bytes} bytes: {exc}"
                 log.warning("response_body_failed", request_id=rec.id, host=rec.host,
                             bytes=rec.bytes, error=str(exc) or type(exc).__name__)
-                raise _ClientGone(rec.error) from None
+                raise _BodyFailed(rec.error) from None
             if not chunk:
                 continue
             for piece in self.conn.send_with_data_passthrough(h11.Data(data=chunk)):
@@ -443,7 +451,7 @@ class ClientConnection:
                 rec.error = f"sendfile failed after {rec.bytes} bytes: {exc}"
                 log.warning("response_body_failed", request_id=rec.id, host=rec.host,
                             bytes=rec.bytes, error=str(exc))
-                raise _ClientGone(rec.error) from None
+                raise _BodyFailed(rec.error) from None
 
     async def _error(self, rec: _Record, status: int, message: str, *, reason: str = "",
                      close: bool = False, extra_headers: Optional[dict] = None,

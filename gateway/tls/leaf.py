@@ -21,10 +21,9 @@ import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
