@@ -209,6 +209,10 @@ def test_vex_repo_download_cold_conditional_and_warm(world, make_gateway, scanne
     res = vex_download(t, world, gw, cache)
     record("vex", "conditional (304)", world)
     assert world.requests(host=CODELOAD, method="GET", status=200) == [], diag(world, gw, res)
+    # Trivy's If-None-Match was answered 304 by the gateway itself
+    answered = [(e.get("method"), e.get("status")) for e in gw.log_events()
+                if e.get("event") == "request" and e.get("host") == CODELOAD and e.get("method") != "CONNECT"]
+    assert answered[-2:] == [("HEAD", 304), ("GET", 304)], answered
 
     # a second machine (fresh HOME and cache) against the warm gateway
     world.clear_log()
@@ -301,7 +305,27 @@ def test_eight_concurrent_cold_scanners_one_upstream_fetch_per_blob(world, make_
     for b in blobs:
         per_blob[b.path.rsplit("/", 1)[-1]] = per_blob.get(b.path.rsplit("/", 1)[-1], 0) + 1
     assert per_blob == {world.published["db"].layer.digest: 1}, f"{per_blob}" + diag(world, gw)
+    assert len(world.requests(host=MIRROR, path_contains="/manifests/")) == 1, diag(world, gw)
     assert counts.get(CDN, 0) == 0
+
+
+def test_concurrent_scanners_on_both_registries_share_one_fetch(world, make_gateway, scanners):
+    """4 scanners on mirror.gcr.io and 4 on ghcr.io at once: the layer has the same digest on both
+    (public artifact), so its bytes cross the upstream link once."""
+    gw = make_gateway(world)
+    t = scanners(gw)
+    started = []
+    for i in range(8):
+        extra = ("--db-repository", "ghcr.io/aquasecurity/trivy-db:2") if i % 2 else ()
+        started.append(t.start("image", "--download-db-only", "--timeout", "100s", *extra))
+    results = [t.finish(p, args, 120) for p, args in started]
+    for r in results:
+        ok(r, world, gw)
+    record("8 concurrent, mixed registries", "cold x8", world)
+    layer = world.published["db"].layer
+    full = [e for e in world.requests(status=200) if layer.digest in e.path and e.bytes_sent == layer.size]
+    assert len(full) == 1, diag(world, gw)
+    assert sum(e.bytes_sent for e in world.requests() if layer.digest in e.path) == layer.size, diag(world, gw)
 
 
 def cold_all_flows(t, world, gw, tmp_path) -> None:
@@ -420,7 +444,7 @@ def test_default_mirror_refusing_checks_bundle_fails_over_to_ghcr(world, make_ga
 
 
 def test_expired_signed_url_is_refetched(world, make_gateway, scanners):
-    gw = make_gateway(world, {"logging": {"level": "debug"}})
+    gw = make_gateway(world)
     t = scanners(gw)
     world.expire_signed_urls(1)
     cache = t.fresh_cache()
