@@ -15,7 +15,7 @@ from typing import Optional
 from . import __version__
 from .admin.server import AdminServer
 from .cache import BlobStore, EntryStore
-from .observability.logging import configure_logging, get_logger
+from .observability.logging import get_logger
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
 from .policy import Policy
@@ -40,9 +40,8 @@ def known_hosts(settings: Settings) -> set[str]:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, *, configure_logs: bool = True) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._configure_logs = configure_logs
         self.metrics = Metrics(known_hosts(settings))
         self.started_at = time.time()
         self.draining = False
@@ -56,8 +55,6 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        if self._configure_logs:
-            configure_logging(s.logging)
         self.metrics.build_info.info({"version": __version__})
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.ca = CertificateAuthority.load_or_create(s)

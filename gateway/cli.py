@@ -86,6 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    from .observability.logging import configure_logging  # noqa: PLC0415
+
+    # logs go to stderr, so `ca export > ca.pem` and `cache stats | jq` stay clean
+    configure_logging(settings.logging)
     try:
         if args.command == "serve":
             return _serve(settings)

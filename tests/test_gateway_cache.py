@@ -270,3 +270,57 @@ async def test_blob_failover_to_ghcr_when_mirror_refuses(clean_upstreams, make_g
     assert status == 200 and sha(body) == world.digest("checks", "layer")
     assert len(world.requests(host=GHCR, path_contains="/blobs/")) == 1
     assert gw.metric("trivy_gateway_upstream_failovers_total") == 1
+
+
+async def test_tag_refreshed_in_background_before_expiry(clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-checks": "3s"},
+                                                "refresh_ahead": 0.3}}})
+    url = f"https://{MIRROR}/v2/aquasec/trivy-checks/manifests/2"
+    await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    await asyncio.sleep(1.2)  # past 30 % of the TTL, still fresh
+    world.clear_log()
+    status, headers, _ = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and headers["Cache-Status"].startswith("trivy-gateway; hit")
+    for _ in range(50):  # the refresh runs in the background (bounded wait)
+        if world.requests(host=MIRROR, path_contains="/manifests/"):
+            break
+        await asyncio.sleep(0.1)
+    assert len(world.requests(host=MIRROR, path_contains="/manifests/")) == 1
+    await asyncio.sleep(2.0)  # original expiry passed; the refreshed entry is still fresh
+    world.clear_log()
+    status, headers, _ = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and "hit" in headers["Cache-Status"]
+    assert world.requests(host=MIRROR, path_contains="/manifests/") == []
+
+
+async def test_cache_cli_stats_ls_verify_purge(clean_upstreams, make_gateway):
+    import json
+    import subprocess
+    import sys
+
+    world = clean_upstreams
+    gw = make_gateway(world)
+    await get(gw, f"https://{MIRROR}{blob_path(world, 'checks')}")
+    await get(gw, f"https://{MAVEN}/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom")
+    gw.stop()
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gateway", "cache", *args, "--config",
+                               str(gw.config_path)], capture_output=True, text=True, timeout=60)
+
+    stats = json.loads(cli("stats").stdout)
+    assert stats["blobs"] == 2 and stats["entries"] == 2
+    listing = cli("ls").stdout
+    assert "oci_blob" in listing and "maven" in listing
+    assert cli("verify").returncode == 0
+    out = cli("purge", "--host", MAVEN)
+    assert out.returncode == 0 and "removed 1 entries and 1 unreferenced blobs" in out.stderr
+    stats = json.loads(cli("stats").stdout)
+    assert stats["entries"] == 1 and stats["blobs"] == 1
+    # corrupt the remaining blob on disk: verify finds it, removes it, and exits non-zero
+    blob = next(p for p in (gw.data_dir / "cache" / "blobs" / "sha256").rglob("*") if p.is_file())
+    blob.write_bytes(b"garbage")
+    bad = cli("verify")
+    assert bad.returncode == 1 and "sha256:" in bad.stdout
+    assert json.loads(cli("stats").stdout)["blobs"] == 0
