@@ -26,6 +26,7 @@ from ..resources import IMMUTABLE, Resource, classify
 from ..settings import Settings
 from ..upstream.types import UpstreamError, UpstreamRequest
 from .fetch import FetchJob, Outcome
+from .offline import offline_auth_response
 from .serve import cache_status, response_from_entry, response_from_fill, storable_headers
 
 log = get_logger("gateway.pipeline")
@@ -106,7 +107,9 @@ class Pipeline:
                                             ttl=entry.ttl_left(), collapsed=collapsed))
         # The upstream gave no storable answer: serve stale if allowed.
         failed_status = outcome.status if outcome.kind in ("bytes", "stream") else None
-        upstream_failed = outcome.kind == "error" or failed_status in _STALE_ON_STATUS
+        upstream_failed = outcome.kind == "error" or failed_status in _STALE_ON_STATUS or (
+            # GitHub's rate limit: 403 (or 429) with X-RateLimit-Remaining: 0
+            failed_status == 403 and outcome.headers.get("X-RateLimit-Remaining") == "0")
         if stale is not None and upstream_failed and stale.staleness() <= res.max_stale:
             if outcome.kind == "stream" and outcome.response is not None and not outcome.taken:
                 outcome.taken = True
@@ -117,6 +120,11 @@ class Pipeline:
             return self._serve(ex, res, stale, stale_body, "stale",
                                cache_status("stale", ttl=stale.ttl_left(), detail="stale",
                                             fwd_status=failed_status))
+        if upstream_failed and res.kind == "oci_auth":
+            offline = offline_auth_response(ex, res, self.cfg)
+            if offline is not None:
+                self._count(ex, res, "error")
+                return offline
         if outcome.kind == "error":
             self._count(ex, res, "error")
             err = outcome.error
