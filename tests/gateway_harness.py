@@ -56,6 +56,10 @@ def test_config(data_dir: Path, world=None, extra: Optional[dict] = None) -> dic
     return deep_merge(cfg, extra or {})
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class GatewayProcess:
     def __init__(self, workdir: Path, world=None, extra: Optional[dict] = None,
                  data_dir: Optional[Path] = None) -> None:
@@ -89,6 +93,16 @@ class GatewayProcess:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> "GatewayProcess":
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                # another process took the free port we picked (a race): pick new ones
+                self.config["server"]["listen"] = f"127.0.0.1:{free_port()}"
+                self.config["server"]["admin_listen"] = f"127.0.0.1:{free_port()}"
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> "GatewayProcess":
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         log = open(self.log_path, "ab")
@@ -99,6 +113,8 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if "address already in use" in self.log_tail(5):
+                    raise _PortTaken()
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as r:

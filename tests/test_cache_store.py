@@ -199,3 +199,21 @@ async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_slow_follower_finishes_when_fill_completes_while_it_is_busy(store):
+    """Regression: a follower suspended in its consumer while the producer writes its last
+    bytes and commits must still finish (no lost wakeup)."""
+    data = os.urandom(3 * 256 * 1024)
+    fill = store.begin_fill(digest(data), len(data))
+    fill.write(data[:256 * 1024 + 1])
+    got = bytearray()
+    gen = fill.follow()
+    got += await gen.__anext__()  # the consumer now "sends" this chunk; meanwhile:
+    fill.write(data[256 * 1024 + 1:])
+    fill.commit()
+    async def rest():
+        async for chunk in gen:
+            got.extend(chunk)
+    await asyncio.wait_for(rest(), timeout=5)
+    assert bytes(got) == data

@@ -85,7 +85,7 @@ async def test_eight_concurrent_cold_clients_one_upstream_fetch_streaming(clean_
     digests: list[str] = []
 
     async def client():
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as s:
             async with s.get(url, proxy=gw.proxy_url, ssl=gw.client_ssl()) as r:
                 assert r.status == 200
                 h = hashlib.sha256()

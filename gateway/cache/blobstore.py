@@ -157,25 +157,28 @@ class Fill:
         try:
             pos = start
             while True:
+                # Re-evaluated after every yield: the producer may have written, committed or
+                # failed while the consumer was busy, and its notification is not repeated.
                 # While filling, the last byte is held back: the body is only verified at commit,
                 # and a client must never receive *all* the bytes of a body that fails to verify
                 # (it would take it as complete). A failed fill thus always ends truncated.
                 available = self.written if self.state == "committed" else self.written - 1
                 limit = available if end is None else min(available, end)
-                while pos < limit:
+                if pos < limit:
                     data = os.pread(fd, min(READ_CHUNK, limit - pos), pos)
                     if not data:
                         raise FillFailed("cache file shorter than recorded")
                     pos += len(data)
                     yield data
+                    continue
                 if self.state == "failed":
                     raise FillFailed(str(self.error))
                 if end is not None and pos >= end:
                     return
-                if self.state == "committed" and pos >= self.written:
+                if self.state == "committed":
                     return
-                if pos >= available:
-                    await self._wakeup.wait()
+                # nothing new and no await since `available` was computed: no lost wakeup
+                await self._wakeup.wait()
         finally:
             os.close(fd)
 

@@ -357,6 +357,7 @@ class ClientConnection:
         """Send ``response``; always closes its body. Returns KEEP or CLOSE."""
         body = response.body
         rec.status = response.status
+        bytes_before = rec.bytes
         try:
             try:
                 head = h11.Response(
@@ -396,6 +397,9 @@ class ClientConnection:
             self.writer.transport.abort()
             return CLOSE
         finally:
+            sent = rec.bytes - bytes_before
+            if sent > 0 and response.source in ("cache", "upstream"):
+                self.metrics.served_bytes.labels(source=response.source).inc(sent)
             try:
                 await body.close()
             except Exception:  # noqa: BLE001
