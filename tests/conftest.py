@@ -39,8 +39,8 @@ def make_gateway(tmp_path):
     """Factory: ``make_gateway(world, extra_config)`` → a started gateway subprocess."""
     started: list[GatewayProcess] = []
 
-    def factory(world=None, extra=None, data_dir=None, name="gw") -> GatewayProcess:
-        gw = GatewayProcess(tmp_path / f"{name}{len(started)}", world, extra, data_dir)
+    def factory(world=None, extra=None, data_dir=None, name="gw", **kw) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path / f"{name}{len(started)}", world, extra, data_dir, **kw)
         started.append(gw)
         return gw.start()
 

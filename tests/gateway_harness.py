@@ -62,7 +62,9 @@ class _PortTaken(Exception):
 
 class GatewayProcess:
     def __init__(self, workdir: Path, world=None, extra: Optional[dict] = None,
-                 data_dir: Optional[Path] = None) -> None:
+                 data_dir: Optional[Path] = None, fsize_limit: Optional[int] = None) -> None:
+        #: RLIMIT_FSIZE for the gateway process: writes past it fail (EFBIG), like a full disk
+        self.fsize_limit = fsize_limit
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = Path(data_dir or self.workdir / "data")
@@ -108,7 +110,8 @@ class GatewayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
-            cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=self._limits if self.fsize_limit else None)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -125,6 +128,11 @@ class GatewayProcess:
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.log_tail()}")
+
+    def _limits(self) -> None:  # runs in the child before exec
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_limit, self.fsize_limit))
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM (graceful drain) and wait; returns the exit code."""

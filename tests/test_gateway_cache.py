@@ -324,3 +324,23 @@ async def test_cache_cli_stats_ls_verify_purge(clean_upstreams, make_gateway):
     bad = cli("verify")
     assert bad.returncode == 1 and "sha256:" in bad.stdout
     assert json.loads(cli("stats").stdout)["blobs"] == 0
+
+
+async def test_disk_failure_mid_fill_still_serves_clients_intact(clean_upstreams, make_gateway):
+    """The cache's disk fails after ~20 MiB of a 60 MiB fill (RLIMIT_FSIZE on the gateway:
+    writes fail like a full disk). Every client still gets the whole, correct blob (finished
+    from the upstream with Range), nothing is stored, and the failure is counted."""
+    world = clean_upstreams
+    gw = make_gateway(world, fsize_limit=20 * 1024 * 1024)
+    world.throttle(MIRROR, 40 * 1024 * 1024, path="/blobs/")
+    url = f"https://{MIRROR}{blob_path(world)}"
+    results = await asyncio.gather(*(get(gw, url) for _ in range(3)))
+    for status, headers, body in results:
+        assert status == 200 and sha(body) == world.digest("db", "layer")
+    assert gw.metric("trivy_gateway_cache_store_errors_total") >= 1
+    world.clear_log()
+    status, headers, body = await get(gw, url)  # not stored: fetched again
+    assert status == 200 and sha(body) == world.digest("db", "layer")
+    assert "hit" not in headers["Cache-Status"]
+    ranged = [r for r in world.requests(host=MIRROR, path_contains="/blobs/")]
+    assert len(ranged) >= 1

@@ -114,6 +114,13 @@ class FetchJob:
                                resumable=self.res.kind == "oci_blob", registry_auth=registry_auth,
                                kind=self.res.kind)
 
+    def request_for_remainder(self, offset: int) -> UpstreamRequest:
+        """The same fetch, for the bytes from ``offset`` on (used when the disk fails)."""
+        req = self._build_request(self.url, self._primary_auth(), conditional=False)
+        req.headers["Range"] = f"bytes={offset}-"
+        req.resumable = False
+        return req
+
     async def _attempt(self, url: str, registry_auth, conditional: bool):
         try:
             return await self.request(self._build_request(url, registry_auth, conditional)), None

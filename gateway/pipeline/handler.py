@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 from multidict import CIMultiDict
 
-from ..cache import BlobStore, Entry, EntryStore
+from ..cache import BlobStore, Entry, EntryStore, Fill, FillFailed, StoreFull
 from ..exchange import BytesBody, Exchange, Response, StreamBody, error_response
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
@@ -77,7 +77,7 @@ class Pipeline:
             entry, body = None, None
         job, leader = self._job_for(ex, res, entry)
         outcome = await asyncio.shield(job.outcome)
-        return await self._answer(ex, res, outcome, entry, body, collapsed=not leader)
+        return await self._answer(ex, res, outcome, entry, body, collapsed=not leader, job=job)
 
     # -- the cache's answers -------------------------------------------------------------------
     def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],
@@ -92,13 +92,16 @@ class Pipeline:
             return error_response(503, "cached object vanished; retry", headers={"Retry-After": "1"})
 
     async def _answer(self, ex: Exchange, res: Resource, outcome: Outcome, stale: Optional[Entry],
-                      stale_body: Optional[bytes], collapsed: bool) -> Response:
+                      stale_body: Optional[bytes], collapsed: bool,
+                      job: Optional[FetchJob] = None) -> Response:
         if outcome.kind == "fill":
             self._count(ex, res, "coalesced" if collapsed else "miss")
             ex.notes["upstream_status"] = outcome.fwd_status
             value = cache_status("miss", fwd_status=outcome.fwd_status, stored=True,
                                  collapsed=collapsed)
-            return response_from_fill(ex, outcome.status, outcome.headers, outcome.fill, value)
+            chunks = self._follow_or_finish_upstream(job, outcome.fill) if job else None
+            return response_from_fill(ex, outcome.status, outcome.headers, outcome.fill, value,
+                                      chunks)
         if outcome.kind == "entry":
             entry = outcome.entry
             body = stale_body if stale is entry else None
@@ -148,6 +151,34 @@ class Pipeline:
             return Response(resp.status, headers, _upstream_body(resp, ex.method),
                             source="upstream")
         return await self._forward(ex, res)  # the single stream was taken: fetch our own
+
+    async def _follow_or_finish_upstream(self, job: FetchJob, fill: Fill) -> AsyncIterator[bytes]:
+        """Stream a fill; if the *disk* fails mid-way, fetch the rest from the upstream.
+
+        A full disk must not fail a client while the upstream is healthy: each follower asks
+        for the remaining bytes with ``Range`` (nothing is stored; clients verify digests).
+        """
+        pos = 0
+        try:
+            async for chunk in fill.follow():
+                pos += len(chunk)
+                yield chunk
+            return
+        except FillFailed:
+            if not isinstance(fill.error, StoreFull):
+                raise
+        log.warning("cache_store_failed_finishing_from_upstream", key=job.key, offset=pos)
+        req = job.request_for_remainder(pos)
+        resp = await self.upstream.request(req)
+        try:
+            if resp.status != 206 or not resp.headers.get("Content-Range", "").startswith(
+                    f"bytes {pos}-"):
+                raise FillFailed(f"cannot finish from upstream after a disk failure "
+                                 f"(status {resp.status})")
+            async for chunk in resp.iter_chunks():
+                yield chunk
+        finally:
+            await resp.release()
 
     # -- single flight ---------------------------------------------------------------------
     def _job_for(self, ex: Exchange, res: Resource, stale: Optional[Entry]) -> tuple[FetchJob, bool]:
