@@ -89,27 +89,32 @@ def _file_name(key: str) -> str:
 
 
 class _FrontSerializer(BaseSerializer):
-    """(entry json, body or None) ⇄ bytes for Redis. Not pickle: a shared Redis must not be able
-    to make the gateway execute anything; this format only ever yields a string and bytes."""
+    """(entry, body or None) ⇄ bytes for Redis. Not pickle: a shared Redis must not be able to
+    make the gateway execute anything; this format only ever yields an Entry and bytes."""
 
     DEFAULT_ENCODING = None
 
-    def dumps(self, value: tuple[str, Optional[bytes]]) -> bytes:
-        meta = value[0].encode()
+    def dumps(self, value: tuple["Entry", Optional[bytes]]) -> bytes:
+        meta = value[0].to_json().encode()
         flag = b"\x00" if value[1] is None else b"\x01"
         return len(meta).to_bytes(4, "big") + meta + flag + (value[1] or b"")
 
-    def loads(self, value: Optional[bytes]) -> Optional[tuple[str, Optional[bytes]]]:
+    def loads(self, value: Optional[bytes]) -> Optional[tuple["Entry", Optional[bytes]]]:
         if value is None:
             return None
         n = int.from_bytes(value[:4], "big")
-        meta = value[4:4 + n].decode()
+        entry = Entry.from_json(value[4:4 + n].decode())
         body = None if value[4 + n:5 + n] == b"\x00" else bytes(value[5 + n:])
-        return meta, body
+        return entry, body
 
 
 class _MemoryFront:
-    """aiocache with an LRU byte budget. Values: (entry json, small body or None)."""
+    """aiocache with an LRU byte budget. Values: (Entry, small body or None).
+
+    The in-process backend keeps parsed :class:`Entry` objects, so a hit neither parses JSON nor
+    goes through aiocache's per-call ``wait_for`` (timeouts are meaningless for a dict lookup);
+    Redis gets a bounded timeout and the serializer above.
+    """
 
     def __init__(self, settings: MemoryFrontSettings) -> None:
         self.settings = settings
@@ -120,36 +125,50 @@ class _MemoryFront:
             self.cache = AioCache(AioCache.REDIS, endpoint=url.hostname or "127.0.0.1",
                                   port=url.port or 6379, db=int((url.path or "/0")[1:] or 0),
                                   namespace="trivy-gateway:", serializer=_FrontSerializer(),
-                                  password=url.password)
+                                  password=url.password, timeout=2)
         else:
-            self.cache = AioCache(AioCache.MEMORY)
+            self.cache = AioCache(AioCache.MEMORY, timeout=None)
         self._sizes: "OrderedDict[str, int]" = OrderedDict()
         self._total = 0
 
-    async def get(self, key: str) -> Optional[tuple[str, Optional[bytes]]]:
-        value = await self.cache.get(key)
+    async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
+        try:
+            value = await self.cache.get(key)
+        except Exception as exc:  # noqa: BLE001 - a broken Redis must not fail requests
+            log.warning("memory_front_unavailable", error=str(exc))
+            return None
         if value is not None and key in self._sizes:
             self._sizes.move_to_end(key)
         return value
 
-    async def set(self, key: str, entry_json: str, body: Optional[bytes]) -> None:
+    async def set(self, key: str, entry: Entry, body: Optional[bytes]) -> None:
         if body is not None and len(body) > self.settings.max_item_size:
             body = None
-        size = len(entry_json) + (len(body) if body else 0)
+        size = 512 + len(entry.headers) * 64 + (len(body) if body else 0)
         await self.delete(key)
-        await self.cache.set(key, (entry_json, body))
+        try:
+            await self.cache.set(key, (entry, body))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("memory_front_unavailable", error=str(exc))
+            return
         self._sizes[key] = size
         self._total += size
         while self._total > self.settings.max_size and self._sizes:
             old, old_size = self._sizes.popitem(last=False)
             self._total -= old_size
-            await self.cache.delete(old)
+            try:
+                await self.cache.delete(old)
+            except Exception:  # noqa: BLE001
+                pass
 
     async def delete(self, key: str) -> None:
         size = self._sizes.pop(key, None)
         if size is not None:
             self._total -= size
-        await self.cache.delete(key)
+        try:
+            await self.cache.delete(key)
+        except Exception:  # noqa: BLE001
+            pass
 
     async def clear(self) -> None:
         self._sizes.clear()
@@ -194,7 +213,7 @@ class EntryStore:
         """The entry and, when small enough to be in memory, its body."""
         cached = await self.front.get(key)
         if cached is not None:
-            entry = Entry.from_json(cached[0])
+            entry = cached[0]
             if entry.body_digest is None:
                 return entry, b""
             if cached[1] is not None:
@@ -220,7 +239,7 @@ class EntryStore:
             return None
         body = b"" if entry.body_digest is None else self.blobs.read_small(entry.body_digest,
                                                                            self.small_limit)
-        await self.front.set(key, text, body)
+        await self.front.set(key, entry, body)
         return entry, body
 
     async def put(self, entry: Entry, body: Optional[bytes] = None) -> None:
@@ -236,7 +255,7 @@ class EntryStore:
         if not existed:
             self._count += 1
             self.metrics.cache_entries.labels("response").set(self._count)
-        await self.front.set(entry.key, text, body)
+        await self.front.set(entry.key, entry, body)
 
     async def delete(self, key: str) -> None:
         await self.front.delete(key)
