@@ -12,6 +12,7 @@ All functions are pure; values are returned as sent (seconds, never negative). F
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from email.utils import parsedate_to_datetime
@@ -22,8 +23,12 @@ _GO_UNITS = {
 }
 _GO_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|μs|ms|s|m|h)")
 _GO_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ns|us|µs|μs|ms|s|m|h))+$")
-#: "retry-after: 35.852µs" / "Retry-After: 2s" / "retry after 30" inside an error body
-_BODY_HINT = re.compile(r"retry[-_ ]after\"?\s*[:=]?\s*\"?\s*([0-9][0-9.a-zµμ]*)", re.IGNORECASE)
+#: "retry-after: 35.852µs" / "Retry-After: 2s" / "retry after 30" inside an error body; the value
+#: must end at a boundary, so "35.852\\u00b5s" (a JSON escape) is never read as 35.852 seconds
+_BODY_HINT = re.compile(r"retry[-_ ]after\"?\s*[:=]?\s*\"?\s*([0-9][0-9.a-zµμ]*+)(?![\\\w])",
+                        re.IGNORECASE)
+#: JSON escapes of the micro sign (U+00B5) and Greek mu (U+03BC) in a raw body
+_MICRO_ESCAPES = re.compile(r"\\u00b5|\\u03bc", re.IGNORECASE)
 
 
 def parse_go_duration(text: str) -> Optional[float]:
@@ -72,8 +77,33 @@ def parse_retry_after_body(body: bytes | str) -> Optional[float]:
     """The hint ghcr.io embeds in a 429 body (``retry-after: 35.852µs``), if any."""
     if isinstance(body, bytes):
         body = body.decode("utf-8", "replace")
-    m = _BODY_HINT.search(body)
-    if not m:
-        return None
-    token = m.group(1).rstrip(".,")
-    return parse_go_duration(token)
+    # An OCI error document is JSON and may escape non-ASCII ("35.852\\u00b5s"): look at its
+    # decoded strings first, then at the raw text with the micro-sign escapes undone.
+    for text in (*_json_strings(body), _MICRO_ESCAPES.sub("µ", body)):
+        m = _BODY_HINT.search(text)
+        if m:
+            value = parse_go_duration(m.group(1).rstrip(".,"))
+            if value is not None:
+                return value
+    return None
+
+
+def _json_strings(body: str) -> list[str]:
+    stripped = body.lstrip()
+    if not stripped.startswith(("{", "[")):
+        return []
+    try:
+        doc = json.loads(stripped)
+    except ValueError:
+        return []
+    out: list[str] = []
+    stack = [doc]
+    while stack and len(out) < 100:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+    return out
