@@ -47,6 +47,8 @@ log = get_logger("gateway.upstream")
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: a redirect target (another host) answering one of these makes the origin be asked once more
+REASK_STATUSES = frozenset({401, 403, 404, 410})
 MAX_REDIRECTS = 5
 #: error bodies of retryable statuses are read up front (Retry-After hints, retries) up to this
 ERROR_BODY_LIMIT = 64 * 1024
@@ -400,10 +402,24 @@ class UpstreamClient:
         method = req.method.upper()
         body = req.body
         history: list[tuple[int, str]] = []
+        origin_url, origin_headers, origin_method = url, headers, method
+        reasked = False
         while True:
             resp = await self._send(method, url, headers, body, deadline, kind=req.kind,
                                     inject=inject)
             location = resp.headers.get("Location")
+            if (history and not reasked and resp.status in REASK_STATUSES and body is None
+                    and (url.host or "").lower() != (origin_url.host or "").lower()):
+                # A redirect target refused the URL it was sent to: typically a signed CDN URL
+                # whose signature expired on the way (ghcr.io → pkg-containers). Ask the origin
+                # once more for a fresh one.
+                reasked = True
+                log.info("upstream_reask_origin", host=url.host, status=resp.status,
+                         origin=_safe_url(origin_url))
+                await resp.release()
+                url, headers, method = origin_url, origin_headers, origin_method
+                history.clear()
+                continue
             if not (req.follow_redirects and resp.status in REDIRECT_STATUSES and location):
                 break
             if len(history) >= MAX_REDIRECTS:
