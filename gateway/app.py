@@ -142,7 +142,8 @@ class Gateway:
             "cache_results": results,
             "bytes_served": bytes_served,
             "artifacts": sorted(artifacts, key=lambda a: a["artifact"]),
-            "upstreams": self.upstream.health() if self.upstream else {},
+            "upstreams": {host: _upstream_view(h) for host, h in
+                          (self.upstream.health() if self.upstream else {}).items()},
             "cache": {"size_bytes": self.blobs.size, "max_size_bytes": self.blobs.max_size,
                       "blobs": self.blobs.count, "entries": self.entries.count,
                       "disk_free_bytes": disk_free},
@@ -151,3 +152,11 @@ class Gateway:
                    "not_after": ca.cert.not_valid_after_utc.isoformat()} if ca else None,
         }
 
+
+
+def _upstream_view(health: dict) -> dict:
+    """The upstream layer's health record in the shape the status page documents."""
+    view = dict(health)
+    view["circuit"] = health.get("state", "closed")
+    view["open_remaining"] = health.get("remaining_seconds") or 0.0
+    return view

@@ -235,6 +235,10 @@ async def test_maven_release_cached_404_negative_429_passed_not_cached(clean_ups
     assert status == 429 and 1700 <= int(headers["Retry-After"]) <= 1800
     assert b"repo.maven.apache.org" in body
     assert world.requests(host=MAVEN) == []
+    # the status page shows the open circuit
+    maven = gw.status()["upstreams"][MAVEN]
+    assert maven["circuit"] == "open" and maven["open_remaining"] > 1700
+    assert gw.metric("trivy_gateway_upstream_circuit_state", host=MAVEN) == 2
 
 
 async def test_vex_archive_redirect_cached_and_client_etag_gets_304(clean_upstreams, make_gateway):
