@@ -62,7 +62,8 @@ class FetchJob:
                  stale: Optional[Entry], blobs: BlobStore, entries: EntryStore,
                  request: Fetcher, equivalents: list[tuple[str, str]], metrics: Metrics,
                  record_failover: Callable[[str, str], None], host: str,
-                 on_stored: Optional[Callable[[Entry], None]] = None) -> None:
+                 on_stored: Optional[Callable[[Entry], None]] = None,
+                 deadline: Optional[float] = None) -> None:
         self.key = key
         self.res = res
         self.url = url
@@ -76,6 +77,9 @@ class FetchJob:
         self.record_failover = record_failover
         self.host = host
         self.on_stored = on_stored
+        #: one deadline (loop time) for the whole job, failover attempts included, so a client
+        #: is answered within upstream.retry.deadline even when every source stalls
+        self.deadline = deadline
         self.outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.done = asyncio.Event()
         self.waiters = 0
@@ -112,13 +116,14 @@ class FetchJob:
             headers.popall("Authorization", None)
         return UpstreamRequest("GET", url, headers, follow_redirects=self.res.follow_redirects,
                                resumable=self.res.kind == "oci_blob", registry_auth=registry_auth,
-                               kind=self.res.kind)
+                               kind=self.res.kind, deadline=self.deadline)
 
     def request_for_remainder(self, offset: int) -> UpstreamRequest:
         """The same fetch, for the bytes from ``offset`` on (used when the disk fails)."""
         req = self._build_request(self.url, self._primary_auth(), conditional=False)
         req.headers["Range"] = f"bytes={offset}-"
         req.resumable = False
+        req.deadline = None  # a new fetch, with its own deadline
         return req
 
     async def _attempt(self, url: str, registry_auth, conditional: bool):

@@ -200,7 +200,9 @@ class Pipeline:
         job = FetchJob(res.cache_key, res, self._url(ex), headers, stale, self.blobs,
                        self.entries, self.upstream.request, equivalents, self.metrics,
                        self.upstream.record_failover, ex.host,
-                       on_stored=lambda entry: self._note_artifact(res, entry, stale=False))
+                       on_stored=lambda entry: self._note_artifact(res, entry, stale=False),
+                       deadline=asyncio.get_running_loop().time()
+                       + self.settings.upstream.retry.deadline)
         self._jobs[res.cache_key] = job
         task = asyncio.get_running_loop().create_task(job.run(), name=f"fetch {res.cache_key}")
         job.task = task
