@@ -22,6 +22,17 @@ def redact_headers(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> di
     return {k: ("***" if k.lower() in SECRET_HEADERS else v) for k, v in items}
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is *now* (not the object it was at configuration time),
+    so a replaced or closed stderr (test capture, daemonising) never breaks logging."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(settings: LoggingSettings, stream=None) -> None:
     level = getattr(logging, settings.level.upper())
     renderer = (structlog.processors.JSONRenderer() if settings.format == "json"
@@ -35,11 +46,11 @@ def configure_logging(settings: LoggingSettings, stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or _CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # aiohttp and asyncio log through stdlib logging; keep their warnings, drop their chatter.
-    logging.basicConfig(level=max(level, logging.WARNING), stream=stream or sys.stderr,
+    logging.basicConfig(level=max(level, logging.WARNING), stream=stream or _CurrentStderr(),
                         format="%(levelname)s %(name)s %(message)s")
 
 
