@@ -348,3 +348,25 @@ async def test_disk_failure_mid_fill_still_serves_clients_intact(clean_upstreams
     assert "hit" not in headers["Cache-Status"]
     ranged = [r for r in world.requests(host=MIRROR, path_contains="/blobs/")]
     assert len(ranged) >= 1
+
+
+async def test_private_repository_content_never_served_without_the_credentials(clean_upstreams, make_gateway):
+    """A repository not marked public is fetched with the client's own token and cached per
+    credential: another client without it is not served from that cache entry."""
+    world = clean_upstreams
+    gw = make_gateway(world, {"cache": {"oci": {"public_repositories": [
+        "mirror.gcr.io/aquasec/trivy-db"]}}})  # trivy-checks is "private" here
+    url = f"https://{MIRROR}{blob_path(world, 'checks')}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"https://{MIRROR}/v2/token?scope=repository:aquasec/trivy-checks:pull"
+                         f"&service={MIRROR}", proxy=gw.proxy_url, ssl=gw.client_ssl()) as r:
+            token = (await r.json())["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    status, _, body = await get(gw, url, headers=auth)
+    assert status == 200 and sha(body) == world.digest("checks", "layer")
+    status, headers, _ = await get(gw, url, headers=auth)
+    assert status == 200 and "hit" in headers["Cache-Status"]  # same credential: a hit
+    world.clear_log()
+    status, headers, _ = await get(gw, url)  # no credential: not from the cache
+    assert status == 401 and "hit" not in headers["Cache-Status"]
+    assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 1
