@@ -291,11 +291,10 @@ async def test_tag_refreshed_in_background_before_expiry(clean_upstreams, make_g
             break
         await asyncio.sleep(0.1)
     assert len(world.requests(host=MIRROR, path_contains="/manifests/")) == 1
-    await asyncio.sleep(2.0)  # original expiry passed; the refreshed entry is still fresh
-    world.clear_log()
+    await asyncio.sleep(2.0)  # the original entry's expiry has passed; the refreshed one has not
     status, headers, _ = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and "hit" in headers["Cache-Status"]
-    assert world.requests(host=MIRROR, path_contains="/manifests/") == []
+    # answered as a fresh hit without waiting (it may trigger the next background refresh)
+    assert status == 200 and headers["Cache-Status"].startswith("trivy-gateway; hit; ttl=")
 
 
 async def test_cache_cli_stats_ls_verify_purge(clean_upstreams, make_gateway):

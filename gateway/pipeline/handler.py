@@ -26,7 +26,7 @@ from ..resources import IMMUTABLE, Resource, classify
 from ..settings import Settings
 from ..upstream.types import UpstreamError, UpstreamRequest
 from .fetch import FetchJob, Outcome
-from .offline import offline_auth_response
+from .offline import offline_auth_response, public_token_response
 from .serve import cache_status, response_from_entry, response_from_fill, storable_headers
 
 log = get_logger("gateway.pipeline")
@@ -60,6 +60,11 @@ class Pipeline:
         lower = {k.lower(): v for k, v in ex.headers.items()}
         res = classify(ex.method, ex.host, ex.path, ex.query, lower, self.cfg)
         ex.notes["kind"] = res.kind
+        if res.kind == "oci_auth" and res.cache_key and res.cache_key.startswith("oci-token|"):
+            token = public_token_response(ex, self.cfg)
+            if token is not None:
+                self._count(ex, res, "hit")
+                return token
         if not res.cacheable or ex.method not in ("GET", "HEAD") or (
                 res.kind == "oci_blob" and ex.method == "HEAD"
                 and not self.blobs.has(res.digest or "")):
@@ -228,7 +233,14 @@ class Pipeline:
     # -- pass-through -------------------------------------------------------------------------
     async def _forward(self, ex: Exchange, res: Resource) -> Response:
         headers = CIMultiDict((k, v) for k, v in ex.headers.items() if k.lower() != "host")
-        req = UpstreamRequest(ex.method, self._url(ex), headers, body=ex.body, kind=res.kind)
+        registry_auth = None
+        if res.kind in ("oci_blob", "oci_manifest") and res.public and res.registry:
+            # public content is always fetched with the gateway's own token (the client may
+            # hold the gateway's placeholder token, which the registry does not know)
+            registry_auth = (res.registry, res.repository or "")
+            headers.popall("Authorization", None)
+        req = UpstreamRequest(ex.method, self._url(ex), headers, body=ex.body, kind=res.kind,
+                              registry_auth=registry_auth)
         self._count(ex, res, "bypass")
         try:
             resp = await self.upstream.request(req)

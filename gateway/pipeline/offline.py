@@ -22,6 +22,8 @@ from ..settings import CacheSettings
 from .serve import cache_status
 
 OFFLINE_TOKEN_PATH = "/v2/token"
+#: handed to clients for public repositories; never sent upstream (the gateway uses its own)
+GATEWAY_TOKEN = "trivy-gateway-public"
 _SCOPE_RE = re.compile(r"^repository:(?P<repo>[^:]+):pull$")
 
 
@@ -39,12 +41,26 @@ def offline_auth_response(ex: Exchange, res: Resource, cfg: CacheSettings) -> Op
                                "Cache-Status": status_value, "Cache-Control": "no-store"})
         return Response(401, headers, BytesBody(b"" if ex.method == "HEAD" else body),
                         source="gateway")
+    return public_token_response(ex, cfg, status_value)
+
+
+def public_token_response(ex: Exchange, cfg: CacheSettings,
+                          status_value: Optional[str] = None) -> Optional[Response]:
+    """A placeholder token for an anonymous token request whose scopes are all public, or None.
+
+    The gateway fetches public repositories with its own registry token and ignores the
+    client's, so asking the upstream token endpoint on the client's behalf would only spend the
+    registry's rate limit (and fail when it is down).
+    """
+    if ex.method != "GET" or "authorization" in ex.headers or ex.host not in cfg.oci.registries:
+        return None
     scopes = parse_qs(ex.query).get("scope", [])
     repos = [m.group("repo") for m in (_SCOPE_RE.match(s) for s in scopes) if m]
-    if not repos or any(f"{ex.host}/{r}" not in cfg.oci.public_repositories for r in repos):
+    if not repos or len(repos) != len(scopes) or any(
+            f"{ex.host}/{r}" not in cfg.oci.public_repositories for r in repos):
         return None  # only public repositories: their content never depends on the token
-    token = "trivy-gateway-offline"
-    body = json.dumps({"token": token, "access_token": token, "expires_in": 60}).encode()
-    headers = CIMultiDict({"Content-Type": "application/json", "Cache-Status": status_value,
-                           "Cache-Control": "no-store"})
+    body = json.dumps({"token": GATEWAY_TOKEN, "access_token": GATEWAY_TOKEN,
+                       "expires_in": 300}).encode()
+    headers = CIMultiDict({"Content-Type": "application/json", "Cache-Control": "no-store",
+                           "Cache-Status": status_value or cache_status("hit", detail="gateway-token")})
     return Response(200, headers, BytesBody(body), source="gateway")
