@@ -5,9 +5,12 @@ Secrets never reach a log line: the settings objects mask them in ``repr``, and
 """
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
-from typing import Iterable, Mapping
+import threading
+from typing import Iterable, Mapping, Optional
 
 import structlog
 
@@ -33,6 +36,78 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+#: how long a log line may wait in the buffer while the event loop is busy
+FLUSH_DELAY = 0.02
+
+
+class _LineBuffer:
+    """Log lines for one output, written in batches: one ``write`` + ``flush`` per event-loop
+    burst instead of one per line (the access log writes a line per request).
+
+    A line logged on a thread running an event loop is written within :data:`FLUSH_DELAY` (a
+    ``call_later`` on that loop); anywhere else (no loop, another thread) it is written at
+    once, together with whatever is buffered, so lines stay in order. What is still buffered
+    at interpreter exit is written by an ``atexit`` hook.
+    """
+
+    def __init__(self, file) -> None:
+        self._file = file
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._armed: Optional[asyncio.AbstractEventLoop] = None
+        atexit.register(self.flush)
+
+    def write_line(self, line: str) -> None:
+        loop = asyncio._get_running_loop()
+        with self._lock:
+            self._lines.append(line)
+            if loop is None:
+                self._write()
+                return
+            if self._armed is loop:
+                return
+            self._armed = loop
+        loop.call_later(FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._armed = None
+            if self._lines:
+                self._write()
+
+    def _write(self) -> None:
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except (OSError, ValueError):            # closed or broken stderr: drop, never raise
+            pass
+
+
+class _BufferedLogger:
+    """structlog's PrintLogger interface (every level is ``msg``), writing via a _LineBuffer."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self, buffer: _LineBuffer) -> None:
+        self._buffer = buffer
+
+    def msg(self, message: str) -> None:
+        self._buffer.write_line(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _BufferedLoggerFactory:
+    def __init__(self, file) -> None:
+        self._logger = _BufferedLogger(_LineBuffer(file))
+
+    def __call__(self, *args) -> _BufferedLogger:
+        return self._logger
+
+
 def configure_logging(settings: LoggingSettings, stream=None) -> None:
     level = getattr(logging, settings.level.upper())
     renderer = (structlog.processors.JSONRenderer() if settings.format == "json"
@@ -46,7 +121,7 @@ def configure_logging(settings: LoggingSettings, stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or _CurrentStderr()),
+        logger_factory=_BufferedLoggerFactory(stream or _CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # aiohttp and asyncio log through stdlib logging; keep their warnings, drop their chatter.

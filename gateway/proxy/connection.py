@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -31,7 +32,8 @@ from typing import TYPE_CHECKING, Optional
 import h11
 from multidict import CIMultiDict
 
-from ..exchange import Exchange, FileBody, Response, error_response, new_request_id, strip_hop_by_hop
+from ..exchange import (HOP_BY_HOP, BytesBody, Exchange, FileBody, Response, error_response,
+                        new_request_id, strip_hop_by_hop)
 from ..observability.logging import get_logger
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
 from .tunnel import pipe
@@ -50,8 +52,13 @@ READ_SIZE = 1024 * 1024
 DISCARD_LIMIT = 1024 * 1024
 #: loop.sendfile is called per slice of this size, each under the idle timeout
 SENDFILE_SLICE = 8 * 1024 * 1024
+#: a body chunk up to this size is joined with the response head into one write (one TLS record,
+#: one send); larger chunks are not copied for that
+COALESCE_LIMIT = 64 * 1024
 
 KEEP, CLOSE, SWITCHED = "keep", "close", "switched"
+#: h11 events are immutable: one end-of-message serves every response
+_END = h11.EndOfMessage()
 
 
 class _HeaderTimeout(Exception):
@@ -99,6 +106,26 @@ class _Region:
         return self.length
 
 
+# h11's grammar for a header line (h11._abnf field_name / field_value)
+_HEADER_LINE = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n")
+#: (name, value) -> "name: value\r\n" when h11 would accept and write it as such (latin-1),
+#: else "": most response headers repeat from one response to the next
+_header_lines: dict[tuple[str, str], str] = {}
+
+
+def _header_line(name: str, value: str) -> str:
+    line = f"{name}: {value}\r\n"
+    try:
+        ok = _HEADER_LINE.fullmatch(line.encode("latin-1")) is not None
+    except UnicodeEncodeError:
+        ok = False
+    if len(_header_lines) >= 4096:
+        _header_lines.clear()
+    _header_lines[(name, value)] = line = line if ok else ""
+    return line
+
+
 def _encode(value: str) -> bytes:
     try:
         return value.encode("latin-1")
@@ -113,6 +140,22 @@ def reason_phrase(text: str, limit: int = 400) -> bytes:
     if len(cleaned) > limit:
         cleaned = cleaned[:limit - 3] + "..."
     return cleaned.encode("latin-1")
+
+
+_reasons: dict[tuple[str, int], bytes] = {}
+_head_events: dict[tuple, h11.Response] = {}
+
+
+def _reason(text: str, status: int) -> bytes:
+    """``reason_phrase(text or the status's standard phrase)``, memoised (bounded)."""
+    text = text or ""
+    key = (text, status)
+    phrase = _reasons.get(key)
+    if phrase is None:
+        phrase = reason_phrase(text or _default_reason(status))
+        if len(_reasons) < 512 and len(text) <= 200:
+            _reasons[key] = phrase
+    return phrase
 
 
 def _default_reason(status: int) -> str:
@@ -193,6 +236,9 @@ class ClientConnection:
         self._idle_timeout = float(self.settings.idle_timeout)
         self._header_timeout = float(self.settings.header_timeout)
         self._loop = asyncio.get_running_loop()
+        self._via = f"1.1 {self.settings.via_pseudonym}"
+        # bound once per connection: the lazy module-level proxy binds anew on every call
+        self._access_log = access_log.bind()
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
@@ -240,13 +286,19 @@ class ClientConnection:
 
     async def _read_head(self) -> Optional[h11.Request]:
         deadline: Optional[float] = None
-        buffered = len(self.conn.trailing_data[0])
+        pending, closed = self.conn.trailing_data
+        buffered = len(pending)
         if buffered:                             # pipelined request already buffered
             self.busy = True
             deadline = self._loop.time() + self._header_timeout
         limit = self.settings.max_header_bytes
+        # nothing buffered between requests: h11 can only say NEED_DATA, go straight to the read
+        skip = not buffered and not closed and self.conn.their_state is h11.IDLE
         while True:
-            event = self.conn.next_event()
+            if skip:
+                event, skip = h11.NEED_DATA, False
+            else:
+                event = self.conn.next_event()
             if event is h11.NEED_DATA:
                 timeout = self._idle_timeout if deadline is None else deadline - self._loop.time()
                 if timeout <= 0:
@@ -311,6 +363,9 @@ class ClientConnection:
 
     # -- writing ------------------------------------------------------------------------------
     async def _drain(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing() and not transport.get_write_buffer_size():
+            return                               # nothing buffered: drain() would not wait
         try:
             async with asyncio.timeout(self._idle_timeout):
                 await self.writer.drain()
@@ -352,6 +407,83 @@ class ClientConnection:
             headers["Connection"] = "close"
         return [(_encode(k), _encode(v)) for k, v in headers.items()]
 
+    def _response_head(self, method: str, response: Response, extra: Optional[dict],
+                       close: bool) -> bytes:
+        """The serialised response head, passed through h11 (its state machine and framing).
+
+        Same bytes as ``conn.send(h11.Response(headers=_response_headers(...)))``, cheaper: h11
+        only sees the headers it acts on or the proxy adds (Content-Length, Via, Connection),
+        and the handler's end-to-end headers, checked with h11's own grammar (memoised per
+        name and value), go in right after the status line (where h11 would have written them),
+        in the same order. The few h11 events are reused across responses. Anything
+        unusual (extra headers, a Content-Length or Host kept from the handler, a header that
+        does not validate or encode) takes the full h11 path, which also gives its errors.
+        """
+        status = response.status
+        reason = _reason(response.reason, status)
+        if extra:
+            return self._full_head(method, response, extra, close, reason)
+        src = response.headers
+        named = None
+        if "connection" in src:
+            named = {t.strip().lower() for v in src.getall("connection") for t in v.split(",")}
+        lines: list[str] = []
+        vias: list[str] = []
+        body_length = response.body.length
+        keep_length = status == 304 or method == "HEAD"
+        for k, v in src.items():
+            lk = k.lower()
+            if lk in HOP_BY_HOP or (named and lk in named):
+                continue
+            if lk == "content-length":
+                if keep_length:                  # the handler's own value stays in place
+                    return self._full_head(method, response, extra, close, reason)
+                continue
+            if lk == "via":
+                vias.append(v)
+                continue
+            if lk == "host":                     # h11 would move it first
+                return self._full_head(method, response, extra, close, reason)
+            line = _header_lines.get((k, v))
+            if line is None:
+                line = _header_line(k, v)
+            if not line:                         # let h11 say what is wrong with it
+                return self._full_head(method, response, extra, close, reason)
+            lines.append(line)
+        block = "".join(lines).encode("latin-1")
+        tail: list[tuple[bytes, bytes]] = []
+        if status < 200 or status in (204, 304):
+            pass
+        elif method == "HEAD":
+            if body_length:
+                tail.append((b"Content-Length", str(body_length).encode()))
+        elif body_length is not None:
+            tail.append((b"Content-Length", str(body_length).encode()))
+        via = ", ".join(vias)
+        tail.append((b"Via", _encode((via + ", " if via else "") + self._via)))
+        if close or self.server.draining:
+            tail.append((b"Connection", b"close"))
+        # the same few heads repeat (status, length, Via, close): reuse the validated event
+        key = (status, reason, *tail)
+        event = _head_events.get(key)
+        if event is None:
+            event = h11.Response(status_code=status, headers=tail, reason=reason)
+            if len(_head_events) >= 1024:
+                _head_events.clear()
+            _head_events[key] = event
+        data = self.conn.send(event)
+        if not block:
+            return data
+        line_end = data.index(b"\r\n") + 2
+        return data[:line_end] + block + data[line_end:]
+
+    def _full_head(self, method: str, response: Response, extra: Optional[dict], close: bool,
+                   reason: bytes) -> bytes:
+        return self.conn.send(h11.Response(
+            status_code=response.status,
+            headers=self._response_headers(None, method, response, extra, close),
+            reason=reason))
+
     async def _respond(self, rec: _Record, method: str, response: Response, *,
                        extra_headers: Optional[dict] = None, close: bool = False) -> str:
         """Send ``response``; always closes its body. Returns KEEP or CLOSE."""
@@ -360,11 +492,7 @@ class ClientConnection:
         bytes_before = rec.bytes
         try:
             try:
-                head = h11.Response(
-                    status_code=response.status,
-                    headers=self._response_headers(rec, method, response, extra_headers, close),
-                    reason=reason_phrase(response.reason or _default_reason(response.status)))
-                self.writer.write(self.conn.send(head))
+                head_bytes = self._response_head(method, response, extra_headers, close)
             except h11.LocalProtocolError as exc:
                 rec.error = f"invalid response head: {exc}"
                 rec.status = 502
@@ -373,13 +501,41 @@ class ClientConnection:
                 return CLOSE
             has_body = not (method == "HEAD" or response.status < 200
                             or response.status in (204, 304))
-            if has_body:
-                if (isinstance(body, FileBody) and self.tls_host is None and body.length
-                        and self.writer.transport.get_extra_info("sslcontext") is None):
-                    await self._send_file(rec, body)
+            if not has_body:
+                # the head and end-of-message (nothing, with Content-Length) in one write
+                self.writer.write(head_bytes + self.conn.send(_END))
+            elif type(body) is BytesBody:
+                # small and in memory: head, body and end-of-message in ONE write (one TLS
+                # record, one send syscall) instead of one per piece
+                data = body.data
+                out = [head_bytes]
+                if data:
+                    out += self.conn.send_with_data_passthrough(h11.Data(data=data))
+                    rec.bytes += len(data)
+                out.append(self.conn.send(_END))
+                self.writer.write(b"".join(out))
+            elif (isinstance(body, FileBody) and self.tls_host is None and body.length
+                    and self.writer.transport.get_extra_info("sslcontext") is None):
+                self.writer.write(head_bytes)
+                await self._send_file(rec, body)
+                self.writer.write(self.conn.send(_END))
+            else:
+                # bodies whose first chunk never waits on the network (a file, nothing) go out
+                # with the head; others get the head at once (a client sees the status while a
+                # slow upstream is still producing the body)
+                if not (isinstance(body, FileBody) or body.length == 0):
+                    self.writer.write(head_bytes)
+                    head_bytes = b""
+                head_bytes = await self._send_stream(rec, body, head_bytes)
+                if head_bytes:                   # no chunk came: the head goes with the end
+                    try:
+                        end = self.conn.send(_END)
+                    except h11.LocalProtocolError:
+                        self.writer.write(head_bytes)    # as if it had been sent first
+                        raise
+                    self.writer.write(head_bytes + end)
                 else:
-                    await self._send_stream(rec, body)
-            self.writer.write(self.conn.send(h11.EndOfMessage()))
+                    self.writer.write(self.conn.send(_END))
             await self._drain()
         except _ClientGone as exc:
             rec.error = rec.error or f"client gone: {exc}"
@@ -399,7 +555,12 @@ class ClientConnection:
         finally:
             sent = rec.bytes - bytes_before
             if sent > 0 and response.source in ("cache", "upstream"):
-                self.metrics.served_bytes.labels(source=response.source).inc(sent)
+                key = ("served_bytes", response.source)
+                child = self.server.metric_children.get(key)
+                if child is None:
+                    child = self.metrics.served_bytes.labels(source=response.source)
+                    self._remember(key, child)
+                child.inc(sent)
             try:
                 await body.close()
             except Exception:  # noqa: BLE001
@@ -408,24 +569,38 @@ class ClientConnection:
             return CLOSE
         return KEEP
 
-    async def _send_stream(self, rec: _Record, body) -> None:
+    async def _send_stream(self, rec: _Record, body, pending: bytes = b"") -> bytes:
+        """Send the body's chunks; ``pending`` (the response head, when not written yet) goes
+        out together with the first chunk. Returns what is still pending (b"" once written)."""
         iterator = body.chunks().__aiter__()
+        write = self.writer.write
         while True:
             try:
                 chunk = await iterator.__anext__()
             except StopAsyncIteration:
-                return
+                return pending
             except _ClientGone:
                 raise
             except Exception as exc:  # noqa: BLE001 - upstream/cache failure mid-body
+                if pending:
+                    write(pending)               # the head, as if it had been sent first
                 rec.error = f"response body failed after {rec.bytes} bytes: {exc}"
                 log.warning("response_body_failed", request_id=rec.id, host=rec.host,
                             bytes=rec.bytes, error=str(exc) or type(exc).__name__)
                 raise _BodyFailed(rec.error) from None
             if not chunk:
                 continue
-            for piece in self.conn.send_with_data_passthrough(h11.Data(data=chunk)):
-                self.writer.write(piece)
+            pieces = self.conn.send_with_data_passthrough(h11.Data(data=chunk))
+            if pending:
+                if len(chunk) <= COALESCE_LIMIT:
+                    pieces = [pending, *pieces]
+                else:
+                    write(pending)
+                pending = b""
+            if len(pieces) == 1:
+                write(pieces[0])
+            else:
+                write(b"".join(pieces))
             rec.bytes += len(chunk)
             await self._drain()
 
@@ -734,11 +909,23 @@ class ClientConnection:
 
     async def _exchange(self, request: h11.Request, rec: _Record, scheme: str, host: str,
                         port: int, origin: str, headers: CIMultiDict) -> str:
-        ex_headers = strip_hop_by_hop(headers)
-        # RFC 9112 §3.2.2: the target's authority wins over whatever Host the client sent
-        ex_headers.popall("host", None)
+        # one pass: end-to-end headers (hop-by-hop and those named in Connection dropped), then
+        # Host and Via; RFC 9112 §3.2.2: the target's authority wins over the client's Host
+        named = ()
+        if "connection" in headers:
+            named = {t.strip().lower() for v in headers.getall("connection") for t in v.split(",")}
+        ex_headers = CIMultiDict()
+        vias = []
+        for k, v in headers.items():
+            lk = k.lower()
+            if lk in HOP_BY_HOP or lk in named or lk == "host":
+                continue
+            if lk == "via":
+                vias.append(v)
+                continue
+            ex_headers.add(k, v)
         ex_headers["Host"] = authority(host, port, scheme)
-        via = ", ".join(ex_headers.popall("via", []))
+        via = ", ".join(vias)
         version = request.http_version.decode("ascii", "replace")
         ex_headers["Via"] = (via + ", " if via else "") + f"{version} {self.settings.via_pseudonym}"
         chunked = "transfer-encoding" in headers
@@ -807,13 +994,24 @@ class ClientConnection:
             pass
 
     # -- accounting ---------------------------------------------------------------------------
+    def _remember(self, key: tuple, child) -> None:
+        cache = self.server.metric_children
+        if len(cache) < 2048:
+            cache[key] = child
+
     def _account(self, rec: _Record) -> None:
         duration = self._loop.time() - rec.started
         host_label = self.metrics.host_label(rec.host)
-        self.metrics.requests.labels(host=host_label, decision=rec.decision,
-                                     status=str(rec.status)).inc()
+        key = (host_label, rec.decision, rec.status)
+        children = self.server.metric_children.get(key)
+        if children is None:
+            children = (self.metrics.requests.labels(host=host_label, decision=rec.decision,
+                                                     status=str(rec.status)),
+                        self.metrics.request_duration.labels(host=host_label))
+            self._remember(key, children)
+        children[0].inc()
         if not rec.established:
-            self.metrics.request_duration.labels(host=host_label).observe(duration)
+            children[1].observe(duration)
         if not self.server.settings.logging.access_log:
             return
         notes = rec.exchange.notes if rec.exchange is not None else {}
@@ -825,4 +1023,4 @@ class ClientConnection:
             fields["bytes_in"] = rec.bytes_in
         if rec.error:
             fields["error"] = rec.error
-        access_log.info("request", **fields)
+        self._access_log.info("request", **fields)

@@ -41,6 +41,9 @@ class ProxyServer:
         self._idle = asyncio.Event()
         self._idle.set()
         metrics.add_known_hosts(policy.hosts)
+        #: prometheus children by label values (``labels()`` costs a lock and a tuple build on
+        #: every call); bounded, the label values are
+        self.metric_children: dict[tuple, object] = {}
 
     # -- introspection --------------------------------------------------------------------
     @property

@@ -8,6 +8,9 @@ from ..policy.rules import normalize_host, parse_ip
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
+#: a host name (not an IP literal: it has a character other than digits and dots) that
+#: normalize_host would only strip of its trailing dot
+_PLAIN_NAME = re.compile(rf"(?=[0-9.]*[a-z_-]){_LABEL}(?:\.{_LABEL})*\.?")
 _ABSOLUTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^#]*)(?:#.*)?$")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -19,9 +22,9 @@ class TargetError(ValueError):
 def valid_host(host: str) -> bool:
     if not host or len(host) > 253:
         return False
-    if parse_ip(host) is not None:
+    if _HOSTNAME.match(host):                    # most hosts: no ipaddress parse (it raises)
         return True
-    return bool(_HOSTNAME.match(host))
+    return parse_ip(host) is not None
 
 
 def parse_authority(text: str, default_port: Optional[int] = None) -> tuple[str, int]:
@@ -55,6 +58,8 @@ def parse_authority(text: str, default_port: Optional[int] = None) -> tuple[str,
             raise TargetError(f"bad port {port_text!r}")
         port = int(port_text)
     host = host.lower()
+    if len(host) <= 253 and _PLAIN_NAME.fullmatch(host):
+        return host.rstrip("."), port            # what valid_host + normalize_host would give
     if not valid_host(host):
         raise TargetError(f"{host!r} is not a valid host name")
     return normalize_host(host), port
