@@ -113,8 +113,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _serve(settings: Settings) -> int:
     from .app import Gateway  # noqa: PLC0415 - keep `ca export` and friends light
 
+    loop_factory = None
+    if settings.server.event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: PLC0415 - optional extra
+        except ImportError:
+            print("trivy-gateway: server.event_loop is uvloop but uvloop is not installed "
+                  "(pip install 'trivy-gateway[uvloop]')", file=sys.stderr)
+            return 2
+        loop_factory = uvloop.new_event_loop
     try:
-        asyncio.run(Gateway(settings).run_forever())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(Gateway(settings).run_forever())
     except OSError as exc:
         print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -50,6 +50,9 @@ def test_config(data_dir: Path, world=None, extra: Optional[dict] = None) -> dic
         "cache": {"min_free_space": 0},
         "logging": {"level": "info", "format": "json"},
     }
+    if os.environ.get("TRIVY_GATEWAY_TEST_EVENT_LOOP"):
+        # run the gateway suites on another event loop (e.g. uvloop) without editing tests
+        cfg["server"]["event_loop"] = os.environ["TRIVY_GATEWAY_TEST_EVENT_LOOP"]
     if world is not None:
         cfg["upstream"]["ca_bundle"] = str(world.ca_pem)
         cfg["upstream"]["address_overrides"] = dict(world.address_overrides)
@@ -163,6 +166,17 @@ class GatewayProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except FileNotFoundError:
             return "<no log>"
+
+    def request_events(self, host: str, expect: int, timeout: float = 3.0) -> list[dict]:
+        """Access-log lines for ``host`` (CONNECTs excluded), waiting (bounded) until at least
+        ``expect`` are there: the gateway writes log lines in batches up to ~20 ms late."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [e for e in self.log_events() if e.get("event") == "request"
+                     and e.get("host") == host and e.get("method") != "CONNECT"]
+            if len(lines) >= expect or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
 
     def log_events(self) -> list[dict]:
         out = []

@@ -25,8 +25,13 @@ class ServerSettings:
     data_dir: str = "./gateway-data"
     #: on SIGTERM: stop accepting, let in-flight transfers finish for this long, then exit
     drain_grace: Duration = Duration(30)
+    #: "asyncio" (stdlib; zero-copy sendfile for plain-HTTP hits) or "uvloop" (faster TLS and
+    #: small responses; needs the uvloop extra). bench/run.py measures both.
+    event_loop: str = "asyncio"
 
     def validate(self, path: str) -> None:
+        if self.event_loop not in ("asyncio", "uvloop"):
+            raise ConfigError(f"{path}.event_loop", "must be asyncio or uvloop")
         split_hostport(self.listen, f"{path}.listen")
         split_hostport(self.admin_listen, f"{path}.admin_listen")
 
