@@ -19,7 +19,7 @@ from typing import AsyncIterator, Optional
 from multidict import CIMultiDict
 
 from ..cache import BlobStore, Entry, EntryStore, Fill, FillFailed, StoreFull
-from ..exchange import BytesBody, Exchange, Response, StreamBody, error_response
+from ..exchange import BytesBody, EmptyBody, Exchange, Response, StreamBody, error_response
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
 from ..resources import IMMUTABLE, Resource, classify
@@ -27,7 +27,8 @@ from ..settings import Settings
 from ..upstream.types import UpstreamError, UpstreamRequest
 from .fetch import FetchJob, Outcome
 from .offline import offline_auth_response, public_token_response
-from .serve import cache_status, response_from_entry, response_from_fill, storable_headers
+from .serve import (HeadBody, cache_status, response_from_entry, response_from_fill,
+                    storable_headers)
 
 log = get_logger("gateway.pipeline")
 
@@ -202,7 +203,7 @@ class Pipeline:
         if res.kind in ("oci_blob", "oci_manifest") and res.public and res.registry:
             equivalents = [eq for eq in self.upstream.equivalents(res.registry, res.repository)
                            if f"{eq[0]}/{eq[1]}" in self.cfg.oci.public_repositories]
-        job = FetchJob(res.cache_key, res, self._url(ex), headers, stale, self.blobs,
+        job = FetchJob(res.cache_key, res, ex.url, headers, stale, self.blobs,
                        self.entries, self.upstream.request, equivalents, self.metrics,
                        self.upstream.record_failover, ex.host,
                        on_stored=lambda entry: self._note_artifact(res, entry, stale=False),
@@ -239,7 +240,7 @@ class Pipeline:
             # hold the gateway's placeholder token, which the registry does not know)
             registry_auth = (res.registry, res.repository or "")
             headers.popall("Authorization", None)
-        req = UpstreamRequest(ex.method, self._url(ex), headers, body=ex.body, kind=res.kind,
+        req = UpstreamRequest(ex.method, ex.url, headers, body=ex.body, kind=res.kind,
                               registry_auth=registry_auth)
         self._count(ex, res, "bypass")
         try:
@@ -258,10 +259,6 @@ class Pipeline:
                         source="upstream")
 
     # -- helpers ----------------------------------------------------------------------------
-    @staticmethod
-    def _url(ex: Exchange) -> str:
-        return ex.url
-
     def _count(self, ex: Exchange, res: Resource, result: str) -> None:
         ex.notes["cache"] = result
         self.results[result] = self.results.get(result, 0) + 1
@@ -301,9 +298,7 @@ def _reason_phrase(err: UpstreamError) -> str:
 def _upstream_body(resp, method: str):
     length = resp.headers.get("Content-Length")
     if method == "HEAD":
-        from .serve import _HeadBody  # noqa: PLC0415
-
-        body = _HeadBody(int(length) if length and length.isdigit() else 0)
+        body = HeadBody(int(length)) if length and length.isdigit() else EmptyBody()
         asyncio.get_running_loop().create_task(resp.release())
         return body
     return StreamBody(resp.iter_chunks(), int(length) if length and length.isdigit() else None,

@@ -121,7 +121,7 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
     if entry.status == 200:
         headers["Accept-Ranges"] = "bytes"
     if ex.method == "HEAD":
-        return Response(status, headers, _HeadBody(end - start), source="cache")
+        return Response(status, headers, HeadBody(end - start), source="cache")
     return Response(status, headers, _entry_body(entry, body, blobs, start, end, chunk_size),
                     source="cache")
 
@@ -133,7 +133,7 @@ def _not_modified(headers: CIMultiDict) -> Response:
     return Response(304, h, EmptyBody(), source="cache")
 
 
-class _HeadBody(EmptyBody):
+class HeadBody(EmptyBody):
     """No bytes, but the length the GET would have (Content-Length of a HEAD response)."""
 
     def __init__(self, length: int) -> None:
@@ -163,6 +163,6 @@ def response_from_fill(ex: Exchange, status: int, headers: CIMultiDict, fill: Fi
     h["Cache-Status"] = status_value
     length = fill.expected_size
     if ex.method == "HEAD":
-        return Response(status, h, _HeadBody(length) if length is not None else EmptyBody(),
+        return Response(status, h, HeadBody(length) if length is not None else EmptyBody(),
                         source="upstream")
     return Response(status, h, StreamBody(chunks or fill.follow(), length), source="upstream")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import os
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -604,6 +605,17 @@ class ClientConnection:
             rec.bytes += len(chunk)
             await self._drain()
 
+    async def _copy_region(self, rec: _Record, f, offset: int, remaining: int) -> None:
+        while remaining > 0:
+            data = os.pread(f.fileno(), min(256 * 1024, remaining), offset)
+            if not data:
+                raise OSError("cached file is shorter than expected")
+            self.writer.write(data)
+            offset += len(data)
+            remaining -= len(data)
+            rec.bytes += len(data)
+            await self._drain()
+
     async def _send_file(self, rec: _Record, body: FileBody) -> None:
         region = _Region(body.length)
         pieces = self.conn.send_with_data_passthrough(h11.Data(data=region))
@@ -617,8 +629,15 @@ class ClientConnection:
                     offset, remaining = body.offset, body.length
                     while remaining > 0:
                         count = min(SENDFILE_SLICE, remaining)
-                        async with asyncio.timeout(self._idle_timeout):
-                            sent = await self._loop.sendfile(self.writer.transport, f, offset, count)
+                        try:
+                            async with asyncio.timeout(self._idle_timeout):
+                                sent = await self._loop.sendfile(self.writer.transport, f,
+                                                                 offset, count)
+                        except NotImplementedError:
+                            # event loops without sendfile (uvloop): copy the rest of the region
+                            # (h11 has already accounted for its length)
+                            await self._copy_region(rec, f, offset, remaining)
+                            break
                         if sent <= 0:
                             raise OSError(f"{body.path} is shorter than expected")
                         offset += sent
