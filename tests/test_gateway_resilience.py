@@ -302,6 +302,37 @@ async def test_repeated_503_open_circuit_then_single_half_open_probe(clean_upstr
            half_open_requests_at_host=len(reached))
 
 
+async def test_github_primary_rate_limit_serves_stale_and_stops_asking_until_reset(
+        clean_upstreams, make_gateway):
+    world = clean_upstreams
+    gw = make_gateway(world, {"cache": {"github": {"ttl": "1s"}}})
+    contents = f"https://{API_GITHUB}/repos/aquasecurity/vexhub/contents/"
+    status, _, listing = await get(gw, contents)
+    assert status == 200 and b"vex-repository.json" in listing
+    world.wait_idle(5)
+    world.github_rate_limit(0)           # from now on: 403 + X-RateLimit-Remaining: 0 + Reset
+    world.clear_log()
+    await asyncio.sleep(1.3)             # the cached listing's TTL is over
+    answers = []
+    for _ in range(6):
+        answers.append(await get(gw, contents))
+        await asyncio.sleep(0.1)
+    for status, headers, body in answers:
+        assert status == 200 and body == listing
+        assert "stale" in headers.get("Cache-Status", ""), headers.get("Cache-Status")
+    # an object the cache does not have: an immediate 429 with Retry-After until the reset
+    status, headers, body = await get(gw, contents + "vex-repository.json")
+    assert status == 429 and int(headers["Retry-After"]) > 60, (status, dict(headers), body)
+    assert b"circuit for api.github.com is open" in body, body
+    world.wait_idle(5)
+    api = world.requests(host=API_GITHUB)
+    assert statuses(api) == [403], world.log_summary(api)   # ONE request, then nothing
+    assert gw.metric("trivy_gateway_upstream_circuit_state", host=API_GITHUB) == 2
+    assert gw.metric("trivy_gateway_upstream_retry_after_seconds_count", host=API_GITHUB) == 1
+    report(test="github_rate_limit", api_requests_while_limited=len(api),
+           stale_answers=len(answers))
+
+
 # --------------------------------------------------------------------------------------------
 # credentials
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Per-host circuit breaker.
 
-closed ──(failure_threshold consecutive failed requests | long Retry-After)──▶ open
+closed ──(failure_threshold consecutive failed requests | long Retry-After | rate limit)──▶ open
 open ──(window over)──▶ half_open: exactly one probe request at a time
 half_open ──probe succeeds──▶ closed;  ──probe fails──▶ open again (open_for)
 
 While open, nothing is sent to the host: :meth:`CircuitBreaker.admit` raises
 :class:`CircuitOpen` carrying the remaining window, why it opened and the status a client should
-get (429 when a 429 opened it, else 503).
+get (429 when a 429 or an exhausted rate limit opened it, else 503).
 """
 from __future__ import annotations
 
@@ -129,6 +129,14 @@ class CircuitBreaker:
         self.probe_in_flight = False
         self._open(window, 429 if status == 429 else 503,
                    f"{status} with Retry-After {seconds:.0f}s")
+        return window
+
+    def open_for_rate_limit(self, seconds: float, status: int, why: str) -> float:
+        """Open until an exhausted rate limit resets (GitHub's 403/429 with
+        ``X-RateLimit-Remaining: 0``), capped by max_open_for; clients get 429. Return the window."""
+        window = min(seconds, self.cfg.max_open_for)
+        self.probe_in_flight = False
+        self._open(window, 429, f"{status} {why}")
         return window
 
     def _open(self, window: float, status: int, why: str) -> None:

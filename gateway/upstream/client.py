@@ -9,7 +9,13 @@ Per request (:meth:`UpstreamClient.request`), for each redirect hop:
 4. GET/HEAD are retried on connect errors, timeouts, 429 and 502/503/504 with exponential backoff
    and full jitter, honouring Retry-After (floored; a long one opens the circuit instead of
    sleeping), always within the deadline. A status that is still bad after the last try is
-   *returned* (the cache may serve stale); an error raises.
+   *returned* (the cache may serve stale); an error raises;
+5. an exhausted primary rate limit (403/429 with ``X-RateLimit-Remaining: 0`` and an
+   ``X-RateLimit-Reset`` in the future, GitHub's) is treated like a long Retry-After: the
+   response is returned without retry and the host's circuit opens until the reset (or for the
+   response's Retry-After, if it has one), capped by ``circuit.max_open_for``; meanwhile clients
+   without a cached answer get 429 with Retry-After. Secondary rate limits (Retry-After without an
+   exhausted budget) go through the Retry-After handling of step 4.
 
 The response body streams; with ``resumable`` a body cut mid-way is resumed with ``Range``.
 """
@@ -39,7 +45,8 @@ from .failover import Failover
 from .limiter import HostLimiter, LimiterFull, LimiterTimeout
 from .registry_auth import RegistryTokens, TokenFailed
 from .resolver import AddressGuard, GuardRefused, OverrideResolver, is_ip
-from .retry_after import parse_retry_after_body, parse_retry_after_header
+from .retry_after import (parse_retry_after_body, parse_retry_after_header,
+                          rate_limit_reset_in)
 from .tunnel import open_tunnel
 from .types import UpstreamError, UpstreamRequest, UpstreamResponse
 
@@ -47,6 +54,8 @@ log = get_logger("gateway.upstream")
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: statuses with which an upstream reports an exhausted rate limit (X-RateLimit-Remaining: 0)
+RATE_LIMIT_STATUSES = frozenset({403, 429})
 #: a redirect target (another host) answering one of these makes the origin be asked once more
 REASK_STATUSES = frozenset({401, 403, 404, 410})
 MAX_REDIRECTS = 5
@@ -556,6 +565,11 @@ class UpstreamClient:
         retry = self.settings.retry
         status = r.status
         host, url = st.host, r._yurl
+        if status in RATE_LIMIT_STATUSES:
+            reset_in = rate_limit_reset_in(r.headers)
+            if reset_in is not None:
+                await self._rate_limited(st, r, reset_in, deadline, kind)
+                return r
         if status not in RETRY_STATUSES:
             if status >= 500:
                 st.breaker.failure(status, f"status {status}", probe=probe)
@@ -593,6 +607,21 @@ class UpstreamClient:
                           delay, url, retry_after=ra)
         await asyncio.sleep(delay)
         return None
+
+    async def _rate_limited(self, st: _HostState, r: _Response, reset_in: float,
+                            deadline: float, kind: str) -> None:
+        """The host's rate limit is exhausted until the reset: no retry, the circuit opens."""
+        await r._buffer_small(ERROR_BODY_LIMIT, deadline)  # small error body, kept
+        ra = parse_retry_after_header(r.headers.get("Retry-After"))
+        wait = ra if ra is not None else reset_in
+        self.metrics.upstream_retry_after.labels(host=st.label).observe(wait)
+        st.limiter.on_throttled()
+        source = "Retry-After" if ra is not None else "X-RateLimit-Reset in"
+        window = st.breaker.open_for_rate_limit(
+            wait, r.status, f"rate limit exhausted (X-RateLimit-Remaining: 0, {source} {wait:.0f}s)")
+        log.warning("upstream_rate_limited", host=st.host, status=r.status, retry_after=ra,
+                    reset_in=round(reset_in, 3), circuit_open_seconds=round(window, 3),
+                    url=_safe_url(r._yurl), kind=kind)
 
     def _backoff(self, attempt: int) -> float:
         r = self.settings.retry

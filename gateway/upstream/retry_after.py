@@ -7,12 +7,16 @@ Three forms are understood:
 * the Go-duration text ghcr.io puts in its error body,
   ``TOOMANYREQUESTS: retry-after: 35.852µs, allowed: 44000/minute`` (``1m30s``, ``250ms``, …).
 
+:func:`rate_limit_reset_in` reads an exhausted primary rate limit (GitHub:
+``X-RateLimit-Remaining: 0`` + ``X-RateLimit-Reset: <epoch seconds>``).
+
 All functions are pure; values are returned as sent (seconds, never negative). Flooring to
 ``retry.retry_after_min`` and capping are the caller's business.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from email.utils import parsedate_to_datetime
@@ -71,6 +75,25 @@ def parse_retry_after_header(value: Optional[str], now: Optional[float] = None) 
         return None
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
+
+
+def rate_limit_reset_in(headers, now: Optional[float] = None) -> Optional[float]:
+    """Seconds until an exhausted rate limit resets: ``X-RateLimit-Remaining: 0`` and an
+    ``X-RateLimit-Reset`` (epoch seconds) in the future; None otherwise (budget left, no or
+    unparsable reset, a reset already past)."""
+    remaining = (headers.get("X-RateLimit-Remaining") or "").strip()
+    reset = (headers.get("X-RateLimit-Reset") or "").strip()
+    if remaining != "0" or not reset:
+        return None
+    try:
+        when = float(reset)
+    except ValueError:
+        return None
+    if not math.isfinite(when):
+        return None
+    now = time.time() if now is None else now
+    left = when - now
+    return left if left > 0 else None
 
 
 def parse_retry_after_body(body: bytes | str) -> Optional[float]:
