@@ -50,9 +50,9 @@ def test_config(data_dir: Path, world=None, extra: Optional[dict] = None) -> dic
         "cache": {"min_free_space": 0},
         "logging": {"level": "info", "format": "json"},
     }
-    if os.environ.get("TRIVY_GATEWAY_TEST_EVENT_LOOP"):
+    if os.environ.get("GW_TEST_EVENT_LOOP"):
         # run the gateway suites on another event loop (e.g. uvloop) without editing tests
-        cfg["server"]["event_loop"] = os.environ["TRIVY_GATEWAY_TEST_EVENT_LOOP"]
+        cfg["server"]["event_loop"] = os.environ["GW_TEST_EVENT_LOOP"]
     if world is not None:
         cfg["upstream"]["ca_bundle"] = str(world.ca_pem)
         cfg["upstream"]["address_overrides"] = dict(world.address_overrides)
