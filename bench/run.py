@@ -35,7 +35,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from procs import (CPUWindow, Nginx, PortProcess, RSSSampler, cpu_of,  # noqa: E402
+from procs import (CPUWindow, Nginx, PortProcess, RSSSampler,  # noqa: E402
                    run_loadgens)
 
 MIB = 1024 * 1024
