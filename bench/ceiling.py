@@ -7,11 +7,12 @@ runs until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
-import signal
 import ssl
 import sys
 
 from aiohttp import web
+
+from serve_util import serve_until_signal
 
 
 async def main(body_path: str, cert: str, key: str) -> None:
@@ -28,15 +29,7 @@ async def main(body_path: str, cert: str, key: str) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx, backlog=1024)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"PORT {port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signal(runner, site)
 
 
 if __name__ == "__main__":

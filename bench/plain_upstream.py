@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import signal
 import sys
 
 from aiohttp import web
+
+from serve_util import serve_until_signal
 
 
 def sha256_file(path: str) -> str:
@@ -40,17 +41,7 @@ async def main(repo: str, files: list[str]) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"PORT {port}", flush=True)
-    for d in blobs:
-        print(f"BLOB {d}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signal(runner, site, (f"BLOB {d}" for d in blobs))
 
 
 if __name__ == "__main__":
