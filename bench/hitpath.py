@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""CPU per small cache hit in the layers *below* the proxy, measured in-process.
+
+``bench/run.py`` measures the whole gateway through real sockets and TLS; this script isolates
+what the proxy calls for one hit, so a change in the pipeline, the resources, the entry store
+or the logging set-up can be compared without the noise of TLS, h11 and the load generator:
+
+- the real pipeline wired as ``gateway/app.py`` wires it (settings from
+  :func:`gateway.settings.load_settings` with a temporary ``data_dir``, real BlobStore,
+  EntryStore with its memory front, UpstreamClient, Metrics);
+- the emulated upstream world (``tests/emulated``) on 127.0.0.1, reached through the gateway's
+  own ``upstream.address_overrides`` / ``upstream.ca_bundle``; one real miss stores a 4 KiB
+  Maven release POM (as ``bench/run.py`` uses);
+- then ``N`` hits: ``await pipeline.handle(Exchange(...))`` with the headers a Go client sends,
+  reading ``BytesBody.data`` and closing the body.
+
+Also timed on their own: one access-log line (logging configured as the gateway does, to
+``/dev/null``), ``classify()``, ``EntryStore.get()`` and the cache-request metric increment.
+Figures are µs per operation: main-thread CPU time (``time.thread_time``; the world's thread is
+idle meanwhile) and wall time; best of ``--rounds``. Not a test: nothing is asserted on time.
+
+    python bench/hitpath.py [-n 20000] [--rounds 3] [--loop asyncio|uvloop]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from multidict import CIMultiDict  # noqa: E402
+
+from gateway.app import known_hosts  # noqa: E402
+from gateway.cache import BlobStore, EntryStore  # noqa: E402
+from gateway.exchange import BytesBody, Exchange  # noqa: E402
+from gateway.observability.logging import configure_logging, get_logger  # noqa: E402
+from gateway.observability.metrics import Metrics  # noqa: E402
+from gateway.pipeline import Pipeline  # noqa: E402
+from gateway.policy import Policy  # noqa: E402
+from gateway.resources import classify  # noqa: E402
+from gateway.settings import load_settings  # noqa: E402
+from gateway.upstream import UpstreamClient  # noqa: E402
+
+MAVEN = "repo.maven.apache.org"
+POM_PATH = "org/example/bench/bench-lib/1.0.0/bench-lib-1.0.0.pom"
+TARGET = f"/maven2/{POM_PATH}"
+
+
+def make_pom(size: int) -> bytes:
+    """The same bytes as bench/run.py's small POM."""
+    head = (b'<?xml version="1.0" encoding="UTF-8"?>\n<project xmlns="http://maven.apache.org/POM/4.0.0">\n'
+            b"  <modelVersion>4.0.0</modelVersion>\n  <groupId>org.example.bench</groupId>\n"
+            b"  <artifactId>bench-lib</artifactId>\n  <version>1.0.0</version>\n  <description>")
+    tail = b"</description>\n</project>\n"
+    filler = (b"benchmark payload " * (size // 18 + 1))[: size - len(head) - len(tail)]
+    return head + filler + tail
+
+
+def go_exchange() -> Exchange:
+    """What gateway/proxy/connection.py builds for Go's ``GET`` inside an intercepted tunnel."""
+    headers = CIMultiDict([("User-Agent", "Go-http-client/1.1"), ("Accept-Encoding", "gzip"),
+                           ("Host", MAVEN), ("Via", "1.1 trivy-gateway")])
+    ex = Exchange(method="GET", scheme="https", host=MAVEN, port=443, target=TARGET,
+                  headers=headers, client="127.0.0.1:40000")
+    ex.notes["decision"] = "intercept"
+    return ex
+
+
+async def timed(n: int, rounds: int, op: Callable[[], Awaitable[None]]) -> tuple[float, float]:
+    """(cpu µs, wall µs) per ``op``, best of ``rounds``; includes the loop turns it causes."""
+    best_cpu = best_wall = float("inf")
+    for _ in range(rounds):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        for i in range(n):
+            await op()
+            if i % 1000 == 999:
+                await asyncio.sleep(0)  # let call_later'd work (log flushes) run, as in service
+        await asyncio.sleep(0.03)     # the access log's batched flush, counted in CPU time
+        c1, w1 = time.thread_time(), time.perf_counter()
+        best_cpu = min(best_cpu, (c1 - c0) / n * 1e6)
+        best_wall = min(best_wall, (w1 - w0 - 0.03) / n * 1e6)
+    return best_cpu, best_wall
+
+
+async def run(args, world) -> list[tuple[str, float, float]]:
+    work = Path(tempfile.mkdtemp(prefix="hitpath-"))
+    cfg = {
+        "server": {"data_dir": str(work / "data"), "listen": "127.0.0.1:0",
+                   "admin_listen": "127.0.0.1:0"},
+        "upstream": {"ca_bundle": str(world.ca_pem),
+                     "address_overrides": dict(world.address_overrides)},
+        "cache": {"min_free_space": 0},
+        "logging": {"level": "info", "format": "json"},
+    }
+    (work / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+    s = load_settings(str(work / "gateway.yaml"), env={})
+    devnull = open(os.devnull, "w")
+    configure_logging(s.logging, stream=devnull)
+
+    metrics = Metrics(known_hosts(s))
+    policy = Policy(s.policy)
+    cache_root = s.data_dir / "cache"
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, metrics)
+    blobs.open()
+    entries = EntryStore(cache_root, blobs, s.cache.memory, metrics)
+    entries.open()
+    upstream = UpstreamClient(s.upstream, metrics, address_guard=policy.address_allowed)
+    await upstream.start()
+    pipeline = Pipeline(s, blobs, entries, upstream, metrics)
+    rows: list[tuple[str, float, float]] = []
+    try:
+        # one real miss through the pipeline, then wait until the entry is stored
+        resp = await pipeline.handle(go_exchange())
+        got = b"".join([c async for c in resp.body.chunks()])
+        await resp.body.close()
+        assert resp.status == 200 and got == world.maven.files[POM_PATH], resp.status
+        for _ in range(500):
+            if not pipeline._jobs:  # noqa: SLF001 - the fill's job is gone once stored
+                break
+            await asyncio.sleep(0.01)
+        check = await pipeline.handle(go_exchange())
+        assert check.headers["Cache-Status"].startswith("trivy-gateway; hit"), check.headers
+        assert isinstance(check.body, BytesBody) and check.body.data == got
+        await check.body.close()
+
+        async def hit() -> None:
+            r = await pipeline.handle(go_exchange())
+            assert r.body.data  # type: ignore[attr-defined]
+            await r.body.close()
+
+        rows.append(("pipeline.handle hit (+ body)",) + await timed(args.n, args.rounds, hit))
+
+        access = get_logger("gateway.access").bind()
+        fields = dict(request_id="a1b2c3-1f", client="127.0.0.1:40000", method="GET",
+                      scheme="https", host=MAVEN, port=443, path=TARGET, status=200,
+                      bytes=len(got), duration=0.0004, decision="intercept", cache="hit")
+
+        async def log_line() -> None:
+            access.info("request", **fields)
+
+        rows.append(("access-log line",) + await timed(args.n, args.rounds, log_line))
+
+        lower = {"user-agent": "Go-http-client/1.1", "accept-encoding": "gzip", "host": MAVEN,
+                 "via": "1.1 trivy-gateway"}
+
+        async def classify_only() -> None:
+            classify("GET", MAVEN, TARGET, "", lower, s.cache)
+
+        rows.append(("classify()",) + await timed(args.n, args.rounds, classify_only))
+        key = classify("GET", MAVEN, TARGET, "", lower, s.cache).cache_key
+
+        async def lookup() -> None:
+            assert await entries.get(key) is not None
+
+        rows.append(("EntryStore.get()",) + await timed(args.n, args.rounds, lookup))
+
+        ex = go_exchange()
+        res = classify("GET", MAVEN, TARGET, "", lower, s.cache)
+
+        async def count() -> None:
+            pipeline._count(ex, res, "hit")  # noqa: SLF001 - the per-hit metric increment
+
+        rows.append(("cache-request metric",) + await timed(args.n, args.rounds, count))
+    finally:
+        await pipeline.close()
+        await upstream.close()
+        devnull.close()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-n", type=int, default=20000, help="operations per round (bounded)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--small-bytes", type=int, default=4096)
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = ap.parse_args()
+    args.n = max(1, min(args.n, 200_000))
+
+    from tests.emulated.world import WorldThread  # noqa: PLC0415 - test support, like run.py
+
+    with tempfile.TemporaryDirectory(prefix="hitpath-world-") as tmp:
+        world = WorldThread(Path(tmp) / "world", db_size_mib=0.05)
+        world.start(timeout=300)
+        try:
+            world.maven.put(POM_PATH, make_pom(args.small_bytes))
+            factory = None
+            if args.loop == "uvloop":
+                import uvloop  # noqa: PLC0415 - optional
+
+                factory = uvloop.new_event_loop
+            with asyncio.Runner(loop_factory=factory) as runner:
+                rows = runner.run(run(args, world))
+        finally:
+            world.stop()
+    print(f"\nhit path below the proxy ({args.loop}, {args.n} ops x {args.rounds} rounds, "
+          f"best round; POM {args.small_bytes} B)")
+    print(f"{'operation':32} {'cpu µs/op':>10} {'wall µs/op':>11}")
+    for name, cpu, wall in rows:
+        print(f"{name:32} {cpu:10.1f} {wall:11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
