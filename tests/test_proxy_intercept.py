@@ -285,7 +285,7 @@ async def test_file_body_uses_sendfile_on_plain_and_streams_over_tls(gw, tmp_pat
             assert r.headers["Content-Length"] == str(len(data))
             assert await r.read() == data
         async with session.get("http://registry.test/hello", proxy=gw.url) as r:
-            assert r.status == 200                   # h11 bookkeeping stayed right after sendfile
+            assert r.status == 200                   # framing bookkeeping stayed right after sendfile
         assert iterated == []                        # plain: loop.sendfile, never read in Python
         async with session.get("https://registry.test/file", proxy=gw.url,
                                ssl=client_ssl(gw.ca_path)) as r:

@@ -1,4 +1,4 @@
-"""The client-facing forward proxy: asyncio streams + h11.
+"""The client-facing forward proxy: asyncio streams + an HTTP/1.1 state machine over llhttp.
 
 Why not aiohttp's web server (which the upstream side does use, as a client): a forward proxy must
 answer ``CONNECT`` with ``200`` and then *own the raw connection*: start TLS on it as a server
@@ -8,12 +8,14 @@ response; its request parser also insists on origin-form/absolute-form semantics
 server. So the client side is built on:
 
 * ``asyncio.start_server`` streams, with flow control (``drain()``) for backpressure both ways;
-* **h11** — a small, well-tested, I/O-free HTTP/1.1 state machine. It does the parsing and
-  framing (Content-Length, chunked, keep-alive, HEAD/204/304, ``Expect: 100-continue``, the
-  CONNECT protocol switch, header size limit) and enforces that a body matches its declared
-  length, while leaving every byte of I/O to us. That is what makes the CONNECT takeover,
-  ``loop.sendfile`` for cached files (``send_with_data_passthrough``) and streaming without
-  buffering straightforward;
+* :mod:`.http1` — a small explicit HTTP/1.1 server state machine (h11-style events, no I/O)
+  with llhttp (httptools) as the parser. It does the parsing and framing (Content-Length,
+  chunked, keep-alive, HEAD/204/304, ``Expect: 100-continue``, the CONNECT switch, the request
+  head limit) and enforces that a body matches its declared length, while leaving every byte of
+  I/O to us. That is what makes the CONNECT takeover, ``loop.sendfile`` for cached files
+  (:meth:`~.http1.ServerConnection.frame_region`) and streaming without buffering
+  straightforward. (h11 did this job first; its pure-Python parsing was the largest single cost
+  of a small cache hit.)
 * ``loop.start_tls`` to upgrade an accepted connection to TLS in place with a minted leaf.
 
 HTTP/2 is deliberately not offered to clients (ALPN ``http/1.1`` only): Trivy and curl fall back

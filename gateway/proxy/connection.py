@@ -1,13 +1,13 @@
-"""One client connection: HTTP/1.1 with h11, CONNECT (intercept / tunnel), absolute-form.
+"""One client connection: HTTP/1.1 (:mod:`.http1`), CONNECT (intercept / tunnel), absolute-form.
 
 A connection starts in ``client`` mode (plain HTTP to the proxy port). A ``CONNECT`` that policy
 intercepts is answered ``200 Connection established`` and upgraded in place to TLS with a leaf
 minted for the CONNECT host; the connection then carries origin-form HTTP/1.1 requests for that
-host (``intercepted`` mode) on a fresh h11 state machine. A ``CONNECT`` that policy tunnels is
-answered once the upstream socket is open, and the connection becomes a blind byte pipe
+host (``intercepted`` mode) on a fresh HTTP/1.1 state machine. A ``CONNECT`` that policy tunnels
+is answered once the upstream socket is open, and the connection becomes a blind byte pipe
 (``tunnel`` mode).
 
-Framing rules applied to responses (h11 enforces the byte counts):
+Framing rules applied to responses (the state machine enforces the byte counts):
 
 * ``Content-Length`` comes from ``Body.length`` when known; otherwise the body is chunked
   (HTTP/1.1 clients) or close-delimited (HTTP/1.0 clients).
@@ -16,9 +16,8 @@ Framing rules applied to responses (h11 enforces the byte counts):
 * A body that fails or ends short mid-way aborts the client connection: a truncated body is never
   presented as complete.
 * A :class:`~gateway.exchange.FileBody` on a plain (non-TLS) connection is sent with
-  ``loop.sendfile`` (zero-copy). h11 is told about those bytes through
-  ``send_with_data_passthrough`` with a placeholder whose ``len()`` is the region size, so its
-  Content-Length bookkeeping stays exact.
+  ``loop.sendfile`` (zero-copy); the state machine accounts for the region up front
+  (:meth:`~.http1.ServerConnection.frame_region`), so its Content-Length bookkeeping stays exact.
 """
 from __future__ import annotations
 
@@ -30,12 +29,12 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-import h11
 from multidict import CIMultiDict
 
 from ..exchange import (HOP_BY_HOP, BytesBody, Exchange, FileBody, Response, error_response,
                         new_request_id, strip_hop_by_hop)
 from ..observability.logging import get_logger
+from . import http1
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
 from .tunnel import pipe
 
@@ -58,8 +57,6 @@ SENDFILE_SLICE = 8 * 1024 * 1024
 COALESCE_LIMIT = 64 * 1024
 
 KEEP, CLOSE, SWITCHED = "keep", "close", "switched"
-#: h11 events are immutable: one end-of-message serves every response
-_END = h11.EndOfMessage()
 
 
 class _HeaderTimeout(Exception):
@@ -95,43 +92,31 @@ class _Record:
     established: bool = False      # a CONNECT answered 200
 
 
-class _Region:
-    """Stands in for a file region in h11's Data event: h11 only needs ``len()``."""
-
-    __slots__ = ("length",)
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-
-# h11's grammar for a header line (h11._abnf field_name / field_value)
+# RFC 9110 §5.1 / §5.5 (field-name = token; field-value = field-vchar runs separated by SP/HTAB,
+# obs-text allowed), as one header line
 _HEADER_LINE = re.compile(
-    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n")
-#: (name, value) -> "name: value\r\n" when h11 would accept and write it as such (latin-1),
-#: else "": most response headers repeat from one response to the next
-_header_lines: dict[tuple[str, str], str] = {}
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00-\x20\x7f]+(?:[ \t]+[^\x00-\x20\x7f]+)*)?\r\n")
+#: (name, value) -> b"name: value\r\n"; most response headers repeat from one response to the next
+_header_lines: dict[tuple[str, str], bytes] = {}
 
 
-def _header_line(name: str, value: str) -> str:
-    line = f"{name}: {value}\r\n"
+def _header_line(name: str, value: str) -> bytes:
+    """One validated header line (memoised, bounded); :class:`http1.LocalProtocolError` if a
+    name or value could not be sent as is (CR/LF injection, control characters, bad name)."""
+    line = _header_lines.get((name, value))
+    if line is not None:
+        return line
+    text = f"{name}: {value}\r\n"
     try:
-        ok = _HEADER_LINE.fullmatch(line.encode("latin-1")) is not None
+        line = text.encode("latin-1")
     except UnicodeEncodeError:
-        ok = False
+        line = text.encode("utf-8", "surrogateescape")
+    if _HEADER_LINE.fullmatch(line) is None:
+        raise http1.LocalProtocolError(f"invalid response header {name[:60]!r}: {value[:60]!r}")
     if len(_header_lines) >= 4096:
         _header_lines.clear()
-    _header_lines[(name, value)] = line = line if ok else ""
+    _header_lines[(name, value)] = line
     return line
-
-
-def _encode(value: str) -> bytes:
-    try:
-        return value.encode("latin-1")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape")
 
 
 def reason_phrase(text: str, limit: int = 400) -> bytes:
@@ -144,7 +129,6 @@ def reason_phrase(text: str, limit: int = 400) -> bytes:
 
 
 _reasons: dict[tuple[str, int], bytes] = {}
-_head_events: dict[tuple, h11.Response] = {}
 
 
 def _reason(text: str, status: int) -> bytes:
@@ -198,17 +182,16 @@ class RequestBody:
         try:
             conn = self._conn
             if conn.conn.they_are_waiting_for_100_continue:
-                conn.writer.write(conn.conn.send(
-                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
+                conn.writer.write(conn.conn.informational(100, b"Continue"))
                 await conn._drain()
             event = await conn._next_body_event()
         finally:
             self.active = False
             self.idle.set()
-        if isinstance(event, h11.Data):
+        if type(event) is http1.Data:
             self._rec.bytes_in += len(event.data)
-            return bytes(event.data)
-        if isinstance(event, h11.EndOfMessage):
+            return event.data
+        if event is http1.END:
             self.done = True
             raise StopAsyncIteration
         raise _ClientGone(f"unexpected {type(event).__name__} in the request body")
@@ -232,7 +215,7 @@ class ClientConnection:
         self.busy = False
         self.tls_host: Optional[str] = None
         self.tls_port = 0
-        self.conn = self._new_h11()
+        self.conn = self._new_http1()
         self._upstream_writer: Optional[asyncio.StreamWriter] = None
         self._idle_timeout = float(self.settings.idle_timeout)
         self._header_timeout = float(self.settings.header_timeout)
@@ -241,8 +224,8 @@ class ClientConnection:
         # bound once per connection: the lazy module-level proxy binds anew on every call
         self._access_log = access_log.bind()
 
-    def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
+    def _new_http1(self) -> http1.ServerConnection:
+        return http1.ServerConnection(max_head_bytes=self.settings.max_header_bytes)
 
     def _set_kind(self, kind: Optional[str]) -> None:
         if self.kind is not None:
@@ -285,22 +268,15 @@ class ClientConnection:
         async with asyncio.timeout(timeout):
             return await self.reader.read(READ_SIZE)
 
-    async def _read_head(self) -> Optional[h11.Request]:
+    async def _read_head(self) -> Optional[http1.RequestHead]:
+        conn = self.conn
         deadline: Optional[float] = None
-        pending, closed = self.conn.trailing_data
-        buffered = len(pending)
-        if buffered:                             # pipelined request already buffered
+        if conn.trailing_data[0]:                # pipelined request already buffered
             self.busy = True
             deadline = self._loop.time() + self._header_timeout
-        limit = self.settings.max_header_bytes
-        # nothing buffered between requests: h11 can only say NEED_DATA, go straight to the read
-        skip = not buffered and not closed and self.conn.their_state is h11.IDLE
         while True:
-            if skip:
-                event, skip = h11.NEED_DATA, False
-            else:
-                event = self.conn.next_event()
-            if event is h11.NEED_DATA:
+            event = conn.next_event()            # raises RemoteProtocolError (400/431/505)
+            if event is http1.NEED_DATA:
                 timeout = self._idle_timeout if deadline is None else deadline - self._loop.time()
                 if timeout <= 0:
                     raise _HeaderTimeout()
@@ -315,30 +291,22 @@ class ClientConnection:
                 if data and deadline is None:
                     self.busy = True
                     deadline = self._loop.time() + self._header_timeout
-                if not data and self.conn.their_state is h11.IDLE and \
-                        not self.conn.trailing_data[0]:
-                    return None                  # clean close between requests
-                buffered += len(data)
-                self.conn.receive_data(data)
+                conn.receive_data(data)          # b"": the client closed its side
                 continue
-            if isinstance(event, h11.Request):
+            if type(event) is http1.RequestHead:
                 self.busy = True
-                # h11 bounds only an *incomplete* head; a complete one that arrived in one read
-                # is measured here (bytes consumed = bytes fed - bytes still buffered)
-                if buffered > limit and buffered - len(self.conn.trailing_data[0]) > limit:
-                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                 return event
-            if isinstance(event, h11.ConnectionClosed):
-                return None
-            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+            if event is http1.CLOSED:
+                return None                      # clean close between requests
+            raise http1.RemoteProtocolError(f"unexpected {event!r}")
 
     async def _next_body_event(self):
         while True:
             try:
                 event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
+            except http1.RemoteProtocolError as exc:
                 raise _ClientGone(f"request body: {exc}") from None
-            if event is not h11.NEED_DATA:
+            if event is not http1.NEED_DATA:
                 return event
             try:
                 data = await self._read(self._idle_timeout)
@@ -352,15 +320,15 @@ class ClientConnection:
         """Read what is left of the request body (bounded); False when the connection must close."""
         discarded = 0
         try:
-            while self.conn.their_state is h11.SEND_BODY:
+            while self.conn.their_state is http1.SEND_BODY:
                 event = await self._next_body_event()
-                if isinstance(event, h11.Data):
+                if type(event) is http1.Data:
                     discarded += len(event.data)
                     if discarded > DISCARD_LIMIT:
                         return False
         except _ClientGone:
             return False
-        return self.conn.their_state is h11.DONE
+        return self.conn.their_state is http1.DONE
 
     # -- writing ------------------------------------------------------------------------------
     async def _drain(self) -> None:
@@ -374,7 +342,7 @@ class ClientConnection:
             raise _ClientGone(str(exc) or "client stopped reading") from None
 
     async def _send_raw_error(self, status: int, message: str) -> None:
-        """An error answer outside h11's normal flow (after a protocol error); then close."""
+        """An error answer outside the state machine's normal flow (after a protocol error); then close."""
         body = (message.rstrip("\n") + "\n").encode("utf-8")
         head = (f"HTTP/1.1 {status} ".encode() + reason_phrase(message or _default_reason(status))
                 + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: "
@@ -385,105 +353,48 @@ class ClientConnection:
         except _ClientGone:
             pass
 
-    def _response_headers(self, rec: _Record, method: str, response: Response,
-                          extra: Optional[dict], close: bool) -> list[tuple[bytes, bytes]]:
-        status = response.status
-        headers = strip_hop_by_hop(response.headers)
-        body = response.body
-        if status < 200 or status in (204, 304):
-            if status != 304:
-                headers.popall("content-length", None)
-        elif method == "HEAD":
-            if "content-length" not in headers and body.length:
-                headers["Content-Length"] = str(body.length)
-        else:
-            headers.popall("content-length", None)
-            if body.length is not None:
-                headers["Content-Length"] = str(body.length)
-        via = ", ".join(headers.popall("via", []))
-        headers["Via"] = (via + ", " if via else "") + f"1.1 {self.settings.via_pseudonym}"
-        for k, v in (extra or {}).items():
-            headers[k] = v
-        if close or self.server.draining:
-            headers["Connection"] = "close"
-        return [(_encode(k), _encode(v)) for k, v in headers.items()]
-
     def _response_head(self, method: str, response: Response, extra: Optional[dict],
                        close: bool) -> bytes:
-        """The serialised response head, passed through h11 (its state machine and framing).
-
-        Same bytes as ``conn.send(h11.Response(headers=_response_headers(...)))``, cheaper: h11
-        only sees the headers it acts on or the proxy adds (Content-Length, Via, Connection),
-        and the handler's end-to-end headers, checked with h11's own grammar (memoised per
-        name and value), go in right after the status line (where h11 would have written them),
-        in the same order. The few h11 events are reused across responses. Anything
-        unusual (extra headers, a Content-Length or Host kept from the handler, a header that
-        does not validate or encode) takes the full h11 path, which also gives its errors.
-        """
+        """The serialised response head: the handler's end-to-end headers (hop-by-hop ones and
+        those named in its ``Connection`` dropped), each validated (memoised per name and
+        value), ``Via`` appended, then the framing the state machine decides from the body's
+        length (HEAD and 304 advertise the handler's ``Content-Length`` when it set one)."""
         status = response.status
-        reason = _reason(response.reason, status)
-        if extra:
-            return self._full_head(method, response, extra, close, reason)
         src = response.headers
         named = None
         if "connection" in src:
             named = {t.strip().lower() for v in src.getall("connection") for t in v.split(",")}
-        lines: list[str] = []
+        lines: list[bytes] = []
         vias: list[str] = []
-        body_length = response.body.length
-        keep_length = status == 304 or method == "HEAD"
+        declared: Optional[str] = None
         for k, v in src.items():
             lk = k.lower()
             if lk in HOP_BY_HOP or (named and lk in named):
                 continue
             if lk == "content-length":
-                if keep_length:                  # the handler's own value stays in place
-                    return self._full_head(method, response, extra, close, reason)
+                declared = v
                 continue
             if lk == "via":
                 vias.append(v)
                 continue
-            if lk == "host":                     # h11 would move it first
-                return self._full_head(method, response, extra, close, reason)
-            line = _header_lines.get((k, v))
-            if line is None:
-                line = _header_line(k, v)
-            if not line:                         # let h11 say what is wrong with it
-                return self._full_head(method, response, extra, close, reason)
-            lines.append(line)
-        block = "".join(lines).encode("latin-1")
-        tail: list[tuple[bytes, bytes]] = []
-        if status < 200 or status in (204, 304):
-            pass
-        elif method == "HEAD":
-            if body_length:
-                tail.append((b"Content-Length", str(body_length).encode()))
-        elif body_length is not None:
-            tail.append((b"Content-Length", str(body_length).encode()))
+            lines.append(_header_line(k, v))
         via = ", ".join(vias)
-        tail.append((b"Via", _encode((via + ", " if via else "") + self._via)))
-        if close or self.server.draining:
-            tail.append((b"Connection", b"close"))
-        # the same few heads repeat (status, length, Via, close): reuse the validated event
-        key = (status, reason, *tail)
-        event = _head_events.get(key)
-        if event is None:
-            event = h11.Response(status_code=status, headers=tail, reason=reason)
-            if len(_head_events) >= 1024:
-                _head_events.clear()
-            _head_events[key] = event
-        data = self.conn.send(event)
-        if not block:
-            return data
-        line_end = data.index(b"\r\n") + 2
-        return data[:line_end] + block + data[line_end:]
-
-    def _full_head(self, method: str, response: Response, extra: Optional[dict], close: bool,
-                   reason: bytes) -> bytes:
-        return self.conn.send(h11.Response(
-            status_code=response.status,
-            headers=self._response_headers(None, method, response, extra, close),
-            reason=reason))
+        lines.append(_header_line("Via", (via + ", " if via else "") + self._via))
+        if extra:
+            for k, v in extra.items():
+                lines.append(_header_line(k, v))
+        length = response.body.length
+        if status == 304 or method == "HEAD":
+            if declared is not None:
+                declared = declared.strip()
+                if not declared.isdigit():
+                    raise http1.LocalProtocolError(f"bad Content-Length {declared[:40]!r}")
+                length = int(declared)
+            elif status == 304 or not length:
+                length = None
+        return self.conn.start_response(status, _reason(response.reason, status),
+                                        b"".join(lines), length=length,
+                                        close=close or self.server.draining)
 
     async def _respond(self, rec: _Record, method: str, response: Response, *,
                        extra_headers: Optional[dict] = None, close: bool = False) -> str:
@@ -494,7 +405,7 @@ class ClientConnection:
         try:
             try:
                 head_bytes = self._response_head(method, response, extra_headers, close)
-            except h11.LocalProtocolError as exc:
+            except http1.LocalProtocolError as exc:
                 rec.error = f"invalid response head: {exc}"
                 rec.status = 502
                 log.warning("invalid_response", request_id=rec.id, host=rec.host, error=str(exc))
@@ -504,22 +415,22 @@ class ClientConnection:
                             or response.status in (204, 304))
             if not has_body:
                 # the head and end-of-message (nothing, with Content-Length) in one write
-                self.writer.write(head_bytes + self.conn.send(_END))
+                self.writer.write(head_bytes + self.conn.end_response())
             elif type(body) is BytesBody:
                 # small and in memory: head, body and end-of-message in ONE write (one TLS
                 # record, one send syscall) instead of one per piece
                 data = body.data
                 out = [head_bytes]
                 if data:
-                    out += self.conn.send_with_data_passthrough(h11.Data(data=data))
+                    out += self.conn.send_data(data)
                     rec.bytes += len(data)
-                out.append(self.conn.send(_END))
+                out.append(self.conn.end_response())
                 self.writer.write(b"".join(out))
             elif (isinstance(body, FileBody) and self.tls_host is None and body.length
                     and self.writer.transport.get_extra_info("sslcontext") is None):
                 self.writer.write(head_bytes)
                 await self._send_file(rec, body)
-                self.writer.write(self.conn.send(_END))
+                self.writer.write(self.conn.end_response())
             else:
                 # bodies whose first chunk never waits on the network (a file, nothing) go out
                 # with the head; others get the head at once (a client sees the status while a
@@ -530,13 +441,13 @@ class ClientConnection:
                 head_bytes = await self._send_stream(rec, body, head_bytes)
                 if head_bytes:                   # no chunk came: the head goes with the end
                     try:
-                        end = self.conn.send(_END)
-                    except h11.LocalProtocolError:
+                        end = self.conn.end_response()
+                    except http1.LocalProtocolError:
                         self.writer.write(head_bytes)    # as if it had been sent first
                         raise
                     self.writer.write(head_bytes + end)
                 else:
-                    self.writer.write(self.conn.send(_END))
+                    self.writer.write(self.conn.end_response())
             await self._drain()
         except _ClientGone as exc:
             rec.error = rec.error or f"client gone: {exc}"
@@ -547,7 +458,7 @@ class ClientConnection:
             # abort: the client must see a cut connection, not a complete-looking body
             self.writer.transport.abort()
             return CLOSE
-        except h11.LocalProtocolError as exc:
+        except http1.LocalProtocolError as exc:
             # the body did not match its declared length: never let it look complete
             rec.error = f"response body: {exc}"
             log.warning("response_body_mismatch", request_id=rec.id, host=rec.host, error=str(exc))
@@ -566,7 +477,7 @@ class ClientConnection:
                 await body.close()
             except Exception:  # noqa: BLE001
                 log.exception("body_close_failed", request_id=rec.id)
-        if self.conn.our_state is h11.MUST_CLOSE or close:
+        if self.conn.our_state is not http1.DONE or close:
             return CLOSE
         return KEEP
 
@@ -591,7 +502,7 @@ class ClientConnection:
                 raise _BodyFailed(rec.error) from None
             if not chunk:
                 continue
-            pieces = self.conn.send_with_data_passthrough(h11.Data(data=chunk))
+            pieces = self.conn.send_data(chunk)
             if pending:
                 if len(chunk) <= COALESCE_LIMIT:
                     pieces = [pending, *pieces]
@@ -617,39 +528,38 @@ class ClientConnection:
             await self._drain()
 
     async def _send_file(self, rec: _Record, body: FileBody) -> None:
-        region = _Region(body.length)
-        pieces = self.conn.send_with_data_passthrough(h11.Data(data=region))
+        # the state machine accounts for the whole region up front; the bytes go by sendfile
+        prefix, suffix = self.conn.frame_region(body.length)
+        if prefix:
+            self.writer.write(prefix)
         await self._drain()
-        for piece in pieces:
-            if piece is not region:
-                self.writer.write(piece)
-                continue
-            try:
-                with open(body.path, "rb") as f:
-                    offset, remaining = body.offset, body.length
-                    while remaining > 0:
-                        count = min(SENDFILE_SLICE, remaining)
-                        try:
-                            async with asyncio.timeout(self._idle_timeout):
-                                sent = await self._loop.sendfile(self.writer.transport, f,
-                                                                 offset, count)
-                        except NotImplementedError:
-                            # event loops without sendfile (uvloop): copy the rest of the region
-                            # (h11 has already accounted for its length)
-                            await self._copy_region(rec, f, offset, remaining)
-                            break
-                        if sent <= 0:
-                            raise OSError(f"{body.path} is shorter than expected")
-                        offset += sent
-                        remaining -= sent
-                        rec.bytes += sent
-            except (ConnectionError, TimeoutError) as exc:
-                raise _ClientGone(str(exc) or "client stopped reading") from None
-            except OSError as exc:
-                rec.error = f"sendfile failed after {rec.bytes} bytes: {exc}"
-                log.warning("response_body_failed", request_id=rec.id, host=rec.host,
-                            bytes=rec.bytes, error=str(exc))
-                raise _BodyFailed(rec.error) from None
+        try:
+            with open(body.path, "rb") as f:
+                offset, remaining = body.offset, body.length
+                while remaining > 0:
+                    count = min(SENDFILE_SLICE, remaining)
+                    try:
+                        async with asyncio.timeout(self._idle_timeout):
+                            sent = await self._loop.sendfile(self.writer.transport, f,
+                                                             offset, count)
+                    except NotImplementedError:
+                        # event loops without sendfile (uvloop): copy the rest of the region
+                        await self._copy_region(rec, f, offset, remaining)
+                        break
+                    if sent <= 0:
+                        raise OSError(f"{body.path} is shorter than expected")
+                    offset += sent
+                    remaining -= sent
+                    rec.bytes += sent
+        except (ConnectionError, TimeoutError) as exc:
+            raise _ClientGone(str(exc) or "client stopped reading") from None
+        except OSError as exc:
+            rec.error = f"sendfile failed after {rec.bytes} bytes: {exc}"
+            log.warning("response_body_failed", request_id=rec.id, host=rec.host,
+                        bytes=rec.bytes, error=str(exc))
+            raise _BodyFailed(rec.error) from None
+        if suffix:
+            self.writer.write(suffix)
 
     async def _error(self, rec: _Record, status: int, message: str, *, reason: str = "",
                      close: bool = False, extra_headers: Optional[dict] = None,
@@ -676,7 +586,7 @@ class ClientConnection:
                 await self._send_raw_error(408, "request head not received within "
                                                 "proxy.header_timeout")
                 return
-            except h11.RemoteProtocolError as exc:
+            except http1.RemoteProtocolError as exc:
                 if self.conn.trailing_data[1]:
                     self.metrics.client_errors.labels(reason="disconnected").inc()
                     return
@@ -697,20 +607,19 @@ class ClientConnection:
                 continue
             if outcome == CLOSE or self.server.draining:
                 return
-            if self.conn.our_state is h11.MUST_CLOSE:
+            if self.conn.our_state is not http1.DONE:
                 return
-            if self.conn.their_state is not h11.DONE and not await self._discard_body():
+            if self.conn.their_state is not http1.DONE and not await self._discard_body():
                 return
             try:
                 self.conn.start_next_cycle()
-            except h11.ProtocolError:
+            except http1.ProtocolError:
                 return
 
-    async def _dispatch(self, request: h11.Request) -> str:
-        method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1"))
-                              for k, v in request.headers.raw_items())
+    async def _dispatch(self, request: http1.RequestHead) -> str:
+        method = request.method
+        target = request.target
+        headers = CIMultiDict(request.headers)
         rec = _Record(client=self.client, method=method, started=self._loop.time())
         try:
             if self.tls_host is not None:
@@ -772,7 +681,7 @@ class ClientConnection:
             # nothing useful can follow a refused CONNECT on this connection
             return await self._deny(rec, decision, close=True)
         event = await self._next_body_event()
-        if not isinstance(event, h11.EndOfMessage):
+        if event is not http1.END:
             return await self._error(rec, 400, "a CONNECT request must not have a body",
                                      client_error="malformed", close=True)
         if decision.action == "tunnel":
@@ -790,8 +699,7 @@ class ClientConnection:
             log.exception("leaf_mint_failed", host=host)
             return await self._error(rec, 500, f"cannot mint a certificate for {host}: {exc}",
                                      close=True)
-        self.writer.write(self.conn.send(h11.Response(
-            status_code=200, headers=[], reason=b"Connection established")))
+        self.writer.write(self.conn.accept_connect())
         rec.status = 200
         # No await between writing the 200 and start_tls: the client's ClientHello must reach
         # the TLS protocol, not the plain reader. The handshake uses only the local leaf: it
@@ -812,7 +720,7 @@ class ClientConnection:
         protocol.connection_made(transport)
         self.reader = reader
         self.writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
-        self.conn = self._new_h11()
+        self.conn = self._new_http1()
         self.tls_host, self.tls_port = host, port
         rec.established = True
         self._set_kind("intercepted")
@@ -841,8 +749,7 @@ class ClientConnection:
             text = f"cannot open a tunnel to {host}:{port}: {message}"
             return await self._error(rec, status, text, reason=text, close=True)
         self._upstream_writer = up_writer
-        self.writer.write(self.conn.send(h11.Response(
-            status_code=200, headers=[], reason=b"Connection established")))
+        self.writer.write(self.conn.accept_connect())
         rec.status = 200
         rec.established = True
         early = self.conn.trailing_data[0]
@@ -860,7 +767,7 @@ class ClientConnection:
         return CLOSE
 
     # -- HTTP requests ----------------------------------------------------------------------
-    async def _absolute(self, request: h11.Request, rec: _Record, target: str,
+    async def _absolute(self, request: http1.RequestHead, rec: _Record, target: str,
                         headers: CIMultiDict) -> str:
         try:
             scheme, host, port, origin = parse_absolute(target)
@@ -888,7 +795,7 @@ class ClientConnection:
             return await self._error(rec, 403, message, reason=message)
         return await self._exchange(request, rec, "http", host, port, origin, headers)
 
-    async def _intercepted_request(self, request: h11.Request, rec: _Record, target: str,
+    async def _intercepted_request(self, request: http1.RequestHead, rec: _Record, target: str,
                                    headers: CIMultiDict) -> str:
         host, port = self.tls_host, self.tls_port
         rec.scheme, rec.host, rec.port, rec.decision = "https", host, port, "intercept"
@@ -926,7 +833,7 @@ class ClientConnection:
             f"for {what[:200]}", reason=f"Misdirected Request: connection is for {here}",
             client_error="misdirected")
 
-    async def _exchange(self, request: h11.Request, rec: _Record, scheme: str, host: str,
+    async def _exchange(self, request: http1.RequestHead, rec: _Record, scheme: str, host: str,
                         port: int, origin: str, headers: CIMultiDict) -> str:
         # one pass: end-to-end headers (hop-by-hop and those named in Connection dropped), then
         # Host and Via; RFC 9112 §3.2.2: the target's authority wins over the client's Host
@@ -945,7 +852,7 @@ class ClientConnection:
             ex_headers.add(k, v)
         ex_headers["Host"] = authority(host, port, scheme)
         via = ", ".join(vias)
-        version = request.http_version.decode("ascii", "replace")
+        version = request.http_version
         ex_headers["Via"] = (via + ", " if via else "") + f"{version} {self.settings.via_pseudonym}"
         chunked = "transfer-encoding" in headers
         if chunked and "content-length" in headers:
