@@ -7,6 +7,7 @@ import os
 import pytest
 
 from gateway.cache import BlobStore, DigestMismatch, Entry, EntryStore, FillFailed, StoreFull
+from gateway.cache.entries import SHARED_HOT_SECONDS
 from gateway.observability.metrics import Metrics
 from gateway.settings import MemoryFrontSettings
 
@@ -161,6 +162,38 @@ async def test_entry_store_roundtrip_and_missing_blob(tmp_path):
     assert await entries3.get("k1") is None
 
 
+async def test_memory_front_hot_values_stay_coherent_with_aiocache(tmp_path):
+    """The parsed values served without calling aiocache follow every write: update, delete,
+    LRU eviction by the byte budget (from both), clear."""
+    blobs = BlobStore(tmp_path / "c", 10**9, 0, Metrics())
+    blobs.open()
+    entries = EntryStore(tmp_path / "c", blobs,
+                         MemoryFrontSettings(max_item_size=1000, max_size=3500), Metrics())
+    entries.open()
+    front = entries.front
+
+    def entry(key: str, body: bytes, fresh_until: float = float("inf")) -> Entry:
+        return Entry(key=key, kind="maven", status=200, headers=[], body_digest=blobs.put_bytes(body),
+                     body_size=len(body), validated_at=1.0, fresh_until=fresh_until)
+
+    b1, b2, b3 = b"1" * 1000, b"2" * 1000, b"3" * 1000
+    await entries.put(entry("k1", b1), b1)
+    await entries.put(entry("k2", b2), b2)
+    assert (await entries.get("k1"))[1] == b1          # k1 is now the most recently used
+    await entries.put(entry("k3", b3), b3)              # 3 × 1512 > 3500: k2 is evicted
+    assert await front.get("k2") is None and await front.cache.get("k2") is None
+    assert (await entries.get("k2"))[1] == b2           # still on disk: read back, k1 evicted
+    assert await front.get("k1") is None and await front.cache.get("k1") is None
+
+    await entries.put(entry("k3", b3, fresh_until=50.0), b3)   # an update replaces the value
+    assert (await entries.get("k3"))[0].fresh_until == 50.0
+    assert (await front.cache.get("k3"))[0].fresh_until == 50.0
+    await entries.delete("k3")
+    assert await entries.get("k3") is None and await front.cache.get("k3") is None
+    await front.clear()
+    assert await front.get("k2") is None
+
+
 async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path):
     """Two gateways' entry stores on one real Redis: a small entry stored by one is a hit for
     the other, whose disk never saw it."""
@@ -196,6 +229,19 @@ async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path
         await stores[0][1].put(e, body)
         got = await stores[1][1].get("maven|x")
         assert got is not None and got[1] == body and not stores[1][0].has(d)
+
+        # a mutable entry is always read from Redis: B sees A's revalidated version at once
+        tag = Entry(key="tag|t", kind="oci_manifest", status=200, headers=[], body_digest=d,
+                    body_size=len(body), validated_at=1.0, fresh_until=100.0)
+        await stores[0][1].put(tag, body)
+        assert (await stores[1][1].get("tag|t"))[0].fresh_until == 100.0
+        tag2 = Entry(**{**tag.__dict__, "fresh_until": 200.0})
+        await stores[0][1].put(tag2, body)
+        assert (await stores[1][1].get("tag|t"))[0].fresh_until == 200.0
+        # an immutable one may be served from B's process, for SHARED_HOT_SECONDS at most
+        await stores[0][1].front.delete("maven|x")
+        await asyncio.sleep(SHARED_HOT_SECONDS + 0.1)
+        assert await stores[1][1].front.get("maven|x") is None
     finally:
         proc.terminate()
         proc.wait(10)

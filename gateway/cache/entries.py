@@ -9,7 +9,8 @@ entry, never half of one. An entry whose body blob is missing is treated as abse
 
 A memory front (aiocache; ``memory`` per process, ``redis`` to share between replicas) holds
 hot entries together with small bodies, so a hit on a manifest, token or POM touches no disk.
-Why a byte budget around aiocache: its memory backend has no size bound of its own.
+Why a byte budget around aiocache: its memory backend has no size bound of its own. Why a dict
+of parsed hot values in front of aiocache, and when it may answer: :class:`_MemoryFront`.
 """
 from __future__ import annotations
 
@@ -108,17 +109,39 @@ class _FrontSerializer(BaseSerializer):
         return entry, body
 
 
-class _MemoryFront:
-    """aiocache with an LRU byte budget. Values: (Entry, small body or None).
+#: with the shared (Redis) backend, how long a replica serves an immutable entry from its own
+#: process before asking Redis again (see :class:`_MemoryFront`)
+SHARED_HOT_SECONDS = 1.0
 
-    The in-process backend keeps parsed :class:`Entry` objects, so a hit neither parses JSON nor
-    goes through aiocache's per-call ``wait_for`` (timeouts are meaningless for a dict lookup);
-    Redis gets a bounded timeout and the serializer above.
+
+class _MemoryFront:
+    """aiocache with an LRU byte budget, and a dict of parsed hot values in front of it.
+
+    Values: (Entry, small body or None).
+
+    Why the ``_hot`` dict: every aiocache call goes through its decorators (enabled check reading
+    ``os.environ``, timeout, plugin hooks) before reaching a dict lookup; on a small hit that was
+    most of the cost of the lookup. aiocache stays the configured backend (every write goes
+    through it, and Redis shares entries between replicas); reads are answered from ``_hot``
+    when it is allowed to answer:
+
+    - ``memory`` backend: ``_hot`` holds exactly what was put into aiocache by this process
+      (set, delete, eviction and clear update both, in the same LRU order), so it is coherent
+      by construction and every hit is served from it.
+    - ``redis`` backend: other replicas write too, so a mutable entry (tag manifest, metadata,
+      GitHub, negative) is always read from Redis: a replica sees another's revalidation or new
+      version at once, as before. Only immutable entries (content-addressed blobs and
+      manifests, Maven release files: ``fresh_until`` = inf, not negative) are kept, for
+      :data:`SHARED_HOT_SECONDS`: their content cannot change, another replica can only
+      delete them (e.g. its copy of the blob vanished), and that is seen within that time.
+      Large bodies are still checked against this replica's own blob store on every hit
+      (:meth:`EntryStore.get`).
     """
 
     def __init__(self, settings: MemoryFrontSettings) -> None:
         self.settings = settings
-        if settings.backend == "redis":
+        self.shared = settings.backend == "redis"
+        if self.shared:
             from urllib.parse import urlparse  # noqa: PLC0415 - only needed for redis
 
             url = urlparse(settings.redis_url)
@@ -127,24 +150,65 @@ class _MemoryFront:
                                   namespace="trivy-gateway:", serializer=_FrontSerializer(),
                                   password=url.password, timeout=2)
         else:
+            # timeouts are meaningless for a dict lookup: no per-call wait_for
             self.cache = AioCache(AioCache.MEMORY, timeout=None)
+        #: key → size of what this process put into the backend (its byte budget, LRU order)
         self._sizes: "OrderedDict[str, int]" = OrderedDict()
         self._total = 0
+        #: key → (value, size, served until (monotonic)); LRU order, same byte budget
+        self._hot: "OrderedDict[str, tuple[tuple[Entry, Optional[bytes]], int, float]]" = \
+            OrderedDict()
+        self._hot_total = 0
+
+    @staticmethod
+    def _size(entry: Entry, body: Optional[bytes]) -> int:
+        return 512 + len(entry.headers) * 64 + (len(body) if body else 0)
+
+    def _hot_put(self, key: str, value: tuple[Entry, Optional[bytes]], size: int) -> None:
+        if self.shared:
+            entry = value[0]
+            if entry.fresh_until != float("inf") or entry.negative:
+                return
+            until = time.monotonic() + SHARED_HOT_SECONDS
+        else:
+            until = float("inf")
+        self._hot_pop(key)
+        self._hot[key] = (value, size, until)
+        self._hot_total += size
+        while self._hot_total > self.settings.max_size and self._hot:
+            _, (_, old_size, _) = self._hot.popitem(last=False)
+            self._hot_total -= old_size
+
+    def _hot_pop(self, key: str) -> None:
+        old = self._hot.pop(key, None)
+        if old is not None:
+            self._hot_total -= old[1]
 
     async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
+        hot = self._hot.get(key)
+        if hot is not None:
+            if hot[2] == float("inf") or hot[2] > time.monotonic():
+                self._hot.move_to_end(key)
+                if key in self._sizes:
+                    self._sizes.move_to_end(key)
+                return hot[0]
+            self._hot_pop(key)
         try:
             value = await self.cache.get(key)
         except Exception as exc:  # noqa: BLE001 - a broken Redis must not fail requests
             log.warning("memory_front_unavailable", error=str(exc))
             return None
-        if value is not None and key in self._sizes:
-            self._sizes.move_to_end(key)
+        if value is not None:
+            if key in self._sizes:
+                self._sizes.move_to_end(key)
+            if self.shared:
+                self._hot_put(key, value, self._size(*value))
         return value
 
     async def set(self, key: str, entry: Entry, body: Optional[bytes]) -> None:
         if body is not None and len(body) > self.settings.max_item_size:
             body = None
-        size = 512 + len(entry.headers) * 64 + (len(body) if body else 0)
+        size = self._size(entry, body)
         await self.delete(key)
         try:
             await self.cache.set(key, (entry, body))
@@ -153,9 +217,11 @@ class _MemoryFront:
             return
         self._sizes[key] = size
         self._total += size
+        self._hot_put(key, (entry, body), size)
         while self._total > self.settings.max_size and self._sizes:
             old, old_size = self._sizes.popitem(last=False)
             self._total -= old_size
+            self._hot_pop(old)
             try:
                 await self.cache.delete(old)
             except Exception:  # noqa: BLE001
@@ -165,6 +231,7 @@ class _MemoryFront:
         size = self._sizes.pop(key, None)
         if size is not None:
             self._total -= size
+        self._hot_pop(key)
         try:
             await self.cache.delete(key)
         except Exception:  # noqa: BLE001
@@ -173,6 +240,8 @@ class _MemoryFront:
     async def clear(self) -> None:
         self._sizes.clear()
         self._total = 0
+        self._hot.clear()
+        self._hot_total = 0
         await self.cache.clear()
 
 

@@ -55,6 +55,9 @@ class Pipeline:
         #: artifact name → facts about the last tag manifest served (status page)
         self.artifacts: dict[str, dict] = {}
         self.results: dict[str, int] = {}
+        #: (host label, kind, result) → its cache_requests child: ``labels()`` validates and
+        #: joins its arguments on every call; bounded (host labels, kinds, results are)
+        self._request_counters: dict[tuple[str, str, str], object] = {}
 
     # -- entry point ----------------------------------------------------------------------------
     async def handle(self, ex: Exchange) -> Response:
@@ -262,7 +265,11 @@ class Pipeline:
     def _count(self, ex: Exchange, res: Resource, result: str) -> None:
         ex.notes["cache"] = result
         self.results[result] = self.results.get(result, 0) + 1
-        self.metrics.cache_requests.labels(self.metrics.host_label(ex.host), res.kind, result).inc()
+        key = (self.metrics.host_label(ex.host), res.kind, result)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.metrics.cache_requests.labels(*key)
+        counter.inc()
 
     def _note_artifact(self, res: Resource, entry: Entry, stale: bool) -> None:
         name = entry.meta.get("artifact") if entry.meta else None
