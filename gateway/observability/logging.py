@@ -2,17 +2,34 @@
 
 Secrets never reach a log line: the settings objects mask them in ``repr``, and
 :func:`redact_headers` is what every layer uses before logging headers.
+
+The proxy writes one access-log line per request, so the processor chain is on the hot path of
+every cache hit. Two of structlog's stock processors dominated it and are replaced here by
+equivalents producing the same text (``bench/hitpath.py`` measures it):
+
+- JSON: orjson instead of ``json.dumps`` (which builds a new ``JSONEncoder`` per call when given
+  ``default=``); see :func:`_orjson_dumps` for how the output stays what it was.
+- timestamp: :class:`_UtcIsoStamper` formats the date and time once per second instead of a
+  ``datetime`` + ``isoformat()`` per line.
+
+``cache_logger_on_first_use`` stays off: the access log is bound once per connection (not per
+request), pipeline loggers are not called on a hit, and cached loggers would keep a level and
+processor list across re-configuration (tests reconfigure and use ``capture_logs``).
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
 import threading
-from typing import Iterable, Mapping, Optional
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
 
+import orjson
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 from ..settings import LoggingSettings
 
@@ -108,15 +125,57 @@ class _BufferedLoggerFactory:
         return self._logger
 
 
+#: orjson would serialise dataclasses and datetimes itself; the stock renderer passed them to
+#: ``default`` (→ ``repr``), and the settings dataclasses rely on their ``repr`` to mask secrets.
+#: Non-string keys are written as strings (json.dumps did the same for int/float/bool keys).
+_ORJSON_OPTIONS = (orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+                   | orjson.OPT_NON_STR_KEYS)
+
+
+def _orjson_dumps(obj: Any, default: Optional[Callable[[Any], Any]] = None, **_: Any) -> str:
+    """``json.dumps``-compatible serializer for :class:`structlog.processors.JSONRenderer`.
+
+    Same keys, order and values as ``json.dumps``; the text differs only in whitespace (no
+    space after ``,`` and ``:``), non-ASCII characters written as UTF-8 instead of ``\\uXXXX``
+    escapes, and NaN/Infinity written as ``null`` (valid JSON). What orjson refuses (integers
+    beyond 64 bits, nesting deeper than 254) falls back to ``json.dumps``: a log call never
+    raises because of its values. ``default`` is the renderer's (``repr`` or ``__structlog__``)."""
+    try:
+        return orjson.dumps(obj, default=default, option=_ORJSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, default=default)
+
+
+class _UtcIsoStamper:
+    """``timestamp``: the text of ``TimeStamper(fmt="iso", utc=True)`` (``datetime.isoformat``
+    in UTC with ``Z``: microseconds, omitted when zero), with the date and time formatted once
+    per second."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: tuple[int, str] = (-1, "")
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        second, ns = divmod(time.time_ns(), 1_000_000_000)
+        cached_second, prefix = self._cache  # one tuple: consistent when read from any thread
+        if second != cached_second:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._cache = (second, prefix)
+        micro = ns // 1000
+        event_dict["timestamp"] = f"{prefix}.{micro:06d}Z" if micro else prefix + "Z"
+        return event_dict
+
+
 def configure_logging(settings: LoggingSettings, stream=None) -> None:
     level = getattr(logging, settings.level.upper())
-    renderer = (structlog.processors.JSONRenderer() if settings.format == "json"
-                else structlog.dev.ConsoleRenderer(colors=False))
+    renderer = (structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+                if settings.format == "json" else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _UtcIsoStamper(),
             structlog.processors.format_exc_info,
             renderer,
         ],

@@ -1,0 +1,82 @@
+"""The JSON log line: fields, order and timestamp text as structlog's stock processors made them."""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import pytest
+import structlog
+from structlog.processors import TimeStamper
+
+from gateway.observability.logging import _UtcIsoStamper, configure_logging, get_logger
+from gateway.settings import LoggingSettings
+
+#: what TimeStamper(fmt="iso", utc=True) writes: microseconds, omitted when they are zero
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")
+
+
+@pytest.fixture
+def lines():
+    """Logging configured as the gateway does, into a buffer; restores structlog's defaults."""
+    buf = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
+    try:
+        yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
+    finally:
+        structlog.reset_defaults()
+
+
+@dataclass
+class _Secretive:
+    password: str
+
+    def __repr__(self) -> str:
+        return "_Secretive(password=***)"
+
+
+def test_access_line_fields_order_and_values(lines):
+    # outside an event loop the line is written at once
+    get_logger("gateway.access").bind().info(
+        "request", request_id="a-1", client="127.0.0.1:1", method="GET", scheme="https",
+        host="repo.maven.apache.org", port=443, path="/maven2/x.pom", status=200, bytes=4096,
+        duration=0.0004, decision="intercept", cache="hit")
+    (line,) = lines()
+    assert list(line) == ["request_id", "client", "method", "scheme", "host", "port", "path",
+                          "status", "bytes", "duration", "decision", "cache", "event", "level",
+                          "timestamp"]
+    assert line["duration"] == 0.0004 and line["event"] == "request" and line["level"] == "info"
+    assert ISO_UTC.match(line["timestamp"]), line["timestamp"]
+
+
+def test_values_json_cannot_encode_are_logged_as_before(lines):
+    log = get_logger("t")
+    log.info("odd", settings=_Secretive("hunter2"), when=datetime.datetime(2020, 1, 2),
+             big=2**70, keys={1: "one"}, text="é")
+    (line,) = lines()
+    assert "hunter2" not in json.dumps(line)
+    assert line["settings"] == "_Secretive(password=***)"      # repr, as json.dumps' default did
+    assert line["when"] == repr(datetime.datetime(2020, 1, 2))
+    assert line["big"] == 2**70 and line["keys"] == {"1": "one"} and line["text"] == "é"
+
+
+def test_timestamp_text_matches_structlog_timestamper():
+    ours, stock = _UtcIsoStamper(), TimeStamper(fmt="iso", utc=True)
+    a = ours(None, "info", {})["timestamp"]
+    b = stock(None, "info", {})["timestamp"]
+    assert ISO_UTC.match(a) and ISO_UTC.match(b)
+    parse = lambda s: datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    assert abs((parse(b) - parse(a)).total_seconds()) < 60  # the same clock, the same zone
+
+
+def test_timestamp_drops_zero_microseconds_like_isoformat(monkeypatch):
+    import gateway.observability.logging as logging_module
+
+    monkeypatch.setattr(logging_module.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    stamp = _UtcIsoStamper()(None, "info", {})["timestamp"]
+    ref = datetime.datetime.fromtimestamp(1_700_000_000, datetime.timezone.utc)
+    assert stamp == ref.isoformat().replace("+00:00", "Z") == "2023-11-14T22:13:20Z"
+    monkeypatch.setattr(logging_module.time, "time_ns", lambda: 1_700_000_000_000_123_999)
+    assert _UtcIsoStamper()(None, "info", {})["timestamp"] == "2023-11-14T22:13:20.000123Z"
