@@ -138,7 +138,7 @@ async def run(args, world) -> list[tuple[str, float, float]]:
             assert r.body.data  # type: ignore[attr-defined]
             await r.body.close()
 
-        rows.append(("pipeline.handle hit (+ body)",) + await timed(args.n, args.rounds, hit))
+        rows.append(("pipeline.handle hit (+ Exchange, body)",) + await timed(args.n, args.rounds, hit))
 
         access = get_logger("gateway.access").bind()
         fields = dict(request_id="a1b2c3-1f", client="127.0.0.1:40000", method="GET",
@@ -205,9 +205,9 @@ def main() -> int:
             world.stop()
     print(f"\nhit path below the proxy ({args.loop}, {args.n} ops x {args.rounds} rounds, "
           f"best round; POM {args.small_bytes} B)")
-    print(f"{'operation':32} {'cpu µs/op':>10} {'wall µs/op':>11}")
+    print(f"{'operation':36} {'cpu µs/op':>10} {'wall µs/op':>11}")
     for name, cpu, wall in rows:
-        print(f"{name:32} {cpu:10.1f} {wall:11.1f}")
+        print(f"{name:36} {cpu:10.1f} {wall:11.1f}")
     return 0
 
 
