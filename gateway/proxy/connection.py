@@ -150,6 +150,50 @@ def _default_reason(status: int) -> str:
         return ""
 
 
+#: request fields the proxy reads itself (besides the hop-by-hop ones, never forwarded)
+_WATCHED = HOP_BY_HOP | {"host", "via", "content-length"}
+
+
+class _Fields:
+    """A request's header fields, sorted in one pass: what is forwarded end to end (hop-by-hop
+    fields, those named in ``Connection``, ``Host`` and ``Via`` removed) and the few the proxy
+    reads itself."""
+
+    __slots__ = ("forward", "host", "vias", "content_length", "chunked", "proxy_auth")
+
+    def __init__(self, raw: list[tuple[str, str]]) -> None:
+        forward = CIMultiDict()
+        self.host: Optional[str] = None
+        self.vias: list[str] = []
+        self.content_length: Optional[str] = None
+        self.chunked = False
+        self.proxy_auth: list[str] = []
+        named: Optional[set[str]] = None
+        for k, v in raw:
+            lk = k.lower()
+            if lk not in _WATCHED:
+                forward.add(k, v)
+            elif lk == "host":
+                if self.host is None:
+                    self.host = v
+            elif lk == "via":
+                self.vias.append(v)
+            elif lk == "content-length":
+                self.content_length = v
+                forward.add(k, v)
+            elif lk == "transfer-encoding":
+                self.chunked = True
+            elif lk == "proxy-authorization":
+                self.proxy_auth.append(v)
+            elif lk == "connection":
+                named = named or set()
+                named.update(t.strip().lower() for t in v.split(","))
+        if named:
+            for name in named:
+                forward.popall(name, None)
+        self.forward = forward
+
+
 class RequestBody:
     """The request body as an async iterator that reads the socket only when asked (backpressure).
 
@@ -221,6 +265,8 @@ class ClientConnection:
         self._header_timeout = float(self.settings.header_timeout)
         self._loop = asyncio.get_running_loop()
         self._via = f"1.1 {self.settings.via_pseudonym}"
+        #: a Host header already checked against the CONNECT authority on this connection
+        self._host_ok: Optional[str] = None
         # bound once per connection: the lazy module-level proxy binds anew on every call
         self._access_log = access_log.bind()
 
@@ -619,7 +665,7 @@ class ClientConnection:
     async def _dispatch(self, request: http1.RequestHead) -> str:
         method = request.method
         target = request.target
-        headers = CIMultiDict(request.headers)
+        headers = _Fields(request.headers)
         rec = _Record(client=self.client, method=method, started=self._loop.time())
         try:
             if self.tls_host is not None:
@@ -640,8 +686,8 @@ class ClientConnection:
             self._account(rec)
 
     # -- CONNECT ----------------------------------------------------------------------------
-    def _authorized(self, headers: CIMultiDict) -> bool:
-        if self.server.auth.check(headers.getall("proxy-authorization", [])):
+    def _authorized(self, headers: _Fields) -> bool:
+        if self.server.auth.check(headers.proxy_auth):
             return True
         self.metrics.proxy_auth_failures.inc()
         return False
@@ -664,7 +710,7 @@ class ClientConnection:
                        f"configuration, e.g.  - {{host: {decision.host}, action: intercept}}")
         return await self._error(rec, 403, message, reason=decision.reason, close=close)
 
-    async def _connect(self, rec: _Record, target: str, headers: CIMultiDict) -> str:
+    async def _connect(self, rec: _Record, target: str, headers: _Fields) -> str:
         rec.path = ""
         try:
             host, port = parse_authority(target)
@@ -768,7 +814,7 @@ class ClientConnection:
 
     # -- HTTP requests ----------------------------------------------------------------------
     async def _absolute(self, request: http1.RequestHead, rec: _Record, target: str,
-                        headers: CIMultiDict) -> str:
+                        headers: _Fields) -> str:
         try:
             scheme, host, port, origin = parse_absolute(target)
         except TargetError as exc:
@@ -796,14 +842,15 @@ class ClientConnection:
         return await self._exchange(request, rec, "http", host, port, origin, headers)
 
     async def _intercepted_request(self, request: http1.RequestHead, rec: _Record, target: str,
-                                   headers: CIMultiDict) -> str:
+                                   headers: _Fields) -> str:
         host, port = self.tls_host, self.tls_port
         rec.scheme, rec.host, rec.port, rec.decision = "https", host, port, "intercept"
         if rec.method == "CONNECT":
             return await self._error(rec, 400, "CONNECT inside an intercepted connection is not "
                                      "supported", client_error="malformed", close=True)
         origin = target
-        if is_absolute(target):
+        absolute = is_absolute(target)
+        if absolute:
             try:
                 scheme, t_host, t_port, origin = parse_absolute(target)
             except TargetError as exc:
@@ -815,8 +862,8 @@ class ClientConnection:
             return await self._error(rec, 400, f"bad request target {target[:200]!r}",
                                      client_error="bad_target")
         rec.path = origin.split("?", 1)[0]
-        host_header = headers.get("host")
-        if host_header is not None and not is_absolute(target):
+        host_header = headers.host
+        if host_header is not None and host_header != self._host_ok and not absolute:
             try:
                 h_host, h_port = parse_authority(host_header, 443)
             except TargetError:
@@ -824,6 +871,7 @@ class ClientConnection:
                                          client_error="bad_target")
             if (h_host, h_port) != (host, port):
                 return await self._misdirected(rec, host_header)
+            self._host_ok = host_header          # the same Host on every request: check once
         return await self._exchange(request, rec, "https", host, port, origin, headers)
 
     async def _misdirected(self, rec: _Record, what: str) -> str:
@@ -834,32 +882,22 @@ class ClientConnection:
             client_error="misdirected")
 
     async def _exchange(self, request: http1.RequestHead, rec: _Record, scheme: str, host: str,
-                        port: int, origin: str, headers: CIMultiDict) -> str:
-        # one pass: end-to-end headers (hop-by-hop and those named in Connection dropped), then
-        # Host and Via; RFC 9112 §3.2.2: the target's authority wins over the client's Host
-        named = ()
-        if "connection" in headers:
-            named = {t.strip().lower() for v in headers.getall("connection") for t in v.split(",")}
-        ex_headers = CIMultiDict()
-        vias = []
-        for k, v in headers.items():
-            lk = k.lower()
-            if lk in HOP_BY_HOP or lk in named or lk == "host":
-                continue
-            if lk == "via":
-                vias.append(v)
-                continue
-            ex_headers.add(k, v)
+                        port: int, origin: str, headers: _Fields) -> str:
+        # end-to-end headers, then Host and Via; RFC 9112 §3.2.2: the target's authority wins
+        # over the client's Host
+        ex_headers = headers.forward
         ex_headers["Host"] = authority(host, port, scheme)
-        via = ", ".join(vias)
+        via = ", ".join(headers.vias)
         version = request.http_version
         ex_headers["Via"] = (via + ", " if via else "") + f"{version} {self.settings.via_pseudonym}"
-        chunked = "transfer-encoding" in headers
-        if chunked and "content-length" in headers:
-            # RFC 9112 §6.3: both framings at once is a request-smuggling pattern
+        chunked = headers.chunked
+        clen = headers.content_length
+        if chunked and clen is not None:
+            # RFC 9112 §6.3: both framings at once is a request-smuggling pattern (llhttp
+            # already refuses it; kept as a second line)
             return await self._error(rec, 400, "Content-Length together with Transfer-Encoding "
                                      "is not accepted", client_error="malformed")
-        has_body = chunked or headers.get("content-length", "0").strip() not in ("", "0")
+        has_body = chunked or (clen is not None and clen.strip() not in ("", "0"))
         body_iter = RequestBody(self, rec) if has_body else None
         exchange = Exchange(method=rec.method, scheme=scheme, host=host, port=port, target=origin,
                             headers=ex_headers, body=body_iter, client=self.client, id=rec.id)
@@ -881,7 +919,7 @@ class ClientConnection:
         # is left; otherwise the response says Connection: close and the connection lingers.
         close = False
         if body_iter is not None and not body_iter.done:
-            length = headers.get("content-length", "").strip()
+            length = (clen or "").strip()
             close = not (length.isdigit() and int(length) - rec.bytes_in <= DISCARD_LIMIT) \
                 or body_iter.active
         outcome = await self._respond(rec, rec.method, response, close=close)
