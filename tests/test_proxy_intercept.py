@@ -304,6 +304,29 @@ async def test_header_and_idle_timeouts(tmp_path):
         async with asyncio.timeout(3):
             assert await reader.read() == b""       # idle connection closed, nothing sent
         writer.close()
+        # kept alive after a request: the idle timeout counts from the last read (the timer
+        # armed for the first read is re-armed, not reused as is)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            await asyncio.sleep(0.2)                 # < idle_timeout between requests
+            writer.write(b"GET http://registry.test/hello HTTP/1.1\r\nHost: registry.test\r\n\r\n")
+            async with asyncio.timeout(3):
+                assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+                await reader.readuntil(b"hello http://registry.test/hello\n")
+        last = loop.time()
+        async with asyncio.timeout(3):
+            assert await reader.read() == b""
+        assert loop.time() - last >= 0.25            # not closed early by a stale deadline
+        writer.close()
+        # a request body that stalls mid-way: the connection is closed, not held forever
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"POST http://registry.test/echo HTTP/1.1\r\nHost: registry.test\r\n"
+                     b"Content-Length: 10\r\n\r\nabc")
+        async with asyncio.timeout(5):
+            while await reader.read(65536):
+                pass
+        writer.close()
 
 
 async def test_proxy_auth(tmp_path):

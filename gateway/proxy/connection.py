@@ -265,6 +265,11 @@ class ClientConnection:
         self._header_timeout = float(self.settings.header_timeout)
         self._loop = asyncio.get_running_loop()
         self._via = f"1.1 {self.settings.via_pseudonym}"
+        # the read timeout (see _read)
+        self._read_deadline = 0.0
+        self._read_task: Optional[asyncio.Task] = None
+        self._read_timer: Optional[asyncio.TimerHandle] = None
+        self._read_timed_out: Optional[asyncio.Task] = None
         #: a Host header already checked against the CONNECT authority on this connection
         self._host_ok: Optional[str] = None
         # bound once per connection: the lazy module-level proxy binds anew on every call
@@ -303,6 +308,9 @@ class ClientConnection:
         finally:
             self.busy = False
             self._set_kind(None)
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
             if self._upstream_writer is not None:
                 self._upstream_writer.transport.abort()
             transport = self.writer.transport
@@ -311,8 +319,46 @@ class ClientConnection:
 
     # -- reading ------------------------------------------------------------------------------
     async def _read(self, timeout: float) -> bytes:
-        async with asyncio.timeout(timeout):
+        """One read, bounded by ``timeout`` (:class:`TimeoutError`).
+
+        Same contract as ``async with asyncio.timeout(timeout)``, at a fraction of the cost on
+        the path every request takes: ``asyncio.timeout`` schedules and cancels a timer per
+        read (~7 µs here). Instead one timer per connection is left running and only the
+        deadline moves; when the timer fires early it re-arms itself for the current
+        deadline, when it fires late it cancels the reading task (like ``asyncio.timeout``).
+        """
+        loop = self._loop
+        deadline = loop.time() + timeout
+        self._read_deadline = deadline
+        task = asyncio.current_task()
+        self._read_task = task
+        timer = self._read_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._read_timer = loop.call_at(deadline, self._read_timer_fired)
+        try:
             return await self.reader.read(READ_SIZE)
+        except asyncio.CancelledError:
+            if self._read_timed_out is task:
+                self._read_timed_out = None
+                if task.uncancel() == 0:
+                    raise TimeoutError() from None
+            raise
+        finally:
+            self._read_task = None
+
+    def _read_timer_fired(self) -> None:
+        self._read_timer = None
+        task = self._read_task
+        if task is None:
+            return                               # no read waiting: the next read re-arms
+        deadline = self._read_deadline
+        if self._loop.time() < deadline:
+            self._read_timer = self._loop.call_at(deadline, self._read_timer_fired)
+            return
+        self._read_timed_out = task
+        task.cancel()
 
     async def _read_head(self) -> Optional[http1.RequestHead]:
         conn = self.conn
