@@ -329,6 +329,32 @@ async def test_cache_cli_stats_ls_verify_purge(clean_upstreams, make_gateway):
     assert json.loads(cli("stats").stdout)["blobs"] == 0
 
 
+async def test_purge_while_running_takes_effect(clean_upstreams, make_gateway):
+    """``cache purge`` runs beside a live gateway: within a second the gateway stops serving
+    what was purged, including small bodies it held in memory."""
+    import subprocess
+    import sys
+
+    world = clean_upstreams
+    gw = make_gateway(world)
+    url = f"https://{MAVEN}/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom"
+    await get(gw, url)
+    status, headers, body = await get(gw, url)
+    assert status == 200 and headers["Cache-Status"].startswith("trivy-gateway; hit")
+    world.clear_log()
+    out = subprocess.run([sys.executable, "-m", "gateway", "cache", "purge", "--host", MAVEN,
+                          "--config", str(gw.config_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "removed 1 entries" in out.stderr, out.stderr
+    await asyncio.sleep(1.3)                     # > the gateway's marker check interval
+    status, headers, again = await get(gw, url)
+    assert status == 200 and again == body
+    assert "hit" not in headers["Cache-Status"], headers["Cache-Status"]
+    assert len(world.requests(host=MAVEN)) == 1  # fetched anew after the purge
+    status, headers, _ = await get(gw, url)      # and cached again
+    assert headers["Cache-Status"].startswith("trivy-gateway; hit")
+
+
 async def test_disk_failure_mid_fill_still_serves_clients_intact(clean_upstreams, make_gateway):
     """The cache's disk fails after ~20 MiB of a 60 MiB fill (RLIMIT_FSIZE on the gateway:
     writes fail like a full disk). Every client still gets the whole, correct blob (finished

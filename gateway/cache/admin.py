@@ -1,7 +1,9 @@
 """Operator commands on the cache directory: ``cache stats | ls | purge | verify``.
 
-They work on the files directly, so they also run while the gateway is up: a running gateway
-treats an entry whose body blob has disappeared as a miss.
+They work on the files directly, so they also run while the gateway is up: after a purge (or a
+verify that removed blobs) they touch a marker file that a running gateway checks once a second,
+and it then forgets the entries and small bodies it holds in memory; an entry whose body blob has
+disappeared is a miss.
 """
 from __future__ import annotations
 
@@ -67,10 +69,14 @@ def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
         dropped = [d for d in blobs.digests() if d not in referenced]
         for d in dropped:
             blobs.remove(d)
+        if removed or dropped:
+            entries.mark_purged()                # a running gateway drops what memory holds
         print(f"removed {removed} entries and {len(dropped)} unreferenced blobs", file=sys.stderr)
         return 0
     if cmd == "verify":
         bad = [d for d in blobs.digests() if not blobs.verify(d)]
+        if bad:
+            entries.mark_purged()
         print(f"verified {blobs.count + len(bad)} blobs, removed {len(bad)} corrupt", file=sys.stderr)
         for d in bad:
             print(d)

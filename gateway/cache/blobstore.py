@@ -342,6 +342,15 @@ class BlobStore:
         self._forget(digest)
         return True
 
+    def forget_missing(self) -> int:
+        """Drop index records whose file is gone (an operator command removed them while this
+        process ran); pinned blobs are open and stay. Returns how many were dropped."""
+        gone = [d for d, rec in self._index.items()
+                if not rec.pins and not self.path_of(d).exists()]
+        for d in gone:
+            self._forget(d)
+        return len(gone)
+
     def _forget(self, digest: str) -> None:
         rec = self._index.pop(digest, None)
         if rec:

@@ -112,6 +112,10 @@ class _FrontSerializer(BaseSerializer):
 #: with the shared (Redis) backend, how long a replica serves an immutable entry from its own
 #: process before asking Redis again (see :class:`_MemoryFront`)
 SHARED_HOT_SECONDS = 1.0
+#: file in the entries directory the operator commands touch after purging (not an entry)
+PURGE_MARKER = ".operator-changed"
+#: how often a running gateway looks at it (one stat; a purge takes effect within this)
+PURGE_CHECK_INTERVAL = 1.0
 
 
 class _MemoryFront:
@@ -253,12 +257,19 @@ class EntryStore:
         self.front = _MemoryFront(memory)
         self.small_limit = memory.max_item_size
         self._count = 0
+        #: touched by ``trivy-gateway cache purge|verify`` (another process): a running gateway
+        #: drops its memory front when it changes, so purged entries stop being served
+        self.purge_marker = self.dir / PURGE_MARKER
+        self._marker_mtime: Optional[int] = None
+        self._marker_checked = 0.0
 
     def open(self) -> None:
         """Create the directory, drop torn temp files and entries whose body is gone."""
         self.dir.mkdir(parents=True, exist_ok=True)
         count = 0
         for f in self.dir.iterdir():
+            if f.name == PURGE_MARKER:
+                continue
             if f.name.endswith(".tmp"):
                 f.unlink(missing_ok=True)
                 continue
@@ -274,12 +285,41 @@ class EntryStore:
             count += 1
         self._count = count
         self.metrics.cache_entries.labels("response").set(count)
+        self._marker_mtime = self._marker_stamp()
+        self._marker_checked = time.monotonic()
 
     def _path(self, key: str) -> Path:
         return self.dir / (_file_name(key) + ".json")
 
+    def _marker_stamp(self) -> Optional[int]:
+        try:
+            return self.purge_marker.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    async def _check_purge_marker(self) -> None:
+        """(At most once per :data:`PURGE_CHECK_INTERVAL`.) Has an operator command changed the
+        cache behind this process's back? Then forget what memory holds (disk is the truth)."""
+        self._marker_checked = time.monotonic()
+        stamp = self._marker_stamp()
+        if stamp != self._marker_mtime:
+            self._marker_mtime = stamp
+            await self.front.clear()
+            forget = getattr(self.blobs, "forget_missing", None)
+            if forget is not None:
+                forget()
+            self._count = sum(1 for _ in self.dir.glob("*.json"))
+            self.metrics.cache_entries.labels("response").set(self._count)
+            log.info("cache_changed_by_operator", marker=str(self.purge_marker))
+
+    def mark_purged(self) -> None:
+        """Called by the operator commands after they removed entries or blobs."""
+        self.purge_marker.write_text(f"{time.time():.6f}\n", encoding="utf-8")
+
     async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
         """The entry and, when small enough to be in memory, its body."""
+        if time.monotonic() - self._marker_checked >= PURGE_CHECK_INTERVAL:
+            await self._check_purge_marker()
         cached = await self.front.get(key)
         if cached is not None:
             entry = cached[0]
