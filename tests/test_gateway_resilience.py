@@ -333,6 +333,32 @@ async def test_github_primary_rate_limit_serves_stale_and_stops_asking_until_res
            stale_answers=len(answers))
 
 
+async def test_github_secondary_rate_limit_403_serves_stale(clean_upstreams, make_gateway):
+    """A secondary limit (403 + Retry-After, budget left): a short one is retried by the
+    gateway and the client never sees it; a long one serves the cached listing stale."""
+    world = clean_upstreams
+    gw = make_gateway(world, {"cache": {"github": {"ttl": "1s"}}})
+    contents = f"https://{API_GITHUB}/repos/aquasecurity/vexhub/contents/"
+    secondary = {"Retry-After": "1", "X-RateLimit-Remaining": "41"}
+    body = '{"message": "You have exceeded a secondary rate limit."}'
+    world.fail_status(API_GITHUB, 403, "/contents/", times=1, headers=secondary, body=body)
+    status, headers, listing = await get(gw, contents)
+    assert status == 200 and b"vex-repository.json" in listing     # waited out, retried
+    world.wait_idle(5)
+    assert statuses(world.requests(host=API_GITHUB)) == [403, 200]
+    await asyncio.sleep(1.3)                     # the cached listing's TTL is over
+    world.clear_log()
+    world.fail_status(API_GITHUB, 403, "/contents/", times=None,
+                      headers={**secondary, "Retry-After": "600"}, body=body)
+    for _ in range(3):
+        status, headers, again = await get(gw, contents)
+        assert status == 200 and again == listing
+        assert "stale" in headers.get("Cache-Status", ""), headers.get("Cache-Status")
+    world.wait_idle(5)
+    assert statuses(world.requests(host=API_GITHUB)) == [403]    # then the circuit is open
+    world.clear_faults(API_GITHUB)
+
+
 # --------------------------------------------------------------------------------------------
 # credentials
 # --------------------------------------------------------------------------------------------

@@ -184,3 +184,65 @@ async def test_secondary_rate_limit_429_with_short_retry_after_still_retried(pki
     finally:
         await client.close()
         await stop_all(srv)
+
+
+async def test_secondary_rate_limit_403_with_retry_after_is_retried(pki):
+    """GitHub answers secondary rate limits with 403 (or 429) + Retry-After while budget is
+    left: a short one is waited out and retried like a 429."""
+    async def handler(request, srv):
+        if srv.count <= 2:
+            return web.Response(status=403, text='{"message": "You have exceeded a secondary '
+                                'rate limit."}', content_type="application/json",
+                                headers={"Retry-After": "0.1", "X-RateLimit-Remaining": "41"})
+        return web.json_response([])
+
+    srv, client, metrics = await started(pki, handler)
+    try:
+        resp = await client.request(GET(CONTENTS))
+        assert resp.status == 200
+        await resp.read()
+        assert srv.count == 3
+        assert client.circuit_remaining(HOST) is None
+        assert sample(metrics, "trivy_gateway_upstream_retries_total", host=HOST,
+                      reason="status_429") == 2
+    finally:
+        await client.close()
+        await stop_all(srv)
+
+
+async def test_secondary_rate_limit_403_with_long_retry_after_opens_circuit(pki):
+    async def handler(request, srv):
+        return web.Response(status=403, text="secondary rate limit", headers={
+            "Retry-After": "120", "X-RateLimit-Remaining": "41"})
+
+    srv, client, metrics = await started(pki, handler)
+    try:
+        resp = await client.request(GET(CONTENTS))
+        assert resp.status == 403                # returned (the cache may serve stale)
+        await resp.read()
+        remaining = client.circuit_remaining(HOST)
+        assert remaining is not None and 100 < remaining <= 120
+        with pytest.raises(UpstreamError) as info:
+            await client.request(GET(CONTENTS))
+        assert info.value.reason == "circuit_open"
+        assert srv.count == 1                    # nothing more reached the server
+    finally:
+        await client.close()
+        await stop_all(srv)
+
+
+async def test_plain_403_is_not_retried(pki):
+    async def handler(request, srv):
+        return web.Response(status=403, text="forbidden",
+                            headers={"X-RateLimit-Remaining": "41"})
+
+    srv, client, metrics = await started(pki, handler)
+    try:
+        resp = await client.request(GET(CONTENTS))
+        assert resp.status == 403
+        await resp.read()
+        assert srv.count == 1
+        assert client.circuit_remaining(HOST) is None
+    finally:
+        await client.close()
+        await stop_all(srv)

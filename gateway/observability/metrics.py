@@ -124,8 +124,8 @@ class Metrics:
             ["host"], buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_retries = Counter(
             p + "upstream_retries_total",
-            "Upstream requests retried, by host and reason (connect, timeout, status_429, "
-            "status_5xx, body).", ["host", "reason"], registry=r)
+            "Upstream requests retried, by host and reason (connect, timeout, status_429 "
+            "(429, or 403 with Retry-After), status_5xx, body).", ["host", "reason"], registry=r)
         self.upstream_retry_after = Histogram(
             p + "upstream_retry_after_seconds",
             "Retry-After values received from upstreams (as sent, before flooring/capping).",

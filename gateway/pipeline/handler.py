@@ -120,8 +120,10 @@ class Pipeline:
         # The upstream gave no storable answer: serve stale if allowed.
         failed_status = outcome.status if outcome.kind in ("bytes", "stream") else None
         upstream_failed = outcome.kind == "error" or failed_status in _STALE_ON_STATUS or (
-            # GitHub's rate limit: 403 (or 429) with X-RateLimit-Remaining: 0
-            failed_status == 403 and outcome.headers.get("X-RateLimit-Remaining") == "0")
+            # GitHub's rate limits: 403 with X-RateLimit-Remaining: 0 (primary) or with
+            # Retry-After (secondary; 429s are covered above)
+            failed_status == 403 and (outcome.headers.get("X-RateLimit-Remaining") == "0"
+                                      or "Retry-After" in outcome.headers))
         if stale is not None and upstream_failed and stale.staleness() <= res.max_stale:
             if outcome.kind == "stream" and outcome.response is not None and not outcome.taken:
                 outcome.taken = True

@@ -15,7 +15,8 @@ Per request (:meth:`UpstreamClient.request`), for each redirect hop:
    response is returned without retry and the host's circuit opens until the reset (or for the
    response's Retry-After, if it has one), capped by ``circuit.max_open_for``; meanwhile clients
    without a cached answer get 429 with Retry-After. Secondary rate limits (Retry-After without an
-   exhausted budget) go through the Retry-After handling of step 4.
+   exhausted budget, on a 429 *or a 403*, which is how GitHub answers them) go through the
+   Retry-After handling of step 4, counted as ``status_429`` retries.
 
 The response body streams; with ``resumable`` a body cut mid-way is resumed with ``Range``.
 """
@@ -570,23 +571,27 @@ class UpstreamClient:
             if reset_in is not None:
                 await self._rate_limited(st, r, reset_in, deadline, kind)
                 return r
-        if status not in RETRY_STATUSES:
+        # a 403 that carries Retry-After is a throttle, not a refusal (GitHub's secondary rate
+        # limits answer 403 or 429 with Retry-After while X-RateLimit-Remaining is left)
+        throttled = status == 429 or (status == 403 and "Retry-After" in r.headers)
+        if status not in RETRY_STATUSES and not throttled:
             if status >= 500:
                 st.breaker.failure(status, f"status {status}", probe=probe)
             else:
                 st.breaker.success(probe=probe)
             return r
-        # 429 / 502 / 503 / 504: the error body is small, read it (hints, and it can be kept)
+        # 403+Retry-After / 429 / 502 / 503 / 504: the error body is small, read it (hints, and
+        # it can be kept)
         buffered = await r._buffer_small(ERROR_BODY_LIMIT, deadline)
         ra = parse_retry_after_header(r.headers.get("Retry-After"))
         if ra is None and r._prefix and status in (429, 503):
             ra = parse_retry_after_body(r._prefix)
         if ra is not None:
             self.metrics.upstream_retry_after.labels(host=st.label).observe(ra)
-        if status == 429:
+        if throttled:
             st.limiter.on_throttled()
         if ra is not None and (ra > retry.retry_after_max or
-                               (status in (429, 503) and
+                               ((throttled or status == 503) and
                                 ra >= self.settings.circuit.long_retry_after)):
             window = st.breaker.open_for_retry_after(ra, status)
             log.warning("upstream_pushback", host=host, status=status, retry_after=ra,
@@ -603,7 +608,7 @@ class UpstreamClient:
                 or loop.time() + delay >= deadline):
             st.breaker.failure(status, f"status {status}")
             return r
-        self._count_retry(st, "status_429" if status == 429 else "status_5xx", attempt,
+        self._count_retry(st, "status_429" if throttled else "status_5xx", attempt,
                           delay, url, retry_after=ra)
         await asyncio.sleep(delay)
         return None
