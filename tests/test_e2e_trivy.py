@@ -99,6 +99,11 @@ def test_vuln_db_default_repository_cold_then_warm(world, make_gateway, scanners
     assert [(b.host, b.status) for b in blobs] == [(MIRROR, 200)], diag(world, gw)
     assert blobs[0].bytes_sent == layer.size and blobs[0].path.endswith(layer.digest)
     assert GHCR not in cold
+    # the gateway's own token flow reuses the challenge of Trivy's /v2/ ping: one ping, one
+    # token, one manifest, one blob — what Trivy alone sends
+    pings = [e for e in world.requests(host=MIRROR) if e.path == "/v2/"]
+    assert len(pings) == 1, diag(world, gw)
+    assert len(world.requests(host=MIRROR)) == 4, diag(world, gw)
 
     world.clear_log()
     cache2 = t.fresh_cache()

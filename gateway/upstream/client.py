@@ -378,6 +378,11 @@ class UpstreamClient:
             resp = await self._registry_request(req, deadline)
         else:
             resp = await self._follow(req, _clean_headers(req.headers), deadline)
+            if resp.status == 401 and req.kind == "oci_auth":
+                url = URL(req.url, encoded=True)
+                if url.path == "/v2/" and url.host:
+                    self.tokens.learn_challenge(url.host,
+                                                resp.headers.get("WWW-Authenticate", ""))
         return resp
 
     async def _registry_request(self, req: UpstreamRequest, deadline: float) -> _Response:

@@ -56,6 +56,17 @@ class RegistryTokens:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.fetches = 0
 
+    def learn_challenge(self, registry: str, www_authenticate: str) -> None:
+        """Keep the Bearer challenge of a ``/v2/`` answer that passed through for a client.
+
+        Trivy pings ``/v2/`` itself before asking for a manifest; without this, the gateway's
+        own token flow would ping the registry a second time for the same challenge."""
+        scheme, params = parse_challenge(www_authenticate)
+        if scheme != "bearer" or not params.get("realm"):
+            return
+        params.pop("scope", None)                # per request; the gateway asks for its own
+        self._challenges[registry.lower()] = (scheme, params, asyncio.get_running_loop().time())
+
     def invalidate(self, registry: str, repository: str) -> None:
         self._tokens.pop((registry.lower(), repository), None)
         self._challenges.pop(registry.lower(), None)
