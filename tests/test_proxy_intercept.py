@@ -445,3 +445,34 @@ async def test_body_pulled_by_background_task_never_shares_the_socket(tmp_path):
         await asyncio.wait_for(asyncio.gather(*handler.background), 10)
     # the background reader got either an error or part of the body; never a RuntimeError
     assert handler.background_result and handler.background_result[0] != "RuntimeError"
+
+
+async def test_connection_cap_answers_503_and_recovers(tmp_path):
+    settings = make_settings(tmp_path, rules=RULES, proxy={"max_connections": 2})
+    async with running_gateway(settings) as gw:
+        held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
+        for _ in range(50):                      # both accepted and counted (bounded wait)
+            if gw.server.active_connections == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert gw.server.active_connections == 2
+        raw = await raw_request(gw.port, b"GET http://registry.test/hello HTTP/1.1\r\n"
+                                         b"Host: registry.test\r\n\r\n")
+        assert status_line(raw).startswith("HTTP/1.1 503"), raw[:200]
+        assert b"Retry-After: 1\r\n" in raw and b"max_connections = 2" in raw
+        assert gw.metric("trivy_gateway_client_errors_total", reason="too_many_connections") == 1
+        # the held connections still work, and once one closes a new client gets in
+        reader, writer = held[0]
+        writer.write(b"GET http://registry.test/hello HTTP/1.1\r\nHost: registry.test\r\n"
+                     b"Connection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200")
+        writer.close()
+        for _ in range(50):
+            if gw.server.active_connections < 2:
+                break
+            await asyncio.sleep(0.02)
+        raw = await raw_request(gw.port, b"GET http://registry.test/hello HTTP/1.1\r\n"
+                                         b"Host: registry.test\r\nConnection: close\r\n\r\n")
+        assert status_line(raw) == "HTTP/1.1 200 OK"
+        held[1][1].close()

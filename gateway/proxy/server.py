@@ -40,6 +40,7 @@ class ProxyServer:
         self._connections: dict[ClientConnection, asyncio.Task] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_refusal_log = -1e9
         metrics.add_known_hosts(policy.hosts)
         #: prometheus children by label values (``labels()`` costs a lock and a tuple build on
         #: every call); bounded, the label values are
@@ -73,6 +74,16 @@ class ProxyServer:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        cap = self.settings.proxy.max_connections
+        if cap:
+            # a tunnel holds two descriptors; leave room for upstream pools, cache files, logs
+            needed = 2 * cap + 256
+            soft, _hard = raise_open_file_limit(needed)
+            if 0 <= soft < needed:
+                log.warning("open_file_limit_low", soft_limit=soft, needed=needed,
+                            max_connections=cap,
+                            hint="raise the container/systemd nofile limit (LimitNOFILE=) or "
+                                 "lower proxy.max_connections")
         host, _, port = self._listen.rpartition(":")
         host = host.strip("[]") or None
         self._server = await asyncio.start_server(
@@ -132,6 +143,10 @@ class ProxyServer:
                 log.warning("proxy_connections_not_closed", count=len(self._connections))
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cap = self.settings.proxy.max_connections
+        if cap and len(self._connections) >= cap:
+            await self._refuse(reader, writer, cap)
+            return
         conn = ClientConnection(self, reader, writer)
         task = asyncio.current_task()
         self._connections[conn] = task
@@ -148,6 +163,56 @@ class ProxyServer:
             self._connections.pop(conn, None)
             if not self._connections:
                 self._idle.set()
+
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      cap: int) -> None:
+        """Over ``proxy.max_connections``: a short 503 with Retry-After, then close (clients
+        retry; better than the whole process running out of file descriptors). The client's
+        request is read and dropped for up to a second before closing: closing with it unread
+        would reset the connection and the client might never see the 503."""
+        self.metrics.client_errors.labels(reason="too_many_connections").inc()
+        now = asyncio.get_running_loop().time()
+        if now - self._last_refusal_log >= 10.0:  # a flood must not flood the log too
+            self._last_refusal_log = now
+            log.warning("proxy_connection_refused", reason="proxy.max_connections reached",
+                        max_connections=cap)
+        body = (f"trivy-gateway: too many client connections (proxy.max_connections = {cap}); "
+                "retry shortly\n").encode()
+        writer.write(b"HTTP/1.1 503 Service Unavailable: too many connections\r\n"
+                     b"Content-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            writer.write_eof()
+            async with asyncio.timeout(1.0):
+                dropped = 0
+                while dropped < 64 * 1024:
+                    data = await reader.read(16 * 1024)
+                    if not data:
+                        break
+                    dropped += len(data)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+def raise_open_file_limit(wanted: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (never above the hard limit); returns
+    (soft, hard) after. Default soft limits (1024) are below what a busy proxy needs."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
 
 
 async def _no_tunnel(host: str, port: int):

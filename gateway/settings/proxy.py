@@ -42,3 +42,11 @@ class ProxySettings:
     max_header_bytes: int = 64 * 1024
     #: chunk size used when relaying bodies
     chunk_size: int = 256 * 1024
+    #: client connections open at once; one more is answered 503 + Retry-After and closed
+    #: (0: no cap). Each takes a file descriptor (a tunnel two): the gateway raises its soft
+    #: RLIMIT_NOFILE towards the hard limit at start and warns when the cap cannot fit in it.
+    max_connections: int = 4096
+
+    def validate(self, path: str) -> None:
+        if self.max_connections < 0:
+            raise ConfigError(f"{path}.max_connections", "must be 0 (no cap) or positive")
