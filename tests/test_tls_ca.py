@@ -101,6 +101,40 @@ def test_operator_ca_errors(tmp_path):
         CertificateAuthority.load(tmp_path / "nope.pem", key_path)
 
 
+def test_operator_ca_with_encrypted_key(tmp_path):
+    cert_path, plain_key = _operator_ca(tmp_path, key_type="ec")
+    key = serialization.load_pem_private_key(plain_key.read_bytes(), password=None)
+    enc_path = tmp_path / "corp-ca-key.enc.pem"
+    enc_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.BestAvailableEncryption(b"s3cret pass")))
+    secret = tmp_path / "ca-pass"
+    secret.write_text("s3cret pass\n")
+    # from a file
+    s = settings_for(tmp_path, ca_cert=str(cert_path), ca_key=str(enc_path),
+                     ca_key_password_file=str(secret))
+    assert "s3cret" not in repr(s.tls)
+    ca = CertificateAuthority.load_or_create(s)
+    LeafIssuer(ca, s, Metrics()).certificate_for("ghcr.io").verify_directly_issued_by(ca.cert)
+    # from the environment
+    s = load_settings(env={"CA_PASS": "s3cret pass"}, overrides={
+        "server": {"data_dir": str(tmp_path / "data")},
+        "tls": {"ca_cert": str(cert_path), "ca_key": str(enc_path),
+                "ca_key_password_env": "CA_PASS"}})
+    assert CertificateAuthority.load_or_create(s).cert.subject == ca.cert.subject
+    # no password, a wrong one, one for a key that is not encrypted: clear errors
+    with pytest.raises(CAError, match="ca_key_password_file"):
+        CertificateAuthority.load(cert_path, enc_path)
+    with pytest.raises(CAError, match="wrong password"):
+        CertificateAuthority.load(cert_path, enc_path, password=b"nope")
+    with pytest.raises(CAError, match="not encrypted"):
+        CertificateAuthority.load(cert_path, plain_key, password=b"s3cret pass")
+    # an empty variable is a configuration error, not a silent unencrypted attempt
+    with pytest.raises(Exception, match="CA_PASS"):
+        load_settings(env={}, overrides={"tls": {"ca_cert": str(cert_path), "ca_key": str(enc_path),
+                                                 "ca_key_password_env": "CA_PASS"}})
+
+
 def test_leaf_certificate_properties(tmp_path):
     s = settings_for(tmp_path, leaf_validity="2d")
     ca = CertificateAuthority.load_or_create(s)

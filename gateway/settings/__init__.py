@@ -116,6 +116,14 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
                               "empty and no password_file is set", settings.source)
         settings = dataclasses.replace(settings, proxy=dataclasses.replace(
             settings.proxy, auth=dataclasses.replace(auth, password=password)))
+    tls = settings.tls
+    if tls.ca_key_password_file or tls.ca_key_password_env:
+        secret = _read_secret(tls.ca_key_password_env, tls.ca_key_password_file, env, "tls")
+        if not secret:
+            raise ConfigError("tls.ca_key_password_env", f"{tls.ca_key_password_env} is empty "
+                              "and no ca_key_password_file is set", settings.source)
+        settings = dataclasses.replace(settings, tls=dataclasses.replace(
+            tls, ca_key_password=secret))
     creds = []
     for i, cred in enumerate(settings.upstream.credentials):
         secret = _read_secret(cred.secret_env, cred.secret_file, env, f"upstream.credentials[{i}]")

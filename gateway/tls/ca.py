@@ -126,9 +126,16 @@ class CertificateAuthority:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=password)
         except OSError as exc:
             raise CAError(f"cannot read CA key {key_path}: {exc.strerror}") from None
-        except (ValueError, TypeError) as exc:
-            raise CAError(f"{key_path} is not a usable PEM private key "
-                          f"(encrypted keys are not supported): {exc}") from None
+        except TypeError as exc:
+            # cryptography: "Password was not given but private key is encrypted" (or the
+            # other way round)
+            hint = ("set tls.ca_key_password_file or tls.ca_key_password_env"
+                    if password is None else "the key is not encrypted: drop the password")
+            raise CAError(f"{key_path}: {exc}; {hint}") from None
+        except ValueError as exc:
+            what = ("wrong password for the encrypted key, or not a PEM private key"
+                    if password is not None else "not a usable PEM private key")
+            raise CAError(f"{key_path}: {what}: {exc}") from None
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey,
                                 ed25519.Ed25519PrivateKey)):
             raise CAError(f"{key_path}: unsupported key type {type(key).__name__}")
@@ -164,7 +171,8 @@ class CertificateAuthority:
         """
         tls = settings.tls
         if tls.ca_cert and tls.ca_key:
-            ca = cls.load(tls.ca_cert, tls.ca_key)
+            ca = cls.load(tls.ca_cert, tls.ca_key,
+                          password=tls.ca_key_password.encode() if tls.ca_key_password else None)
             log.info("ca_loaded", source="operator", cert=str(ca.cert_path),
                      subject=ca.cert.subject.rfc4514_string(), sha256=ca.fingerprint_sha256)
             return ca
