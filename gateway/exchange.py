@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol
@@ -22,6 +23,40 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
+
+
+class InvalidHeader(ValueError):
+    """A header field that cannot be sent as is (bad name, CR/LF or control characters)."""
+
+
+# RFC 9110 §5.1 / §5.5 (field-name = token; field-value = field-vchar runs separated by SP/HTAB,
+# obs-text allowed), as one header line
+_FIELD_LINE = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00-\x20\x7f]+(?:[ \t]+[^\x00-\x20\x7f]+)*)?\r\n")
+#: (name, value) -> b"name: value\r\n"; most response headers repeat from one response to the next
+_field_lines: dict[tuple[str, str], bytes] = {}
+
+
+def header_line(name: str, value: str) -> bytes:
+    """One validated ``Name: value\r\n`` line (latin-1, else UTF-8), memoised (bounded).
+
+    Raises :class:`InvalidHeader` for anything that would let a value end the line or the head
+    early (response splitting) or is not a token name."""
+    line = _field_lines.get((name, value))
+    if line is not None:
+        return line
+    text = f"{name}: {value}\r\n"
+    try:
+        line = text.encode("latin-1")
+    except UnicodeEncodeError:
+        line = text.encode("utf-8", "surrogateescape")
+    if _FIELD_LINE.fullmatch(line) is None:
+        raise InvalidHeader(f"invalid header {name[:60]!r}: {value[:60]!r}")
+    if len(_field_lines) >= 4096:
+        _field_lines.clear()
+    _field_lines[(name, value)] = line
+    return line
+
 
 _ids = itertools.count(1)
 _ID_PREFIX = os.urandom(3).hex()
@@ -177,6 +212,11 @@ class Response:
     reason: str = ""
     #: where the bytes come from, for metrics: "cache", "upstream" or "gateway"
     source: str = "gateway"
+    #: ``headers`` already rendered as validated :func:`header_line` lines, in order, for
+    #: producers that answer the same fields over and over (cache hits): the proxy then sends
+    #: these bytes instead of rendering ``headers`` again. Must hold exactly the end-to-end
+    #: fields of ``headers`` (no hop-by-hop fields, no Content-Length, no Via).
+    head: Optional[bytes] = None
 
 
 class Handler(Protocol):

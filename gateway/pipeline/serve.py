@@ -13,7 +13,8 @@ from typing import AsyncIterator, Optional
 from multidict import CIMultiDict
 
 from ..cache import BlobStore, Entry, Fill
-from ..exchange import Body, BytesBody, EmptyBody, Exchange, FileBody, Response, StreamBody
+from ..exchange import (Body, BytesBody, EmptyBody, Exchange, FileBody, InvalidHeader, Response,
+                        StreamBody, header_line)
 
 CACHE_NAME = "trivy-gateway"
 
@@ -85,6 +86,29 @@ def parse_range(value: str, size: int) -> Optional[tuple[int, int]] | str:
     return start, min(end, size)
 
 
+#: id(entry.headers) -> (that list, its lines rendered): a hot entry's stored fields are
+#: validated and encoded once, not on every hit. Revalidation replaces the list (never edits it),
+#: and the list is held here, so an id cannot be reused while its bytes are cached.
+_rendered: dict[int, tuple[list, Optional[bytes]]] = {}
+
+
+def _rendered_fields(entry: Entry) -> Optional[bytes]:
+    """The entry's stored fields as header lines; None if one of them cannot be sent as is
+    (the proxy's normal path then gives the error)."""
+    fields = entry.headers
+    hit = _rendered.get(id(fields))
+    if hit is not None and hit[0] is fields:
+        return hit[1]
+    try:
+        block: Optional[bytes] = b"".join(header_line(k, v) for k, v in fields)
+    except InvalidHeader:
+        block = None
+    if len(_rendered) >= 4096:
+        _rendered.clear()
+    _rendered[id(fields)] = (fields, block)
+    return block
+
+
 def entry_headers(entry: Entry, now: float) -> CIMultiDict:
     h = CIMultiDict(entry.headers)
     h["Age"] = str(max(0, int(now - entry.validated_at)))
@@ -120,10 +144,23 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if entry.status == 200:
         headers["Accept-Ranges"] = "bytes"
+    head = _rendered_fields(entry)
+    if head is not None:
+        # the same lines the proxy would render from ``headers``, in the same order
+        head += b"Age: %d\r\n" % max(0, int(now - entry.validated_at))
+        try:
+            head += header_line("Cache-Status", status_value)
+        except InvalidHeader:
+            head = None
+    if head is not None:
+        if status == 206:
+            head += b"Content-Range: bytes %d-%d/%d\r\n" % (start, end - 1, size)
+        if entry.status == 200:
+            head += b"Accept-Ranges: bytes\r\n"
     if ex.method == "HEAD":
-        return Response(status, headers, HeadBody(end - start), source="cache")
+        return Response(status, headers, HeadBody(end - start), source="cache", head=head)
     return Response(status, headers, _entry_body(entry, body, blobs, start, end, chunk_size),
-                    source="cache")
+                    source="cache", head=head)
 
 
 def _not_modified(headers: CIMultiDict) -> Response:

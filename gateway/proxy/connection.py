@@ -24,15 +24,14 @@ from __future__ import annotations
 import asyncio
 import http
 import os
-import re
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from multidict import CIMultiDict
 
-from ..exchange import (HOP_BY_HOP, BytesBody, Exchange, FileBody, Response, error_response,
-                        new_request_id, strip_hop_by_hop)
+from ..exchange import (HOP_BY_HOP, BytesBody, Exchange, FileBody, InvalidHeader, Response,
+                        error_response, header_line, new_request_id)
 from ..observability.logging import get_logger
 from . import http1
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
@@ -92,31 +91,11 @@ class _Record:
     established: bool = False      # a CONNECT answered 200
 
 
-# RFC 9110 §5.1 / §5.5 (field-name = token; field-value = field-vchar runs separated by SP/HTAB,
-# obs-text allowed), as one header line
-_HEADER_LINE = re.compile(
-    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00-\x20\x7f]+(?:[ \t]+[^\x00-\x20\x7f]+)*)?\r\n")
-#: (name, value) -> b"name: value\r\n"; most response headers repeat from one response to the next
-_header_lines: dict[tuple[str, str], bytes] = {}
-
-
 def _header_line(name: str, value: str) -> bytes:
-    """One validated header line (memoised, bounded); :class:`http1.LocalProtocolError` if a
-    name or value could not be sent as is (CR/LF injection, control characters, bad name)."""
-    line = _header_lines.get((name, value))
-    if line is not None:
-        return line
-    text = f"{name}: {value}\r\n"
     try:
-        line = text.encode("latin-1")
-    except UnicodeEncodeError:
-        line = text.encode("utf-8", "surrogateescape")
-    if _HEADER_LINE.fullmatch(line) is None:
-        raise http1.LocalProtocolError(f"invalid response header {name[:60]!r}: {value[:60]!r}")
-    if len(_header_lines) >= 4096:
-        _header_lines.clear()
-    _header_lines[(name, value)] = line
-    return line
+        return header_line(name, value)
+    except InvalidHeader as exc:
+        raise http1.LocalProtocolError(f"invalid response header: {exc}") from None
 
 
 def reason_phrase(text: str, limit: int = 400) -> bytes:
@@ -452,6 +431,16 @@ class ClientConnection:
         value), ``Via`` appended, then the framing the state machine decides from the body's
         length (HEAD and 304 advertise the handler's ``Content-Length`` when it set one)."""
         status = response.status
+        if response.head is not None:
+            # pre-rendered end-to-end fields (cache hits): only Via and the framing to add
+            length = response.body.length
+            if method == "HEAD" and not length:
+                length = None
+            block = response.head + _header_line("Via", self._via)
+            if extra:
+                block += b"".join(_header_line(k, v) for k, v in extra.items())
+            return self.conn.start_response(status, _reason(response.reason, status), block,
+                                            length=length, close=close or self.server.draining)
         src = response.headers
         named = None
         if "connection" in src:

@@ -1,0 +1,83 @@
+"""Answers built from a cache entry: the pre-rendered head (``Response.head``) the proxy sends
+for hits must be exactly what rendering ``Response.headers`` would give, for every shape of hit.
+(The gateway tests exercise the same responses over real connections.)"""
+from __future__ import annotations
+
+import time
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.cache import BlobStore, Entry
+from gateway.exchange import BytesBody, Exchange, header_line
+from gateway.observability.metrics import Metrics
+from gateway.pipeline.serve import cache_status, response_from_entry
+
+BODY = b"<project>demo</project>\n" * 100
+
+
+def entry(headers=None) -> Entry:
+    now = time.time()
+    return Entry(key="maven|x", kind="maven", status=200,
+                 headers=headers or [("Content-Type", "text/xml"), ("ETag", '"abc"'),
+                                     ("Last-Modified", "Mon, 02 Jan 2023 10:00:00 GMT"),
+                                     ("X-Checksum-Sha1", "0123456789abcdef")],
+                 body_digest="sha256:" + "0" * 64, body_size=len(BODY), validated_at=now - 42,
+                 fresh_until=float("inf"), etag='"abc"')
+
+
+def exchange(method="GET", **headers) -> Exchange:
+    return Exchange(method=method, scheme="https", host="repo.maven.apache.org", port=443,
+                    target="/maven2/x.pom", headers=CIMultiDict(headers))
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    store = BlobStore(tmp_path / "cache", 1 << 30, 0, Metrics())
+    store.open()
+    return store
+
+
+def rendered(response) -> bytes:
+    return b"".join(header_line(k, v) for k, v in response.headers.items())
+
+
+@pytest.mark.parametrize("method,headers,status", [
+    ("GET", {}, 200),
+    ("HEAD", {}, 200),
+    ("GET", {"Range": "bytes=10-99"}, 206),
+    ("GET", {"Range": "bytes=10-99", "If-Range": '"other"'}, 200),
+])
+def test_head_equals_rendered_headers(blobs, method, headers, status):
+    e = entry()
+    r = response_from_entry(exchange(method, **headers), e, BODY, blobs,
+                            cache_status("hit", ttl=None))
+    assert r.status == status
+    assert r.head is not None and r.head == rendered(r)
+    assert b"Age: 42\r\n" in r.head and b"Cache-Status: trivy-gateway; hit\r\n" in r.head
+    if status == 206:
+        assert isinstance(r.body, BytesBody) and r.body.data == BODY[10:100]
+        assert b"Content-Range: bytes 10-99/2400\r\n" in r.head
+
+
+def test_head_follows_revalidated_fields_and_rejects_bad_ones(blobs):
+    e = entry()
+    first = response_from_entry(exchange(), e, BODY, blobs, cache_status("hit"))
+    e.headers = [(k, '"new"' if k == "ETag" else v) for k, v in e.headers]   # as revalidation does
+    second = response_from_entry(exchange(), e, BODY, blobs, cache_status("revalidated"))
+    assert b'ETag: "abc"' in first.head and b'ETag: "new"' in second.head
+    assert second.head == rendered(second)
+    # a stored value that could split the response: no pre-rendered head, the proxy's normal
+    # path (which refuses it with a 502) decides
+    bad = entry(headers=[("X-Evil", "a\r\nSet-Cookie: x=1")])
+    r = response_from_entry(exchange(), bad, BODY, blobs, cache_status("hit"))
+    assert r.head is None
+
+
+def test_not_modified_and_unsatisfiable_have_no_head(blobs):
+    e = entry()
+    r = response_from_entry(exchange(**{"If-None-Match": '"abc"'}), e, BODY, blobs,
+                            cache_status("hit"))
+    assert r.status == 304 and r.head is None
+    r = response_from_entry(exchange(Range="bytes=99999-"), e, BODY, blobs, cache_status("hit"))
+    assert r.status == 416 and r.head is None
