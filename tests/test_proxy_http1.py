@@ -290,3 +290,4 @@ def test_response_state_errors():
     with pytest.raises(LocalProtocolError):
         c.start_response(200, b"OK", b"", length=0)             # twice
 
+

@@ -148,6 +148,8 @@ class ServerConnection:
         self._eof = False
         #: the parser stopped at a CONNECT / Upgrade head; later bytes are kept, not parsed
         self._stopped = False
+        #: the byte stream broke (parse error, head too large): later bytes are ignored
+        self._broken = False
         # the message being parsed
         self._in_message = False
         self._head_done = False
@@ -223,8 +225,8 @@ class ServerConnection:
         if self._stopped:
             self._trailing += data       # after CONNECT (or an Upgrade) the bytes are not HTTP
             return
-        if self.their_state is ERROR:
-            return
+        if self._broken:
+            return                       # the stream already failed: nothing more is parsed
         self._completed_in_feed = False
         head_was_open = self._in_message and not self._head_done
         try:
@@ -256,6 +258,7 @@ class ServerConnection:
     def _fail(self, exc: RemoteProtocolError) -> None:
         self._events.append(_Error(exc))
         self._in_message = False
+        self._broken = True
 
     def next_event(self) -> Event:
         """The next event; raises :class:`RemoteProtocolError` at the point the input broke."""
