@@ -175,15 +175,17 @@ class ServerConnection:
     def on_message_begin(self) -> None:
         self._in_message = True
         self._head_done = False
-        self._head_size = 0
+        self._head_size = 16             # request line beyond the target
         self._head_pending = 0
         self._message_began_first = not self._completed_in_feed
         self._url = b""
         self._headers = []
 
     def on_url(self, url: bytes) -> None:
-        self._url = url
-        self._count(len(url) + 16)
+        # called once per piece when the target is split across reads (headers, by contrast,
+        # are accumulated by httptools and arrive whole)
+        self._url += url
+        self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
