@@ -476,3 +476,19 @@ async def test_connection_cap_answers_503_and_recovers(tmp_path):
                                          b"Host: registry.test\r\nConnection: close\r\n\r\n")
         assert status_line(raw) == "HTTP/1.1 200 OK"
         held[1][1].close()
+
+
+async def test_request_head_split_across_tcp_writes(gw):
+    """A slow client: the request line and headers arrive in pieces; the request is the same."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    pieces = [b"GET http://regis", b"try.test/hel", b"lo HTTP/1.1\r\nHo", b"st: registry.test\r\n",
+              b"Connection: close\r\n", b"\r\n"]
+    for piece in pieces:
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.05)                # separate segments, separate reads
+    async with asyncio.timeout(5):
+        raw = await reader.read()
+    writer.close()
+    assert status_line(raw) == "HTTP/1.1 200 OK", raw[:200]
+    assert raw.endswith(b"hello http://registry.test/hello\n")
