@@ -306,7 +306,7 @@ def _drain_all(c: ServerConnection) -> list:
                 continue
             return out
         out.append((type(ev).__name__, getattr(ev, "target", None),
-                    getattr(ev, "data", None)))
+                    getattr(ev, "data", None) or tuple(getattr(ev, "headers", ()))))
     raise AssertionError("unbounded")
 
 
@@ -334,6 +334,7 @@ def test_random_splits_give_the_same_events():
     expected = norm(_drain_all(whole))
     assert [e[1] for e in expected if e[0] == "RequestHead"] == ["/a", "/b", "/c", "/d"]
     assert [e[2] for e in expected if e[0] == "Data"] == [b"hello world", b"hello world"]
+    assert expected[0][2] == (("Host", "x"), ("Accept", "*/*"))
     rng = random.Random(20261122)
     for _ in range(300):
         c = ServerConnection(max_head_bytes=200)
