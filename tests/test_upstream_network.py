@@ -146,6 +146,48 @@ async def test_parent_proxy_for_requests_with_credentials(pki, monkeypatch):
         await stop_all(srv)
 
 
+async def test_parent_proxy_no_proxy_hosts_go_direct(pki):
+    async def handler(request, srv):
+        return web.Response(text="direct")
+
+    srv = await FakeServer(pki, ["localhost"], handler).start()
+    server, port = await echo_server()
+    proxy = await ConnectProxy().start()
+    parent = ParentProxySettings(url=f"http://127.0.0.1:{proxy.port}",
+                                 no_proxy=("other.example", ".LOCALHOST"))
+    client, _ = new_client(settings({}, pki.ca_file, parent_proxy=parent), ["localhost"])
+    await client.start()
+    try:
+        resp = await client.request(GET(f"https://localhost:{srv.port}/x"))
+        assert resp.status == 200 and await resp.read() == b"direct"
+        reader, writer = await client.open_tunnel("localhost", port)
+        writer.write(b"hi")
+        assert await reader.readexactly(7) == b"echo:hi"
+        writer.close()
+        assert proxy.requests == []              # neither went through the parent
+        assert srv.count == 1
+    finally:
+        await client.close()
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()
+        await stop_all(srv)
+
+
+def test_no_proxy_matching_and_validation():
+    from gateway.settings import ConfigError
+    p = ParentProxySettings(url="http://proxy:3128",
+                            no_proxy=("registry.corp", ".corp.example", "*.lab.test"))
+    assert p.bypasses("registry.corp") and p.bypasses("REGISTRY.corp.")
+    assert not p.bypasses("x.registry.corp")     # a bare name is that host only
+    assert p.bypasses("corp.example") and p.bypasses("a.b.corp.example")
+    assert p.bypasses("lab.test") and p.bypasses("x.lab.test")
+    assert not p.bypasses("notcorp.example") and not p.bypasses("ghcr.io")
+    for bad in ("http://x", "*", "a b", "host:80"):
+        with pytest.raises(ConfigError):
+            ParentProxySettings(no_proxy=(bad,)).validate("upstream.parent_proxy")
+
+
 async def test_tunnels_override_guard_and_parent_proxy(pki):
     server, port = await echo_server()
     proxy = await ConnectProxy().start()

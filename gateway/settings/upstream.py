@@ -93,6 +93,28 @@ class ParentProxySettings:
     username: str = ""
     password_env: Optional[str] = None
     password: str = ""
+    #: hosts reached directly, not through the parent (NO_PROXY style): ``registry.corp``
+    #: (that host), ``.corp.example`` or ``*.corp.example`` (that domain and its subdomains)
+    no_proxy: tuple[str, ...] = ()
+
+    def validate(self, path: str) -> None:
+        for i, entry in enumerate(self.no_proxy):
+            name = entry.strip().lower().removeprefix("*")
+            if not name.strip(".") or "/" in name or ":" in name or " " in name:
+                raise ConfigError(f"{path}.no_proxy[{i}]", f"{entry!r} is not a host name or "
+                                  "domain (e.g. registry.corp, .corp.example)")
+
+    def bypasses(self, host: str) -> bool:
+        """Is ``host`` reached directly (listed in ``no_proxy``)?"""
+        host = host.lower().rstrip(".")
+        for entry in self.no_proxy:
+            entry = entry.strip().lower().removeprefix("*").rstrip(".")
+            if entry.startswith("."):
+                if host == entry[1:] or host.endswith(entry):
+                    return True
+            elif host == entry:
+                return True
+        return False
 
     def __repr__(self) -> str:
         return f"ParentProxySettings(url={self.url!r}, username={self.username!r}, password=***)"

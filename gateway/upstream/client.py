@@ -671,7 +671,8 @@ class UpstreamClient:
             raise _AttemptFailed("deadline", f"deadline reached while queued for {host}",
                                  504, False, upstream_fault=False) from None
         self.metrics.upstream_queue_wait.labels(host=st.label).observe(waited)
-        use_proxy = self._proxy and self.resolver.override_for(host, url.port) is None
+        use_proxy = (self._proxy and self.resolver.override_for(host, url.port) is None
+                     and not self.settings.parent_proxy.bypasses(host))
         t0 = loop.time()
         cm = asyncio.timeout_at(deadline)
         try:

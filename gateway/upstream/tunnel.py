@@ -32,7 +32,7 @@ async def open_tunnel(client: "UpstreamClient", host: str, port: int
             if override is not None:
                 return await asyncio.open_connection(override[0], override[1])
             parent = client.settings.parent_proxy
-            if parent.url:
+            if parent.url and not parent.bypasses(host):
                 if is_ip(host):
                     why = resolver.check_literal(host)
                     if why:
