@@ -246,7 +246,10 @@ class _MemoryFront:
         self._total = 0
         self._hot.clear()
         self._hot_total = 0
-        await self.cache.clear()
+        try:
+            await self.cache.clear()
+        except Exception as exc:  # noqa: BLE001 - a broken Redis must not fail requests
+            log.warning("memory_front_unavailable", error=str(exc))
 
 
 class EntryStore:
