@@ -7,33 +7,21 @@ host (``intercepted`` mode) on a fresh HTTP/1.1 state machine. A ``CONNECT`` tha
 is answered once the upstream socket is open, and the connection becomes a blind byte pipe
 (``tunnel`` mode).
 
-Framing rules applied to responses (the state machine enforces the byte counts):
-
-* ``Content-Length`` comes from ``Body.length`` when known; otherwise the body is chunked
-  (HTTP/1.1 clients) or close-delimited (HTTP/1.0 clients).
-* HEAD responses never carry a body; their ``Content-Length`` is the handler's header if it set
-  one, else ``Body.length``. 1xx/204/304 responses never carry a body either.
-* A body that fails or ends short mid-way aborts the client connection: a truncated body is never
-  presented as complete.
-* A :class:`~gateway.exchange.FileBody` on a plain (non-TLS) connection is sent with
-  ``loop.sendfile`` (zero-copy); the state machine accounts for the region up front
-  (:meth:`~.http1.ServerConnection.frame_region`), so its Content-Length bookkeeping stays exact.
+Requests become :class:`~gateway.exchange.Exchange` objects for the handler; the response
+side (head, body forms, framing rules) is :mod:`.respond`, the request side's helpers
+:mod:`.request`.
 """
 from __future__ import annotations
 
 import asyncio
-import http
-import os
 import ssl
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from multidict import CIMultiDict
-
-from ..exchange import (HOP_BY_HOP, BytesBody, Exchange, FileBody, InvalidHeader, Response,
-                        error_response, header_line, new_request_id)
+from ..exchange import Exchange, error_response
 from ..observability.logging import get_logger
 from . import http1
+from .request import AccessRecord, ClientGone, RequestBody, RequestFields
+from .respond import CLOSE, SWITCHED, ResponseWriter
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
 from .tunnel import pipe
 
@@ -49,181 +37,13 @@ READ_SIZE = 1024 * 1024
 #: request body left unread by the handler that is discarded to keep the connection; beyond it
 #: the connection is closed instead
 DISCARD_LIMIT = 1024 * 1024
-#: loop.sendfile is called per slice of this size, each under the idle timeout
-SENDFILE_SLICE = 8 * 1024 * 1024
-#: a body chunk up to this size is joined with the response head into one write (one TLS record,
-#: one send); larger chunks are not copied for that
-COALESCE_LIMIT = 64 * 1024
-
-KEEP, CLOSE, SWITCHED = "keep", "close", "switched"
 
 
 class _HeaderTimeout(Exception):
     pass
 
 
-class _ClientGone(Exception):
-    """The client closed or reset the connection."""
-
-
-class _BodyFailed(Exception):
-    """The response body could not be produced to the end (upstream cut, cache read error)."""
-
-
-@dataclass
-class _Record:
-    """What the access log line and the request metrics say about one request."""
-
-    client: str
-    method: str
-    started: float
-    id: str = field(default_factory=new_request_id)
-    scheme: str = ""
-    host: str = ""
-    port: int = 0
-    path: str = ""
-    decision: str = "none"
-    status: int = 0
-    bytes: int = 0
-    bytes_in: int = 0
-    error: Optional[str] = None
-    exchange: Optional[Exchange] = None
-    established: bool = False      # a CONNECT answered 200
-
-
-def _header_line(name: str, value: str) -> bytes:
-    try:
-        return header_line(name, value)
-    except InvalidHeader as exc:
-        raise http1.LocalProtocolError(f"invalid response header: {exc}") from None
-
-
-def reason_phrase(text: str, limit: int = 400) -> bytes:
-    """A reason phrase: one line of printable characters (RFC 9112 §4), bounded."""
-    cleaned = "".join(ch if 32 <= ord(ch) < 127 or 160 <= ord(ch) < 256 else " " for ch in text)
-    cleaned = " ".join(cleaned.split())
-    if len(cleaned) > limit:
-        cleaned = cleaned[:limit - 3] + "..."
-    return cleaned.encode("latin-1")
-
-
-_reasons: dict[tuple[str, int], bytes] = {}
-
-
-def _reason(text: str, status: int) -> bytes:
-    """``reason_phrase(text or the status's standard phrase)``, memoised (bounded)."""
-    text = text or ""
-    key = (text, status)
-    phrase = _reasons.get(key)
-    if phrase is None:
-        phrase = reason_phrase(text or _default_reason(status))
-        if len(_reasons) < 512 and len(text) <= 200:
-            _reasons[key] = phrase
-    return phrase
-
-
-def _default_reason(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
-#: request fields the proxy reads itself (besides the hop-by-hop ones, never forwarded)
-_WATCHED = HOP_BY_HOP | {"host", "via", "content-length"}
-
-
-class _Fields:
-    """A request's header fields, sorted in one pass: what is forwarded end to end (hop-by-hop
-    fields, those named in ``Connection``, ``Host`` and ``Via`` removed) and the few the proxy
-    reads itself."""
-
-    __slots__ = ("forward", "host", "vias", "content_length", "chunked", "proxy_auth")
-
-    def __init__(self, raw: list[tuple[str, str]]) -> None:
-        forward = CIMultiDict()
-        self.host: Optional[str] = None
-        self.vias: list[str] = []
-        self.content_length: Optional[str] = None
-        self.chunked = False
-        self.proxy_auth: list[str] = []
-        named: Optional[set[str]] = None
-        for k, v in raw:
-            lk = k.lower()
-            if lk not in _WATCHED:
-                forward.add(k, v)
-            elif lk == "host":
-                if self.host is None:
-                    self.host = v
-            elif lk == "via":
-                self.vias.append(v)
-            elif lk == "content-length":
-                self.content_length = v
-                forward.add(k, v)
-            elif lk == "transfer-encoding":
-                self.chunked = True
-            elif lk == "proxy-authorization":
-                self.proxy_auth.append(v)
-            elif lk == "connection":
-                named = named or set()
-                named.update(t.strip().lower() for t in v.split(","))
-        if named:
-            for name in named:
-                forward.popall(name, None)
-        self.forward = forward
-
-
-class RequestBody:
-    """The request body as an async iterator that reads the socket only when asked (backpressure).
-
-    The pipeline may pull it from another task (aiohttp sends a request body while it reads the
-    response). Once the response is sent the body is closed: later pulls fail, and if a pull is
-    still in flight the connection is not reused (two readers must never share the socket).
-    """
-
-    def __init__(self, conn: "ClientConnection", rec: _Record) -> None:
-        self._conn = conn
-        self._rec = rec
-        self.active = False
-        self.closed = False
-        self.done = False
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def __aiter__(self) -> "RequestBody":
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self.done:
-            raise StopAsyncIteration
-        if self.closed:
-            raise _ClientGone("the request body was read after the response was sent")
-        if self.active:
-            raise RuntimeError("the request body is already being read")
-        self.active = True
-        self.idle.clear()
-        try:
-            conn = self._conn
-            if conn.conn.they_are_waiting_for_100_continue:
-                conn.writer.write(conn.conn.informational(100, b"Continue"))
-                await conn._drain()
-            event = await conn._next_body_event()
-        finally:
-            self.active = False
-            self.idle.set()
-        if type(event) is http1.Data:
-            self._rec.bytes_in += len(event.data)
-            return event.data
-        if event is http1.END:
-            self.done = True
-            raise StopAsyncIteration
-        raise _ClientGone(f"unexpected {type(event).__name__} in the request body")
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-class ClientConnection:
+class ClientConnection(ResponseWriter):
     def __init__(self, server: "ProxyServer", reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.server = server
@@ -280,7 +100,7 @@ class ClientConnection:
         self._set_kind("client")
         try:
             await self._serve()
-        except (OSError, _ClientGone, asyncio.IncompleteReadError):
+        except (OSError, ClientGone, asyncio.IncompleteReadError):
             pass                                 # the client went away (reset, TLS error)
         except Exception:  # noqa: BLE001 - one bad connection must not take the server down
             log.exception("connection_failed", client=self.client)
@@ -376,15 +196,15 @@ class ClientConnection:
             try:
                 event = self.conn.next_event()
             except http1.RemoteProtocolError as exc:
-                raise _ClientGone(f"request body: {exc}") from None
+                raise ClientGone(f"request body: {exc}") from None
             if event is not http1.NEED_DATA:
                 return event
             try:
                 data = await self._read(self._idle_timeout)
             except TimeoutError:
-                raise _ClientGone("request body: no data within proxy.idle_timeout") from None
+                raise ClientGone("request body: no data within proxy.idle_timeout") from None
             except OSError as exc:
-                raise _ClientGone(f"request body: {exc}") from None
+                raise ClientGone(f"request body: {exc}") from None
             self.conn.receive_data(data)
 
     async def _discard_body(self) -> bool:
@@ -397,252 +217,12 @@ class ClientConnection:
                     discarded += len(event.data)
                     if discarded > DISCARD_LIMIT:
                         return False
-        except _ClientGone:
+        except ClientGone:
             return False
         return self.conn.their_state is http1.DONE
 
     # -- writing ------------------------------------------------------------------------------
-    async def _drain(self) -> None:
-        transport = self.writer.transport
-        if not transport.is_closing() and not transport.get_write_buffer_size():
-            return                               # nothing buffered: drain() would not wait
-        try:
-            async with asyncio.timeout(self._idle_timeout):
-                await self.writer.drain()
-        except OSError as exc:                   # includes TimeoutError and ssl.SSLError
-            raise _ClientGone(str(exc) or "client stopped reading") from None
-
-    async def _send_raw_error(self, status: int, message: str) -> None:
-        """An error answer outside the state machine's normal flow (after a protocol error); then close."""
-        body = (message.rstrip("\n") + "\n").encode("utf-8")
-        head = (f"HTTP/1.1 {status} ".encode() + reason_phrase(message or _default_reason(status))
-                + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
-        try:
-            self.writer.write(head + body)
-            await self._drain()
-        except _ClientGone:
-            pass
-
-    def _response_head(self, method: str, response: Response, extra: Optional[dict],
-                       close: bool) -> bytes:
-        """The serialised response head: the handler's end-to-end headers (hop-by-hop ones and
-        those named in its ``Connection`` dropped), each validated (memoised per name and
-        value), ``Via`` appended, then the framing the state machine decides from the body's
-        length (HEAD and 304 advertise the handler's ``Content-Length`` when it set one)."""
-        status = response.status
-        if response.head is not None:
-            # pre-rendered end-to-end fields (cache hits): only Via and the framing to add
-            length = response.body.length
-            if method == "HEAD" and not length:
-                length = None
-            block = response.head + _header_line("Via", self._via)
-            if extra:
-                block += b"".join(_header_line(k, v) for k, v in extra.items())
-            return self.conn.start_response(status, _reason(response.reason, status), block,
-                                            length=length, close=close or self.server.draining)
-        src = response.headers
-        named = None
-        if "connection" in src:
-            named = {t.strip().lower() for v in src.getall("connection") for t in v.split(",")}
-        lines: list[bytes] = []
-        vias: list[str] = []
-        declared: Optional[str] = None
-        for k, v in src.items():
-            lk = k.lower()
-            if lk in HOP_BY_HOP or (named and lk in named):
-                continue
-            if lk == "content-length":
-                declared = v
-                continue
-            if lk == "via":
-                vias.append(v)
-                continue
-            lines.append(_header_line(k, v))
-        via = ", ".join(vias)
-        lines.append(_header_line("Via", (via + ", " if via else "") + self._via))
-        if extra:
-            for k, v in extra.items():
-                lines.append(_header_line(k, v))
-        length = response.body.length
-        if status == 304 or method == "HEAD":
-            if declared is not None:
-                declared = declared.strip()
-                if not declared.isdigit():
-                    raise http1.LocalProtocolError(f"bad Content-Length {declared[:40]!r}")
-                length = int(declared)
-            elif status == 304 or not length:
-                length = None
-        return self.conn.start_response(status, _reason(response.reason, status),
-                                        b"".join(lines), length=length,
-                                        close=close or self.server.draining)
-
-    async def _respond(self, rec: _Record, method: str, response: Response, *,
-                       extra_headers: Optional[dict] = None, close: bool = False) -> str:
-        """Send ``response``; always closes its body. Returns KEEP or CLOSE."""
-        body = response.body
-        rec.status = response.status
-        bytes_before = rec.bytes
-        try:
-            try:
-                head_bytes = self._response_head(method, response, extra_headers, close)
-            except http1.LocalProtocolError as exc:
-                rec.error = f"invalid response head: {exc}"
-                rec.status = 502
-                log.warning("invalid_response", request_id=rec.id, host=rec.host, error=str(exc))
-                await self._send_raw_error(502, f"the gateway produced an invalid response: {exc}")
-                return CLOSE
-            has_body = not (method == "HEAD" or response.status < 200
-                            or response.status in (204, 304))
-            if not has_body:
-                # the head and end-of-message (nothing, with Content-Length) in one write
-                self.writer.write(head_bytes + self.conn.end_response())
-            elif type(body) is BytesBody:
-                # small and in memory: head, body and end-of-message in ONE write (one TLS
-                # record, one send syscall) instead of one per piece
-                data = body.data
-                out = [head_bytes]
-                if data:
-                    out += self.conn.send_data(data)
-                    rec.bytes += len(data)
-                out.append(self.conn.end_response())
-                self.writer.write(b"".join(out))
-            elif (isinstance(body, FileBody) and self.tls_host is None and body.length
-                    and self.writer.transport.get_extra_info("sslcontext") is None):
-                self.writer.write(head_bytes)
-                await self._send_file(rec, body)
-                self.writer.write(self.conn.end_response())
-            else:
-                # bodies whose first chunk never waits on the network (a file, nothing) go out
-                # with the head; others get the head at once (a client sees the status while a
-                # slow upstream is still producing the body)
-                if not (isinstance(body, FileBody) or body.length == 0):
-                    self.writer.write(head_bytes)
-                    head_bytes = b""
-                head_bytes = await self._send_stream(rec, body, head_bytes)
-                if head_bytes:                   # no chunk came: the head goes with the end
-                    try:
-                        end = self.conn.end_response()
-                    except http1.LocalProtocolError:
-                        self.writer.write(head_bytes)    # as if it had been sent first
-                        raise
-                    self.writer.write(head_bytes + end)
-                else:
-                    self.writer.write(self.conn.end_response())
-            await self._drain()
-        except _ClientGone as exc:
-            rec.error = rec.error or f"client gone: {exc}"
-            self.metrics.client_errors.labels(reason="disconnected").inc()
-            self.writer.transport.abort()
-            return CLOSE
-        except _BodyFailed:
-            # abort: the client must see a cut connection, not a complete-looking body
-            self.writer.transport.abort()
-            return CLOSE
-        except http1.LocalProtocolError as exc:
-            # the body did not match its declared length: never let it look complete
-            rec.error = f"response body: {exc}"
-            log.warning("response_body_mismatch", request_id=rec.id, host=rec.host, error=str(exc))
-            self.writer.transport.abort()
-            return CLOSE
-        finally:
-            sent = rec.bytes - bytes_before
-            if sent > 0 and response.source in ("cache", "upstream"):
-                key = ("served_bytes", response.source)
-                child = self.server.metric_children.get(key)
-                if child is None:
-                    child = self.metrics.served_bytes.labels(source=response.source)
-                    self._remember(key, child)
-                child.inc(sent)
-            try:
-                await body.close()
-            except Exception:  # noqa: BLE001
-                log.exception("body_close_failed", request_id=rec.id)
-        if self.conn.our_state is not http1.DONE or close:
-            return CLOSE
-        return KEEP
-
-    async def _send_stream(self, rec: _Record, body, pending: bytes = b"") -> bytes:
-        """Send the body's chunks; ``pending`` (the response head, when not written yet) goes
-        out together with the first chunk. Returns what is still pending (b"" once written)."""
-        iterator = body.chunks().__aiter__()
-        write = self.writer.write
-        while True:
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                return pending
-            except _ClientGone:
-                raise
-            except Exception as exc:  # noqa: BLE001 - upstream/cache failure mid-body
-                if pending:
-                    write(pending)               # the head, as if it had been sent first
-                rec.error = f"response body failed after {rec.bytes} bytes: {exc}"
-                log.warning("response_body_failed", request_id=rec.id, host=rec.host,
-                            bytes=rec.bytes, error=str(exc) or type(exc).__name__)
-                raise _BodyFailed(rec.error) from None
-            if not chunk:
-                continue
-            pieces = self.conn.send_data(chunk)
-            if pending:
-                if len(chunk) <= COALESCE_LIMIT:
-                    pieces = [pending, *pieces]
-                else:
-                    write(pending)
-                pending = b""
-            if len(pieces) == 1:
-                write(pieces[0])
-            else:
-                write(b"".join(pieces))
-            rec.bytes += len(chunk)
-            await self._drain()
-
-    async def _copy_region(self, rec: _Record, f, offset: int, remaining: int) -> None:
-        while remaining > 0:
-            data = os.pread(f.fileno(), min(256 * 1024, remaining), offset)
-            if not data:
-                raise OSError("cached file is shorter than expected")
-            self.writer.write(data)
-            offset += len(data)
-            remaining -= len(data)
-            rec.bytes += len(data)
-            await self._drain()
-
-    async def _send_file(self, rec: _Record, body: FileBody) -> None:
-        # the state machine accounts for the whole region up front; the bytes go by sendfile
-        prefix, suffix = self.conn.frame_region(body.length)
-        if prefix:
-            self.writer.write(prefix)
-        await self._drain()
-        try:
-            with open(body.path, "rb") as f:
-                offset, remaining = body.offset, body.length
-                while remaining > 0:
-                    count = min(SENDFILE_SLICE, remaining)
-                    try:
-                        async with asyncio.timeout(self._idle_timeout):
-                            sent = await self._loop.sendfile(self.writer.transport, f,
-                                                             offset, count)
-                    except NotImplementedError:
-                        # event loops without sendfile (uvloop): copy the rest of the region
-                        await self._copy_region(rec, f, offset, remaining)
-                        break
-                    if sent <= 0:
-                        raise OSError(f"{body.path} is shorter than expected")
-                    offset += sent
-                    remaining -= sent
-                    rec.bytes += sent
-        except (ConnectionError, TimeoutError) as exc:
-            raise _ClientGone(str(exc) or "client stopped reading") from None
-        except OSError as exc:
-            rec.error = f"sendfile failed after {rec.bytes} bytes: {exc}"
-            log.warning("response_body_failed", request_id=rec.id, host=rec.host,
-                        bytes=rec.bytes, error=str(exc))
-            raise _BodyFailed(rec.error) from None
-        if suffix:
-            self.writer.write(suffix)
-
-    async def _error(self, rec: _Record, status: int, message: str, *, reason: str = "",
+    async def _error(self, rec: AccessRecord, status: int, message: str, *, reason: str = "",
                      close: bool = False, extra_headers: Optional[dict] = None,
                      client_error: Optional[str] = None) -> str:
         if client_error:
@@ -700,8 +280,8 @@ class ClientConnection:
     async def _dispatch(self, request: http1.RequestHead) -> str:
         method = request.method
         target = request.target
-        headers = _Fields(request.headers)
-        rec = _Record(client=self.client, method=method, started=self._loop.time())
+        headers = RequestFields(request.headers)
+        rec = AccessRecord(client=self.client, method=method, started=self._loop.time())
         try:
             if self.tls_host is not None:
                 return await self._intercepted_request(request, rec, target, headers)
@@ -721,20 +301,20 @@ class ClientConnection:
             self._account(rec)
 
     # -- CONNECT ----------------------------------------------------------------------------
-    def _authorized(self, headers: _Fields) -> bool:
+    def _authorized(self, headers: RequestFields) -> bool:
         if self.server.auth.check(headers.proxy_auth):
             return True
         self.metrics.proxy_auth_failures.inc()
         return False
 
-    async def _auth_required(self, rec: _Record) -> str:
+    async def _auth_required(self, rec: AccessRecord) -> str:
         rec.error = "proxy authentication required"
         return await self._error(
             rec, 407, "proxy authentication required: put the credentials in the proxy URL, "
             "e.g. HTTPS_PROXY=http://user:password@gateway:3128",
             extra_headers={"Proxy-Authenticate": self.server.auth.challenge})
 
-    async def _deny(self, rec: _Record, decision, *, close: bool = False) -> str:
+    async def _deny(self, rec: AccessRecord, decision, *, close: bool = False) -> str:
         self.metrics.denied.labels(host=self.metrics.host_label(decision.host),
                                    reason=decision.reason_code).inc()
         rec.error = decision.reason
@@ -745,7 +325,7 @@ class ClientConnection:
                        f"configuration, e.g.  - {{host: {decision.host}, action: intercept}}")
         return await self._error(rec, 403, message, reason=decision.reason, close=close)
 
-    async def _connect(self, rec: _Record, target: str, headers: _Fields) -> str:
+    async def _connect(self, rec: AccessRecord, target: str, headers: RequestFields) -> str:
         rec.path = ""
         try:
             host, port = parse_authority(target)
@@ -769,7 +349,7 @@ class ClientConnection:
             return await self._tunnel(rec, host, port)
         return await self._intercept(rec, host, port)
 
-    async def _intercept(self, rec: _Record, host: str, port: int) -> str:
+    async def _intercept(self, rec: AccessRecord, host: str, port: int) -> str:
         if self.conn.trailing_data[0]:
             return await self._error(
                 rec, 400, "the client sent data before the proxy answered CONNECT",
@@ -807,7 +387,7 @@ class ClientConnection:
         self._set_kind("intercepted")
         return SWITCHED
 
-    async def _tunnel(self, rec: _Record, host: str, port: int) -> str:
+    async def _tunnel(self, rec: AccessRecord, host: str, port: int) -> str:
         budget = max(2 * float(self.server.settings.upstream.connect_timeout), 5.0)
         try:
             async with asyncio.timeout(budget):
@@ -839,7 +419,7 @@ class ClientConnection:
         self._set_kind("tunnel")
         try:
             await self._drain()
-        except _ClientGone:
+        except ClientGone:
             up_writer.transport.abort()
             return CLOSE
         up, down, error = await pipe((self.reader, self.writer), (up_reader, up_writer),
@@ -848,8 +428,8 @@ class ClientConnection:
         return CLOSE
 
     # -- HTTP requests ----------------------------------------------------------------------
-    async def _absolute(self, request: http1.RequestHead, rec: _Record, target: str,
-                        headers: _Fields) -> str:
+    async def _absolute(self, request: http1.RequestHead, rec: AccessRecord, target: str,
+                        headers: RequestFields) -> str:
         try:
             scheme, host, port, origin = parse_absolute(target)
         except TargetError as exc:
@@ -876,8 +456,8 @@ class ClientConnection:
             return await self._error(rec, 403, message, reason=message)
         return await self._exchange(request, rec, "http", host, port, origin, headers)
 
-    async def _intercepted_request(self, request: http1.RequestHead, rec: _Record, target: str,
-                                   headers: _Fields) -> str:
+    async def _intercepted_request(self, request: http1.RequestHead, rec: AccessRecord, target: str,
+                                   headers: RequestFields) -> str:
         host, port = self.tls_host, self.tls_port
         rec.scheme, rec.host, rec.port, rec.decision = "https", host, port, "intercept"
         if rec.method == "CONNECT":
@@ -909,15 +489,15 @@ class ClientConnection:
             self._host_ok = host_header          # the same Host on every request: check once
         return await self._exchange(request, rec, "https", host, port, origin, headers)
 
-    async def _misdirected(self, rec: _Record, what: str) -> str:
+    async def _misdirected(self, rec: AccessRecord, what: str) -> str:
         here = authority(self.tls_host or "", self.tls_port, "https")
         return await self._error(
             rec, 421, f"this connection was opened with CONNECT {here}; it cannot carry requests "
             f"for {what[:200]}", reason=f"Misdirected Request: connection is for {here}",
             client_error="misdirected")
 
-    async def _exchange(self, request: http1.RequestHead, rec: _Record, scheme: str, host: str,
-                        port: int, origin: str, headers: _Fields) -> str:
+    async def _exchange(self, request: http1.RequestHead, rec: AccessRecord, scheme: str, host: str,
+                        port: int, origin: str, headers: RequestFields) -> str:
         # end-to-end headers, then Host and Via; RFC 9112 §3.2.2: the target's authority wins
         # over the client's Host
         ex_headers = headers.forward
@@ -942,7 +522,7 @@ class ClientConnection:
             response = await self.server.handler.handle(exchange)
         except asyncio.CancelledError:
             raise
-        except _ClientGone as exc:
+        except ClientGone as exc:
             rec.error = f"client gone: {exc}"
             self.metrics.client_errors.labels(reason="disconnected").inc()
             return CLOSE
@@ -989,7 +569,7 @@ class ClientConnection:
                     if not data:
                         break
                     dropped += len(data)
-        except (TimeoutError, ConnectionError, _ClientGone, OSError):
+        except (TimeoutError, ConnectionError, ClientGone, OSError):
             pass
 
     # -- accounting ---------------------------------------------------------------------------
@@ -998,7 +578,7 @@ class ClientConnection:
         if len(cache) < 2048:
             cache[key] = child
 
-    def _account(self, rec: _Record) -> None:
+    def _account(self, rec: AccessRecord) -> None:
         duration = self._loop.time() - rec.started
         host_label = self.metrics.host_label(rec.host)
         key = (host_label, rec.decision, rec.status)

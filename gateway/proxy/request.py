@@ -1,0 +1,135 @@
+"""What the proxy knows about one client request besides its head: the header fields sorted
+for forwarding, the body as a pull-based stream, and the record the access log and the request
+metrics are written from."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from multidict import CIMultiDict
+
+from ..exchange import HOP_BY_HOP, Exchange, new_request_id
+from . import http1
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .connection import ClientConnection
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection."""
+
+
+@dataclass
+class AccessRecord:
+    """What the access log line and the request metrics say about one request."""
+
+    client: str
+    method: str
+    started: float
+    id: str = field(default_factory=new_request_id)
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    decision: str = "none"
+    status: int = 0
+    bytes: int = 0
+    bytes_in: int = 0
+    error: Optional[str] = None
+    exchange: Optional[Exchange] = None
+    established: bool = False      # a CONNECT answered 200
+
+
+#: request fields the proxy reads itself (besides the hop-by-hop ones, never forwarded)
+_WATCHED = HOP_BY_HOP | {"host", "via", "content-length"}
+
+
+class RequestFields:
+    """A request's header fields, sorted in one pass: what is forwarded end to end (hop-by-hop
+    fields, those named in ``Connection``, ``Host`` and ``Via`` removed) and the few the proxy
+    reads itself."""
+
+    __slots__ = ("forward", "host", "vias", "content_length", "chunked", "proxy_auth")
+
+    def __init__(self, raw: list[tuple[str, str]]) -> None:
+        forward = CIMultiDict()
+        self.host: Optional[str] = None
+        self.vias: list[str] = []
+        self.content_length: Optional[str] = None
+        self.chunked = False
+        self.proxy_auth: list[str] = []
+        named: Optional[set[str]] = None
+        for k, v in raw:
+            lk = k.lower()
+            if lk not in _WATCHED:
+                forward.add(k, v)
+            elif lk == "host":
+                if self.host is None:
+                    self.host = v
+            elif lk == "via":
+                self.vias.append(v)
+            elif lk == "content-length":
+                self.content_length = v
+                forward.add(k, v)
+            elif lk == "transfer-encoding":
+                self.chunked = True
+            elif lk == "proxy-authorization":
+                self.proxy_auth.append(v)
+            elif lk == "connection":
+                named = named or set()
+                named.update(t.strip().lower() for t in v.split(","))
+        if named:
+            for name in named:
+                forward.popall(name, None)
+        self.forward = forward
+
+
+class RequestBody:
+    """The request body as an async iterator that reads the socket only when asked (backpressure).
+
+    The pipeline may pull it from another task (aiohttp sends a request body while it reads the
+    response). Once the response is sent the body is closed: later pulls fail, and if a pull is
+    still in flight the connection is not reused (two readers must never share the socket).
+    """
+
+    def __init__(self, conn: "ClientConnection", rec: AccessRecord) -> None:
+        self._conn = conn
+        self._rec = rec
+        self.active = False
+        self.closed = False
+        self.done = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def __aiter__(self) -> "RequestBody":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.done:
+            raise StopAsyncIteration
+        if self.closed:
+            raise ClientGone("the request body was read after the response was sent")
+        if self.active:
+            raise RuntimeError("the request body is already being read")
+        self.active = True
+        self.idle.clear()
+        try:
+            conn = self._conn
+            if conn.conn.they_are_waiting_for_100_continue:
+                conn.writer.write(conn.conn.informational(100, b"Continue"))
+                await conn._drain()
+            event = await conn._next_body_event()
+        finally:
+            self.active = False
+            self.idle.set()
+        if type(event) is http1.Data:
+            self._rec.bytes_in += len(event.data)
+            return event.data
+        if event is http1.END:
+            self.done = True
+            raise StopAsyncIteration
+        raise ClientGone(f"unexpected {type(event).__name__} in the request body")
+
+    async def aclose(self) -> None:
+        self.closed = True
