@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol
 from multidict import CIMultiDict
 
 #: RFC 9110 §7.6.1 hop-by-hop fields, always removed in both directions (plus anything named in
-#: the Connection header, handled by :func:`strip_hop_by_hop`).
+#: the Connection header, which the proxy drops too).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
@@ -64,20 +64,6 @@ _ID_PREFIX = os.urandom(3).hex()
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids):x}"
-
-
-def strip_hop_by_hop(headers: CIMultiDict) -> CIMultiDict:
-    """Return a copy without hop-by-hop fields or fields listed in ``Connection``."""
-    named = set()
-    for value in headers.getall("connection", []):
-        named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    out: CIMultiDict = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk in HOP_BY_HOP or lk in named:
-            continue
-        out.add(k, v)
-    return out
 
 
 @dataclass
