@@ -50,20 +50,11 @@ from gateway.policy import Policy  # noqa: E402
 from gateway.resources import classify  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
 from gateway.upstream import UpstreamClient  # noqa: E402
+from run import make_pom  # noqa: E402 - the same POM bytes as run.py's small figure
 
 MAVEN = "repo.maven.apache.org"
 POM_PATH = "org/example/bench/bench-lib/1.0.0/bench-lib-1.0.0.pom"
 TARGET = f"/maven2/{POM_PATH}"
-
-
-def make_pom(size: int) -> bytes:
-    """The same bytes as bench/run.py's small POM."""
-    head = (b'<?xml version="1.0" encoding="UTF-8"?>\n<project xmlns="http://maven.apache.org/POM/4.0.0">\n'
-            b"  <modelVersion>4.0.0</modelVersion>\n  <groupId>org.example.bench</groupId>\n"
-            b"  <artifactId>bench-lib</artifactId>\n  <version>1.0.0</version>\n  <description>")
-    tail = b"</description>\n</project>\n"
-    filler = (b"benchmark payload " * (size // 18 + 1))[: size - len(head) - len(tail)]
-    return head + filler + tail
 
 
 def go_exchange() -> Exchange:

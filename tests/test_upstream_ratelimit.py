@@ -164,36 +164,16 @@ async def test_403_without_exhausted_future_limit_is_returned_as_before(pki, cas
         await stop_all(srv)
 
 
-async def test_secondary_rate_limit_429_with_short_retry_after_still_retried(pki):
-    async def handler(request, srv):
-        if srv.count <= 2:  # GitHub's secondary limit: Retry-After, budget not exhausted
-            return web.Response(status=429, text="secondary rate limit",
-                                headers={"Retry-After": "0.1", "X-RateLimit-Remaining": "41",
-                                         "X-RateLimit-Reset": str(int(time.time() + 600))})
-        return web.json_response([])
-
-    srv, client, metrics = await started(pki, handler)
-    try:
-        resp = await client.request(GET(CONTENTS))
-        assert resp.status == 200
-        await resp.read()
-        assert srv.count == 3
-        assert client.circuit_remaining(HOST) is None
-        assert sample(metrics, "trivy_gateway_upstream_retries_total", host=HOST,
-                      reason="status_429") == 2
-    finally:
-        await client.close()
-        await stop_all(srv)
-
-
-async def test_secondary_rate_limit_403_with_retry_after_is_retried(pki):
-    """GitHub answers secondary rate limits with 403 (or 429) + Retry-After while budget is
-    left: a short one is waited out and retried like a 429."""
+@pytest.mark.parametrize("status", [429, 403])
+async def test_secondary_rate_limit_with_short_retry_after_is_retried(pki, status):
+    """GitHub answers secondary rate limits with 429 or 403 + Retry-After while budget is
+    left (X-RateLimit-Remaining > 0): a short one is waited out and retried, both alike."""
     async def handler(request, srv):
         if srv.count <= 2:
-            return web.Response(status=403, text='{"message": "You have exceeded a secondary '
+            return web.Response(status=status, text='{"message": "You have exceeded a secondary '
                                 'rate limit."}', content_type="application/json",
-                                headers={"Retry-After": "0.1", "X-RateLimit-Remaining": "41"})
+                                headers={"Retry-After": "0.1", "X-RateLimit-Remaining": "41",
+                                         "X-RateLimit-Reset": str(int(time.time() + 600))})
         return web.json_response([])
 
     srv, client, metrics = await started(pki, handler)
