@@ -15,6 +15,7 @@ from typing import Optional
 from . import __version__
 from .admin.server import AdminServer
 from .cache import BlobStore, EntryStore
+from .hostport import join_authority
 from .observability.logging import get_logger
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
@@ -31,6 +32,9 @@ log = get_logger("gateway.app")
 def known_hosts(settings: Settings) -> set[str]:
     """Hosts named anywhere in the configuration: the bounded set of metric label values."""
     hosts = {r.host for r in settings.policy.rules if "*" not in r.host}
+    # upstreams are labelled host[:port] (gateway.hostport): an exact rule's other ports too
+    hosts |= {join_authority(r.host, p) for r in settings.policy.rules if "*" not in r.host
+              for p in r.ports}
     hosts |= set(settings.upstream.address_overrides)
     hosts |= set(settings.cache.oci.registries) | set(settings.cache.github.hosts)
     hosts |= {repo.split("/", 1)[0] for repo in settings.cache.maven.repositories}

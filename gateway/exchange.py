@@ -17,6 +17,8 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol
 
 from multidict import CIMultiDict
 
+from .hostport import join_authority
+
 #: RFC 9110 §7.6.1 hop-by-hop fields, always removed in both directions (plus anything named in
 #: the Connection header, which the proxy drops too).
 HOP_BY_HOP = frozenset({
@@ -93,8 +95,8 @@ class Exchange:
 
     @property
     def authority(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        """``host[:port]``: the upstream's identity (registries, cache keys, metric labels)."""
+        return join_authority(self.host, self.port, self.scheme)
 
     @property
     def url(self) -> str:

@@ -62,7 +62,8 @@ class Pipeline:
     # -- entry point ----------------------------------------------------------------------------
     async def handle(self, ex: Exchange) -> Response:
         lower = {k.lower(): v for k, v in ex.headers.items()}
-        res = classify(ex.method, ex.host, ex.path, ex.query, lower, self.cfg)
+        # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries)
+        res = classify(ex.method, ex.authority, ex.path, ex.query, lower, self.cfg)
         ex.notes["kind"] = res.kind
         if res.kind == "oci_auth" and res.cache_key and res.cache_key.startswith("oci-token|"):
             token = public_token_response(ex, self.cfg)
@@ -210,7 +211,7 @@ class Pipeline:
                            if f"{eq[0]}/{eq[1]}" in self.cfg.oci.public_repositories]
         job = FetchJob(res.cache_key, res, ex.url, headers, stale, self.blobs,
                        self.entries, self.upstream.request, equivalents, self.metrics,
-                       self.upstream.record_failover, ex.host,
+                       self.upstream.record_failover, ex.authority,
                        on_stored=lambda entry: self._note_artifact(res, entry, stale=False),
                        deadline=asyncio.get_running_loop().time()
                        + self.settings.upstream.retry.deadline)
@@ -267,7 +268,7 @@ class Pipeline:
     def _count(self, ex: Exchange, res: Resource, result: str) -> None:
         ex.notes["cache"] = result
         self.results[result] = self.results.get(result, 0) + 1
-        key = (self.metrics.host_label(ex.host), res.kind, result)
+        key = (self.metrics.host_label(ex.authority), res.kind, result)
         counter = self._request_counters.get(key)
         if counter is None:
             counter = self._request_counters[key] = self.metrics.cache_requests.labels(*key)

@@ -29,12 +29,13 @@ _SCOPE_RE = re.compile(r"^repository:(?P<repo>[^:]+):pull$")
 
 def offline_auth_response(ex: Exchange, res: Resource, cfg: CacheSettings) -> Optional[Response]:
     """A synthetic challenge or token for a registry that is unreachable, or None."""
-    if ex.host not in cfg.oci.registries or ex.method not in ("GET", "HEAD"):
+    registry = ex.authority
+    if registry not in cfg.oci.registries or ex.method not in ("GET", "HEAD"):
         return None
     status_value = cache_status("miss", detail="offline-auth")
     if ex.path in ("/v2/", "/v2"):
-        challenge = (f'Bearer realm="https://{ex.authority}{OFFLINE_TOKEN_PATH}",'
-                     f'service="{ex.host}"')
+        challenge = (f'Bearer realm="https://{registry}{OFFLINE_TOKEN_PATH}",'
+                     f'service="{registry}"')
         body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
         headers = CIMultiDict({"Content-Type": "application/json", "WWW-Authenticate": challenge,
                                "Docker-Distribution-API-Version": "registry/2.0",
@@ -52,12 +53,13 @@ def public_token_response(ex: Exchange, cfg: CacheSettings,
     client's, so asking the upstream token endpoint on the client's behalf would only spend the
     registry's rate limit (and fail when it is down).
     """
-    if ex.method != "GET" or "authorization" in ex.headers or ex.host not in cfg.oci.registries:
+    registry = ex.authority
+    if ex.method != "GET" or "authorization" in ex.headers or registry not in cfg.oci.registries:
         return None
     scopes = parse_qs(ex.query).get("scope", [])
     repos = [m.group("repo") for m in (_SCOPE_RE.match(s) for s in scopes) if m]
     if not repos or len(repos) != len(scopes) or any(
-            f"{ex.host}/{r}" not in cfg.oci.public_repositories for r in repos):
+            f"{registry}/{r}" not in cfg.oci.public_repositories for r in repos):
         return None  # only public repositories: their content never depends on the token
     body = json.dumps({"token": GATEWAY_TOKEN, "access_token": GATEWAY_TOKEN,
                        "expires_in": 300}).encode()

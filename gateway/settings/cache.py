@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..hostport import registry_problem, repository_problem
 from ._parse import ByteSize, ConfigError, Duration
 
 
@@ -25,7 +26,8 @@ class MemoryFrontSettings:
 
 @dataclass(frozen=True)
 class OCISettings:
-    #: registries whose /v2/ API is understood (blobs by digest, manifests by tag/digest)
+    #: registries whose /v2/ API is understood (blobs by digest, manifests by tag/digest), as
+    #: ``host`` or ``host:port`` (a registry on a non-default port: ``registry.corp:5000``)
     registries: tuple[str, ...] = ("mirror.gcr.io", "ghcr.io")
     #: "registry/repository" whose content may be shared between clients and across registries
     #: (public artifacts); content of other repositories fetched with a client's credentials is
@@ -37,6 +39,16 @@ class OCISettings:
     refresh_ahead: float = 0.8
     #: /v2/ ping and anonymous token answers are kept this long (served stale when upstream is down)
     auth_ttl: Duration = Duration(240)
+
+    def validate(self, path: str) -> None:
+        for i, registry in enumerate(self.registries):
+            problem = registry_problem(registry)
+            if problem:
+                raise ConfigError(f"{path}.registries[{i}]", problem)
+        for i, entry in enumerate(self.public_repositories):
+            problem = repository_problem(entry)
+            if problem:
+                raise ConfigError(f"{path}.public_repositories[{i}]", problem)
 
     def ttl_for(self, registry: str, repository: str) -> float:
         return float(self.tag_ttl.get(f"{registry}/{repository}")

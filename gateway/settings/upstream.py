@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..hostport import repository_problem
 from ._parse import ConfigError, Duration
 
 
@@ -141,7 +142,8 @@ class UpstreamSettings:
     #: per-host smoothing; the key "default" applies to hosts not listed
     limits: dict[str, HostLimitSettings] = field(default_factory=dict)
     credentials: tuple[CredentialSettings, ...] = ()
-    #: groups of equivalent OCI repositories ("registry/repository") publishing identical artifacts
+    #: groups of equivalent OCI repositories ("registry/repository", registry = host[:port])
+    #: publishing identical artifacts
     failover_groups: tuple[tuple[str, ...], ...] = ()
 
     def limit_for(self, host: str) -> HostLimitSettings:
@@ -152,3 +154,8 @@ class UpstreamSettings:
             h, sep, p = addr.rpartition(":")
             if not sep or not p.isdigit():
                 raise ConfigError(f"{path}.address_overrides.{host}", f"expected HOST:PORT, got {addr!r}")
+        for g, group in enumerate(self.failover_groups):
+            for i, entry in enumerate(group):
+                problem = repository_problem(entry)
+                if problem:
+                    raise ConfigError(f"{path}.failover_groups[{g}][{i}]", problem)

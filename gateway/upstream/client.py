@@ -37,6 +37,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..hostport import canonical_authority, url_authority
 from ..observability.logging import get_logger
 from ..observability.metrics import CIRCUIT_STATES, Metrics
 from ..settings import UpstreamSettings
@@ -381,7 +382,7 @@ class UpstreamClient:
             if resp.status == 401 and req.kind == "oci_auth":
                 url = URL(req.url, encoded=True)
                 if url.path == "/v2/" and url.host:
-                    self.tokens.learn_challenge(url.host,
+                    self.tokens.learn_challenge(url_authority(url),
                                                 resp.headers.get("WWW-Authenticate", ""))
         return resp
 
@@ -398,9 +399,8 @@ class UpstreamClient:
             if auth:
                 h["Authorization"] = auth
             resp = await self._follow(req, h, deadline, inject=False)
-            final_host = (URL(resp.url, encoded=True).host or "").lower()
             if resp.status == 401 and attempt == 0 and \
-                    final_host == registry.lower().rsplit(":", 1)[0]:
+                    url_authority(resp.url) == canonical_authority(registry):
                 await resp.release()
                 self.tokens.invalidate(registry, repository)
                 log.info("registry_token_refresh", registry=registry, repository=repository)
@@ -424,7 +424,7 @@ class UpstreamClient:
                                     inject=inject)
             location = resp.headers.get("Location")
             if (history and not reasked and resp.status in REASK_STATUSES and body is None
-                    and (url.host or "").lower() != (origin_url.host or "").lower()):
+                    and url_authority(url) != url_authority(origin_url)):
                 # A redirect target refused the URL it was sent to: typically a signed CDN URL
                 # whose signature expired on the way (ghcr.io → pkg-containers). Ask the origin
                 # once more for a fresh one.
@@ -455,7 +455,7 @@ class UpstreamClient:
             if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                 method = "HEAD" if method == "HEAD" else "GET"
                 body = None
-            if (new.host or "").lower() != (url.host or "").lower():
+            if url_authority(new) != url_authority(url):  # another origin (host, port)
                 headers = CIMultiDict(headers)
                 headers.popall("Authorization", None)
                 headers.popall("Cookie", None)
@@ -479,7 +479,8 @@ class UpstreamClient:
     # -- one hop, with retries ---------------------------------------------------------------
     async def _send(self, method: str, url: URL, headers: CIMultiDict, body, deadline: float, *,
                     kind: str = "generic", inject: bool = True) -> _Response:
-        host = (url.host or "").lower()
+        # circuits, limiters, credentials and metric labels are per origin: host[:port]
+        host = url_authority(url)
         st = self._host(host)
         st.requests += 1
         retry = self.settings.retry
@@ -495,8 +496,8 @@ class UpstreamClient:
             cred = self.credentials.authorization(host)
             if cred:
                 hop_headers["Authorization"] = cred
-        if is_ip(host):
-            why = self.resolver.check_literal(host)
+        if url.host and is_ip(url.host):
+            why = self.resolver.check_literal(url.host)
             if why:
                 raise UpstreamError("ssrf", host, f"connection to {host} refused: {why}",
                                     status=403)
@@ -671,8 +672,8 @@ class UpstreamClient:
             raise _AttemptFailed("deadline", f"deadline reached while queued for {host}",
                                  504, False, upstream_fault=False) from None
         self.metrics.upstream_queue_wait.labels(host=st.label).observe(waited)
-        use_proxy = (self._proxy and self.resolver.override_for(host, url.port) is None
-                     and not self.settings.parent_proxy.bypasses(host))
+        use_proxy = (self._proxy and self.resolver.override_for(url.host or "", url.port) is None
+                     and not self.settings.parent_proxy.bypasses(url.host or ""))
         t0 = loop.time()
         cm = asyncio.timeout_at(deadline)
         try:

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
+from ..hostport import canonical_authority
 from ..observability.metrics import Metrics
 
 
 def _split(entry: str) -> tuple[str, str]:
+    """``registry.corp:5000/team/db`` → (``registry.corp:5000``, ``team/db``): the port stays
+    with the registry (it is a different registry than the same host on 443)."""
     registry, _, repository = entry.strip().strip("/").partition("/")
-    return registry.lower(), repository
+    return canonical_authority(registry), repository
 
 
 def equivalents(groups: Iterable[Sequence[str]], registry: str, repository: str
                 ) -> list[tuple[str, str]]:
-    """The other members of the group holding ``registry/repository``, in configured order."""
-    key = (registry.lower(), repository.strip("/"))
+    """The other members of the group holding ``registry/repository`` (registry =
+    ``host[:port]``), in configured order."""
+    key = (canonical_authority(registry), repository.strip("/"))
     for group in groups:
         members = [_split(e) for e in group]
         if key in members:

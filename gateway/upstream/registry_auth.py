@@ -1,6 +1,7 @@
 """The gateway's own OCI registry tokens (distribution token flow), cached per repository.
 
-``GET https://<registry>/v2/`` → 401 ``WWW-Authenticate: Bearer realm=…,service=…`` →
+``GET https://<registry>/v2/`` (``<registry>`` is ``host[:port]``: a registry on a non-default
+port is pinged, asked for tokens and cached under that port, see :mod:`gateway.hostport`) → 401 ``WWW-Authenticate: Bearer realm=…,service=…`` →
 ``GET <realm>?scope=repository:<repo>:pull&service=<service>`` (with Basic credentials when some are
 configured for the registry) → ``{"token"|"access_token", "expires_in"}``. The challenge is cached
 per registry, tokens per (registry, repository) until shortly before they expire; concurrent
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Optional
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..hostport import canonical_authority, url_authority
 from ..observability.logging import get_logger
 from .types import UpstreamError, UpstreamRequest
 
@@ -65,15 +67,17 @@ class RegistryTokens:
         if scheme != "bearer" or not params.get("realm"):
             return
         params.pop("scope", None)                # per request; the gateway asks for its own
-        self._challenges[registry.lower()] = (scheme, params, asyncio.get_running_loop().time())
+        self._challenges[canonical_authority(registry)] = (
+            scheme, params, asyncio.get_running_loop().time())
 
     def invalidate(self, registry: str, repository: str) -> None:
-        self._tokens.pop((registry.lower(), repository), None)
-        self._challenges.pop(registry.lower(), None)
+        self._tokens.pop((canonical_authority(registry), repository), None)
+        self._challenges.pop(canonical_authority(registry), None)
 
     async def authorization(self, registry: str, repository: str, deadline: float
                             ) -> Optional[str]:
-        key = (registry.lower(), repository)
+        """The Authorization value for pulling ``repository`` from ``registry`` (``host[:port]``)."""
+        key = (canonical_authority(registry), repository)
         loop = asyncio.get_running_loop()
         cached = self._tokens.get(key)
         if cached and cached[1] > loop.time():
@@ -123,7 +127,7 @@ class RegistryTokens:
                                 f"{registry} asks for unsupported authentication {scheme!r}",
                                 status=502)
         realm = URL(params["realm"], encoded=True)
-        if realm.scheme != "https" and realm.host != registry.split(":")[0]:
+        if realm.scheme != "https" and url_authority(realm) != registry:
             raise UpstreamError("protocol", registry,
                                 f"{registry} names a non-https token realm; refusing", status=502)
         query = {"scope": f"repository:{repository}:pull"}
