@@ -30,7 +30,14 @@ EMULATED_HOSTS: tuple[str, ...] = (
     "codeload.github.com",
     "repo.maven.apache.org",
     "check.trivy.dev",
+    # a private registry on a non-default port: the world names it host:port (its identity)
+    "registry.test:5443",
 )
+
+
+def hostname_of(host: str) -> str:
+    """``registry.test:5443`` → ``registry.test`` (the name in the certificate and SNI)."""
+    return host.rsplit(":", 1)[0] if host.rsplit(":", 1)[-1].isdigit() else host
 
 
 def _name(cn: str) -> x509.Name:
@@ -106,11 +113,11 @@ def create_pki(directory: str | os.PathLike[str], hostnames: tuple[str, ...] = E
     )
 
     srv_key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+    sans: list[x509.GeneralName] = [x509.DNSName(h) for h in dict.fromkeys(map(hostname_of, hostnames))]
     sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     srv_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(hostnames[0] if hostnames else "localhost"))
+        .subject_name(_name(hostname_of(hostnames[0]) if hostnames else "localhost"))
         .issuer_name(ca_name)
         .public_key(srv_key.public_key())
         .serial_number(x509.random_serial_number())

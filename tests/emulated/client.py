@@ -21,7 +21,8 @@ class OverrideResolver(AbstractResolver):
         self.overrides = {h.lower(): a for h, a in overrides.items()}
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
-        addr = self.overrides.get(host.lower())
+        # a world host on a non-default port is keyed host:port (registry.test:5443)
+        addr = self.overrides.get(f"{host.lower()}:{port}") or self.overrides.get(host.lower())
         if addr is None:
             raise OSError(f"emulated world: no override for {host!r}")
         ip, _, p = addr.rpartition(":")

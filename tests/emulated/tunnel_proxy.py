@@ -1,6 +1,7 @@
 """A plain CONNECT tunnel proxy (test tooling only, not the gateway).
 
-``CONNECT host:443`` is mapped to ``127.0.0.1:port_of(host)`` and bytes are
+``CONNECT host:443`` (``CONNECT host:port`` for a world host named ``host:port``,
+e.g. ``registry.test:5443``) is mapped to ``127.0.0.1:port_of(host)`` and bytes are
 piped blindly in both directions.  Used to run the real Trivy against the
 emulated world: ``HTTPS_PROXY=http://127.0.0.1:<port> SSL_CERT_FILE=<ca>``.
 Unknown hosts get ``502``; anything but CONNECT gets ``405``.
@@ -68,9 +69,10 @@ class TunnelProxy:
 
     def _resolve(self, target: str) -> tuple[str, int] | None:
         host, _, port = target.rpartition(":")
-        if not host or port != "443":
+        if not host:
             return None
-        addr = self.overrides.get(host.lower())
+        addr = self.overrides.get(target.lower()) or (
+            self.overrides.get(host.lower()) if port == "443" else None)
         if not addr:
             return None
         h, _, p = addr.rpartition(":")

@@ -48,6 +48,8 @@ GITHUB = "github.com"
 CODELOAD = "codeload.github.com"
 MAVEN = "repo.maven.apache.org"
 CHECK = "check.trivy.dev"
+#: a private registry on a non-default port (same artifacts as mirror.gcr.io, same repositories)
+PORTED = "registry.test:5443"
 
 # artifact kind -> (mirror.gcr.io repository, ghcr.io repository, tag)
 REPOSITORIES: dict[str, tuple[str, str, str]] = {
@@ -91,6 +93,7 @@ class World:
         self.cdn = BlobCDN(CDN, secret + b"cdn")
         self.mirror = Registry(MIRROR, "/v2/token", secret + b"gcr")
         self.ghcr = Registry(GHCR, "/token", secret + b"ghcr", cdn=self.cdn, ping_scope="repository:user/image:pull")
+        self.ported = Registry(PORTED, "/v2/token", secret + b"ported")
         self.github = GitHub()
         self.maven = Maven(MAVEN_POMS)
         self.version_check = VersionCheck()
@@ -119,6 +122,7 @@ class World:
             CODELOAD: self.github.codeload,
             MAVEN: self.maven.handle,
             CHECK: self.version_check.handle,
+            PORTED: self.ported.handle,
         }
         ctx = self.pki.server_ssl_context()
 
@@ -180,15 +184,19 @@ class World:
         return f"https://{host}{path}"
 
     # ----------------------------------------------------------- publishing
-    def publish(self, kind: str, artifact: OciArtifact, registries: Iterable[str] = (MIRROR, GHCR)) -> str:
+    def publish(self, kind: str, artifact: OciArtifact,
+                registries: Iterable[str] = (MIRROR, GHCR, PORTED)) -> str:
         """Publish *artifact* as the tag of *kind* ("db", "javadb", "checks")
-        on both registries (identical bytes/digests). Returns manifest digest."""
+        on every registry (identical bytes/digests; registry.test:5443 uses mirror.gcr.io's
+        repository names). Returns manifest digest."""
         mirror_repo, ghcr_repo, tag = REPOSITORIES[kind]
         regs = set(registries)
         if MIRROR in regs:
             self.mirror.publish(mirror_repo, tag, artifact)
         if GHCR in regs:
             self.ghcr.publish(ghcr_repo, tag, artifact)
+        if PORTED in regs:
+            self.ported.publish(mirror_repo, tag, artifact)
         self.published[kind] = artifact
         return artifact.manifest_digest
 
