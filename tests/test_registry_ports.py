@@ -13,7 +13,9 @@ import json
 import aiohttp
 import pytest
 import yaml
+from multidict import CIMultiDict
 
+from gateway.exchange import Exchange
 from gateway.settings import ConfigError, default_config_text, load_settings
 from tests.e2e_support import TrivyClient, blob_requests, diag, require_trivy
 from tests.emulated.world import GHCR, MIRROR, PORTED
@@ -77,7 +79,7 @@ async def pull_db(gw, world, registry: str = PORTED, repo: str = DB_REPO):
 # --------------------------------------------------------------------------------------------
 # pure pieces: spelling, classification, failover lookup, configuration errors
 # --------------------------------------------------------------------------------------------
-def test_registry_identity_keeps_a_non_default_port():
+def test_registry_identity_classification_and_failover_keep_the_port():
     from gateway.hostport import canonical_authority, url_authority
 
     assert url_authority("https://Registry.Test:5443/v2/") == "registry.test:5443"
@@ -85,9 +87,12 @@ def test_registry_identity_keeps_a_non_default_port():
     assert url_authority("https://[::1]:5000/v2/") == "[::1]:5000"
     assert canonical_authority("registry.test:443") == "registry.test"
     assert canonical_authority("REGISTRY.corp:5000") == "registry.corp:5000"
+    # what the pipeline classifies with: the exchange's authority, port included
+    ex = Exchange("GET", "https", "registry.test", 5443, "/v2/", CIMultiDict())
+    assert ex.authority == PORTED
+    assert Exchange("GET", "https", "registry.test", 443, "/v2/", CIMultiDict()).authority \
+        == "registry.test"
 
-
-def test_oci_classification_and_failover_use_host_and_port():
     from gateway.resources import classify
     from gateway.upstream.failover import equivalents
 
