@@ -8,6 +8,7 @@ Trivy 0.76 with ``--db-repository registry.test:5443/aquasec/trivy-db:2``.
 """
 from __future__ import annotations
 
+import base64
 import json
 
 import aiohttp
@@ -132,9 +133,15 @@ def test_registry_spelling_errors_name_the_key(override, key, hint):
 # --------------------------------------------------------------------------------------------
 # the real gateway against registry.test:5443
 # --------------------------------------------------------------------------------------------
-async def test_cold_then_warm_db_pull_from_registry_on_port_5443(clean_upstreams, make_gateway):
+async def test_cold_then_warm_db_pull_from_registry_on_port_5443(clean_upstreams, make_gateway,
+                                                                 monkeypatch):
     world = clean_upstreams
-    gw = make_gateway(world, ported_config())
+    # a credential for registry.test:5443 (exact host:port) goes with the gateway's token request
+    monkeypatch.setenv("PORTED_REGISTRY_SECRET", "s3cret")
+    cfg = ported_config()
+    cfg["upstream"]["credentials"] = [{"host": PORTED, "type": "basic", "username": "scanner",
+                                       "secret_env": "PORTED_REGISTRY_SECRET"}]
+    gw = make_gateway(world, cfg)
     manifest_cs, blob_cs = await pull_db(gw, world)
     assert "fwd=uri-miss" in manifest_cs and "fwd=uri-miss" in blob_cs
     world.wait_idle(5)
@@ -148,6 +155,8 @@ async def test_cold_then_warm_db_pull_from_registry_on_port_5443(clean_upstreams
     gw_tokens = [e for e in world.requests(host=PORTED, path_contains="/v2/token")
                  if "trivy-gateway" in (e.request_headers.get("user-agent") or "")]
     assert len(gw_tokens) == 1, world.log_summary()
+    basic = "Basic " + base64.b64encode(b"scanner:s3cret").decode()
+    assert gw_tokens[0].request_headers.get("authorization") == basic
     assert gw.metric("trivy_gateway_upstream_responses_total", host=PORTED) >= 3
 
     world.clear_log()
