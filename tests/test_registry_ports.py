@@ -151,6 +151,8 @@ async def test_cold_then_warm_db_pull_from_registry_on_port_5443(clean_upstreams
     layer = world.digest("db", "layer")
     blobs = world.requests(host=PORTED, path_contains="/blobs/")
     assert [(b.status, b.path.endswith(layer)) for b in blobs] == [(200, True)]
+    # the challenge of the client's ping was kept under registry.test:5443: no second ping
+    assert len(world.requests(host=PORTED, path_regex=r"^/v2/?$")) == 1, world.log_summary()
     # the gateway fetched with its own registry token, obtained from registry.test:5443
     gw_tokens = [e for e in world.requests(host=PORTED, path_contains="/v2/token")
                  if "trivy-gateway" in (e.request_headers.get("user-agent") or "")]
@@ -225,6 +227,9 @@ def test_trivy_db_repository_with_port_cold_then_warm(clean_upstreams, make_gate
         blobs = blob_requests(world)
         assert [(b.host, b.status) for b in blobs] == [(PORTED, 200)], diag(world, gw)
         assert world.requests(host=MIRROR) == []
+        # one ping (Trivy's; the gateway reuses its challenge), one token, manifest, blob
+        assert len(world.requests(host=PORTED, path_regex=r"^/v2/?$")) == 1, diag(world, gw)
+        assert len(world.requests(host=PORTED)) == 4, diag(world, gw)
 
         world.clear_log()
         res = t.run(*args)
