@@ -14,13 +14,15 @@ import json
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.exchange import Exchange
-from gateway.settings import ConfigError, default_config_text, load_settings
+from gateway.settings import ConfigError, CredentialSettings, default_config_text, load_settings
 from tests.e2e_support import TrivyClient, blob_requests, diag, require_trivy
 from tests.emulated.world import GHCR, MIRROR, PORTED
 from tests.test_gateway_cache import MANIFEST_ACCEPT, get, sha
+from upstream_support import GET, FakeServer, new_client, pki, sample, settings, stop_all  # noqa: F401
 
 DB_REPO = "aquasec/trivy-db"          # the ported registry uses mirror.gcr.io's names
 GHCR_DB_REPO = "aquasecurity/trivy-db"
@@ -128,6 +130,42 @@ def test_registry_spelling_errors_name_the_key(override, key, hint):
     with pytest.raises(ConfigError) as exc:
         load_settings(env={}, overrides=override)
     assert key in str(exc.value) and hint in str(exc.value)
+
+
+async def test_same_host_other_port_is_another_origin_for_credentials_and_circuits(pki):
+    """reg.test:5443 and reg.test (443) are two upstreams: a credential for one is not sent to
+    the other, a redirect between them drops Authorization, and each has its own circuit."""
+    async def ported(request, srv):
+        if request.path == "/hop":
+            return web.Response(status=307, headers={"Location": "https://reg.test/landing"})
+        return web.Response(text="ported")
+
+    async def default(request, srv):
+        return web.Response(text="default")
+
+    a = await FakeServer(pki, ["reg.test"], ported).start()
+    b = await FakeServer(pki, ["reg.test"], default).start()
+    cred = CredentialSettings(host="reg.test:5443", type="bearer", secret_env="X", secret="tok")
+    client, metrics = new_client(
+        settings({"reg.test:5443": a.addr, "reg.test": b.addr}, pki.ca_file, credentials=(cred,)),
+        ["reg.test:5443", "reg.test"])
+    await client.start()
+    try:
+        assert await (await client.request(GET("https://reg.test:5443/v2/"))).read() == b"ported"
+        assert a.log[-1].headers.get("Authorization") == "Bearer tok"
+        assert a.log[-1].host == "reg.test:5443"
+        assert await (await client.request(GET("https://reg.test/v2/"))).read() == b"default"
+        assert "Authorization" not in b.log[-1].headers
+        resp = await client.request(GET("https://reg.test:5443/hop", follow_redirects=True,
+                                        headers={"Authorization": "Bearer client"}))
+        assert await resp.read() == b"default"
+        assert "Authorization" not in b.log[-1].headers   # another origin: not carried over
+        assert set(client.health()) == {"reg.test:5443", "reg.test"}
+        assert sample(metrics, "trivy_gateway_upstream_responses_total",
+                      host="reg.test:5443", status="200") == 1
+    finally:
+        await client.close()
+        await stop_all(a, b)
 
 
 # --------------------------------------------------------------------------------------------
