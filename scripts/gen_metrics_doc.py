@@ -35,8 +35,9 @@ LABEL_VALUES = {
     "artifact": ", ".join(f"`{a}`" for a in M.ARTIFACTS),
     "result": ", ".join(f"`{r}`" for r in M.CACHE_RESULTS),
     "source": "`cache`, `upstream`",
-    "host": "hosts named in the configuration (policy rules, upstream limits, overrides); "
-            "every other host is folded into `other`",
+    "host": "hosts named in the configuration (policy rules, upstream limits, overrides, "
+            "registries); an upstream on a non-default port is `host:port` "
+            "(`registry.corp:5000`); every other host is folded into `other`",
     "from_host": "as `host`",
     "to_host": "as `host`",
     "decision": "`intercept`, `tunnel`, `deny`",

@@ -16,7 +16,8 @@ __all__ = ["classify", "Resource", "IMMUTABLE", "response_ttl", "parse_cache_con
 
 def classify(method: str, host: str, path: str, query: str, headers: Mapping[str, str],
              cfg: CacheSettings) -> Resource:
-    """Map a request to its :class:`Resource`; ``headers`` keys must be lower-case."""
+    """Map a request to its :class:`Resource`; ``host`` is ``host[:port]`` (the port only when
+    it is not the scheme's default); ``headers`` keys must be lower-case."""
     if not cfg.enabled:
         return Resource("passthrough", note="cache disabled")
     for fn in (classify_oci, classify_maven, classify_github):

@@ -45,6 +45,8 @@ def normalise_accept(value: str) -> str:
 
 def classify_oci(method: str, host: str, path: str, query: str, headers: Mapping[str, str],
                  cfg: CacheSettings) -> Optional[Resource]:
+    """``host`` is the registry as ``host[:port]`` (:mod:`gateway.hostport`): a registry on a
+    non-default port is matched, keyed, pinged and failed over under that name."""
     oci = cfg.oci
     if host not in oci.registries:
         return None
