@@ -125,6 +125,8 @@ def test_registry_identity_classification_and_failover_keep_the_port():
      "cache.oci.public_repositories[0]", "'registry.test:5443'"),
     ({"upstream": {"failover_groups": [["ghcr.io/a/b", "registry.test:5443"]]}},
      "upstream.failover_groups[0][1]", "registry/repository"),
+    ({"policy": {"rules": [{"host": "registry.test:5443"}]}}, "policy.rules[0].host",
+     "host: registry.test, ports: [5443]"),
 ])
 def test_registry_spelling_errors_name_the_key(override, key, hint):
     with pytest.raises(ConfigError) as exc:

@@ -26,6 +26,11 @@ class RuleSettings:
             raise ConfigError(f"{path}.action", f"must be one of {', '.join(ACTIONS)}, got {self.action!r}")
         if not self.host or (self.host != "*" and "*" in self.host and not self.host.startswith("*.")):
             raise ConfigError(f"{path}.host", f"expected 'host', '*.suffix' or '*', got {self.host!r}")
+        name, sep, port = self.host.rpartition(":")
+        if sep and port.isdigit() and (":" not in name or name.endswith("]")):
+            # registries are spelt host:port elsewhere; a rule would silently never match
+            raise ConfigError(f"{path}.host", f"{self.host!r}: a rule names the host and lists "
+                              f"the port apart: host: {name.strip('[]')}, ports: [{port}]")
         for p in self.ports:
             if not 0 < p < 65536:
                 raise ConfigError(f"{path}.ports", f"bad port {p}")
