@@ -581,11 +581,11 @@ class ClientConnection(ResponseWriter):
     def _account(self, rec: AccessRecord) -> None:
         duration = self._loop.time() - rec.started
         host_label = self.metrics.host_label(rec.host)
-        key = (host_label, rec.decision, rec.status)
+        key = (host_label, rec.decision, rec.status, rec.door)
         children = self.server.metric_children.get(key)
         if children is None:
             children = (self.metrics.requests.labels(host=host_label, decision=rec.decision,
-                                                     status=str(rec.status)),
+                                                     status=str(rec.status), door=rec.door),
                         self.metrics.request_duration.labels(host=host_label))
             self._remember(key, children)
         children[0].inc()
@@ -597,7 +597,7 @@ class ClientConnection(ResponseWriter):
         fields = dict(request_id=rec.id, client=rec.client, method=rec.method,
                       scheme=rec.scheme or None, host=rec.host or None, port=rec.port or None,
                       path=rec.path, status=rec.status, bytes=rec.bytes, duration=round(duration, 4),
-                      decision=rec.decision, cache=notes.get("cache"))
+                      decision=rec.decision, cache=notes.get("cache"), door=rec.door)
         if rec.bytes_in:
             fields["bytes_in"] = rec.bytes_in
         if rec.error:
