@@ -104,7 +104,7 @@ class ProxyServer:
         """Close the listening socket(s); established connections carry on."""
         if self._server is not None and self._server.is_serving():
             self._server.close()
-            log.info("proxy_stopped_accepting", connections=len(self._connections))
+            log.info(f"{self.door_name}_stopped_accepting", connections=len(self._connections))
 
     async def drain(self, grace: float) -> bool:
         """Finish in-flight requests within ``grace`` seconds; idle connections close at once.
