@@ -25,6 +25,7 @@ log = get_logger("gateway.mirror")
 
 class MirrorConnection(ClientConnection):
     server: "MirrorServer"
+    first_kind = "mirror"
 
     async def _dispatch(self, request) -> str:
         method, target = request.method, request.target

@@ -50,7 +50,8 @@ class Metrics:
         self.active_connections = Gauge(
             p + "active_connections",
             "Open client connections, by kind (client: plain proxy connection; intercepted: "
-            "TLS terminated by the gateway; tunnel: bytes relayed blind).",
+            "TLS terminated by the gateway; tunnel: bytes relayed blind; mirror: a mirror-door "
+            "connection).",
             ["kind"], registry=r)
         self.denied = Counter(
             p + "denied_total",

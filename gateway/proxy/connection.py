@@ -44,6 +44,9 @@ class _HeaderTimeout(Exception):
 
 
 class ClientConnection(ResponseWriter):
+    #: the active_connections kind a new connection starts as (the mirror door's: "mirror")
+    first_kind = "client"
+
     def __init__(self, server: "ProxyServer", reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.server = server
@@ -97,7 +100,7 @@ class ClientConnection(ResponseWriter):
         self.writer.transport.abort()
 
     async def run(self) -> None:
-        self._set_kind("client")
+        self._set_kind(self.first_kind)
         try:
             await self._serve()
         except (OSError, ClientGone, asyncio.IncompleteReadError):

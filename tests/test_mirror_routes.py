@@ -1,0 +1,82 @@
+"""The mirror door's routing table (pure) and its settings' validation."""
+from __future__ import annotations
+
+import pytest
+
+from gateway.mirror.routes import RouteError, RouteKind, route, split_location
+from gateway.settings import ConfigError, load_settings
+
+S = load_settings(env={})
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize("target,host,upstream", [
+    ("/v2/mirror.gcr.io/aquasec/trivy-db/manifests/2", "mirror.gcr.io",
+     "/v2/aquasec/trivy-db/manifests/2"),
+    ("/v2/ghcr.io/aquasecurity/trivy-checks/manifests/" + DIGEST, "ghcr.io",
+     "/v2/aquasecurity/trivy-checks/manifests/" + DIGEST),
+    ("/v2/aquasec/trivy-java-db/blobs/" + DIGEST, "mirror.gcr.io",
+     "/v2/aquasec/trivy-java-db/blobs/" + DIGEST),
+    ("/v2/aquasecurity/trivy-db/manifests/2", "ghcr.io", "/v2/aquasecurity/trivy-db/manifests/2"),
+    ("/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom", "repo.maven.apache.org",
+     "/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom"),
+])
+def test_routes_to_the_url_the_proxy_door_would_see(target, host, upstream):
+    rt = route("GET", target, S)
+    assert (rt.host, rt.target) == (host, upstream)
+
+
+def test_ping_and_vex_routes():
+    assert route("GET", "/v2/", S).kind is RouteKind.OCI_PING
+    assert route("HEAD", "/v2", S).kind is RouteKind.OCI_PING
+    rt = route("HEAD", "/vex/vexhub/.well-known/vex-repository.json", S)
+    assert rt.kind is RouteKind.VEX_MANIFEST and rt.vex_name == "vexhub"
+    rt = route("GET", "/vex/vexhub/archive/0/2/main.tar.gz", S)
+    assert rt.kind is RouteKind.VEX_ARCHIVE and rt.vex_location == (0, 2)
+
+
+@pytest.mark.parametrize("target,status", [
+    ("/v2/aquasec/trivy-db/manifests/" + "x" * 200, 400),
+    ("/v2/aquasec/trivy-db/blobs/" + DIGEST.upper(), 400),
+    ("/v2/aquasec//trivy-db/manifests/2", 400),
+    ("/v2/mirror.gcr.io/aquasec/other/manifests/2", 404),
+    ("/maven2/", 400),
+    ("/maven2//org/x.pom", 400),
+])
+def test_refusals(target, status):
+    with pytest.raises(RouteError) as exc:
+        route("GET", target, S)
+    assert exc.value.status == status
+
+
+def test_a_query_is_never_forwarded():
+    rt = route("GET", "/maven2/org/x.pom?x=1/../..", S)
+    assert rt.target == "/maven2/org/x.pom"
+
+
+def test_go_getter_subdir_suffix():
+    url = "https://github.com/aquasecurity/vexhub/archive/refs/heads/main.tar.gz//vexhub-main"
+    assert split_location(url) == (url[:-len("//vexhub-main")], "//vexhub-main")
+    assert split_location("https://h/a.tar.gz") == ("https://h/a.tar.gz", "")
+
+
+@pytest.mark.parametrize("yaml_text,key", [
+    ("server: {mirror_listen: 'nope'}", "server.mirror_listen"),
+    ("mirror: {tls: {cert: /x.pem}}", "mirror.tls"),
+    ("mirror: {oci: {short_names: {db: other.io/x/db}}}", "mirror.oci.short_names.db"),
+    ("mirror: {oci: {short_names: {Bad_Name: mirror.gcr.io/aquasec/trivy-db}}}",
+     "mirror.oci.short_names.Bad_Name"),
+    ("mirror: {maven: {central: repo1.example.org/maven2}}", "mirror.maven.central"),
+    ("mirror: {maven: {v2: repo.maven.apache.org/maven2}}", "mirror.maven.v2"),
+    ("mirror: {vex: {hub: 'http://x/vex-repository.json'}}", "mirror.vex.hub"),
+])
+def test_settings_errors_name_the_key(tmp_path, yaml_text, key):
+    p = tmp_path / "gw.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(p), env={})
+    assert exc.value.path == key, str(exc.value)
+
+
+def test_mirror_is_off_by_default():
+    assert S.server.mirror_addr is None
