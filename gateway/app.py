@@ -153,6 +153,8 @@ class Gateway:
             "artifacts": sorted(artifacts, key=lambda a: a["artifact"]),
             "upstreams": {host: _upstream_view(h) for host, h in
                           (self.upstream.health() if self.upstream else {}).items()},
+            "doors": {name: _door_view(door) for name, door in
+                      (("proxy", self.proxy), ("mirror", self.mirror))},
             "cache": {"size_bytes": self.blobs.size, "max_size_bytes": self.blobs.max_size,
                       "blobs": self.blobs.count, "entries": self.entries.count,
                       "disk_free_bytes": disk_free},
@@ -161,6 +163,15 @@ class Gateway:
                    "not_after": ca.cert.not_valid_after_utc.isoformat()} if ca else None,
         }
 
+
+
+def _door_view(door: Optional[ProxyServer]) -> Optional[dict]:
+    """Where a front door listens and how busy it is (None: that door is off)."""
+    if door is None or not door.listening:
+        return None
+    host, port = door.address
+    return {"listen": f"{host}:{port}", "tls": door.ssl_context is not None,
+            "connections": door.active_connections}
 
 
 def _upstream_view(health: dict) -> dict:

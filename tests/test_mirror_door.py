@@ -232,3 +232,12 @@ def test_tls_with_the_operators_certificate(world, make_gateway, tmp_path):
         assert resp.status == 200 and len(resp.read()) == world.published["db"].layer.size
     finally:
         conn.close()
+
+
+def test_status_api_and_page_show_both_doors(world, gw):
+    doors = gw.status()["doors"]
+    assert doors["mirror"]["listen"] == mirror_addr(gw) and doors["mirror"]["tls"] is False
+    assert doors["proxy"]["listen"] == gw.config["server"]["listen"]
+    with urllib.request.urlopen(gw.admin_url + "/", timeout=10) as r:
+        page = r.read().decode()
+    assert f"http://{mirror_addr(gw)}" in page and 'id="door-mirror"' in page
