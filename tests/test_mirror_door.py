@@ -3,7 +3,6 @@ one cache shared with the proxy door, single flight, upstream failures turned in
 Trivy falls through on, TLS with the operator's certificate, and the ``door`` metric label."""
 from __future__ import annotations
 
-import datetime
 import http.client
 import json
 import socket
@@ -12,12 +11,9 @@ import threading
 import urllib.request
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.e2e_support import CDN, GHCR, MAVEN, MIRROR, blob_requests, diag
+from tests.emulated.certs import create_pki
 from tests.mirror_support import get, mirror_addr, mirror_config, oci_error_code
 
 DB_MANIFEST = "/v2/aquasec/trivy-db/manifests/2"
@@ -193,31 +189,12 @@ def test_upstream_throttling_and_errors_reach_trivy_as_429_and_503(world, gw):
     assert gw.status()["cache"]["entries"] == 0
 
 
-def operator_certificate(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.corp.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("gateway.corp.test"),
-                           x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "mirror.pem", tmp_path / "mirror.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_with_the_operators_certificate(world, make_gateway, tmp_path):
-    cert, key = operator_certificate(tmp_path)
-    gw = make_gateway(world, mirror_config({"mirror": {"tls": {"cert": str(cert), "key": str(key)}}}))
+    corp = create_pki(tmp_path / "corp-pki", ("gateway.corp.test",))   # the organisation's PKI
+    gw = make_gateway(world, mirror_config({"mirror": {"tls": {
+        "cert": str(corp.server_cert_pem), "key": str(corp.server_key_pem)}}}))
     host, port = mirror_addr(gw).rsplit(":", 1)
-    ctx = ssl.create_default_context(cafile=str(cert))   # the operator's PKI, not the gateway CA
+    ctx = ssl.create_default_context(cafile=str(corp.ca_pem))   # not the gateway CA
     conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
     try:
         conn.request("GET", "/vex/vexhub/.well-known/vex-repository.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.mirror.routes import RouteError, RouteKind, route, split_location
-from gateway.settings import ConfigError, load_settings
+from gateway.settings import load_settings
 
 S = load_settings(env={})
 DIGEST = "sha256:" + "ab" * 32
@@ -58,24 +58,6 @@ def test_go_getter_subdir_suffix():
     url = "https://github.com/aquasecurity/vexhub/archive/refs/heads/main.tar.gz//vexhub-main"
     assert split_location(url) == (url[:-len("//vexhub-main")], "//vexhub-main")
     assert split_location("https://h/a.tar.gz") == ("https://h/a.tar.gz", "")
-
-
-@pytest.mark.parametrize("yaml_text,key", [
-    ("server: {mirror_listen: 'nope'}", "server.mirror_listen"),
-    ("mirror: {tls: {cert: /x.pem}}", "mirror.tls"),
-    ("mirror: {oci: {short_names: {db: other.io/x/db}}}", "mirror.oci.short_names.db"),
-    ("mirror: {oci: {short_names: {Bad_Name: mirror.gcr.io/aquasec/trivy-db}}}",
-     "mirror.oci.short_names.Bad_Name"),
-    ("mirror: {maven: {central: repo1.example.org/maven2}}", "mirror.maven.central"),
-    ("mirror: {maven: {v2: repo.maven.apache.org/maven2}}", "mirror.maven.v2"),
-    ("mirror: {vex: {hub: 'http://x/vex-repository.json'}}", "mirror.vex.hub"),
-])
-def test_settings_errors_name_the_key(tmp_path, yaml_text, key):
-    p = tmp_path / "gw.yaml"
-    p.write_text(yaml_text)
-    with pytest.raises(ConfigError) as exc:
-        load_settings(str(p), env={})
-    assert exc.value.path == key, str(exc.value)
 
 
 def test_mirror_is_off_by_default():

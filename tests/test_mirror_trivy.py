@@ -15,26 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.e2e_support import (CDN, CODELOAD, GHCR, MAVEN, MIRROR, RAW, blob_requests, diag,
-                               require_trivy)
+                               scanner_pool)
 from tests.emulated import CUSTOM_CHECK_ID, write_config_project, write_maven_project
-from tests.emulated.services import vex_repository_manifest
 from tests.mirror_support import MirrorTrivy, mirror_addr, mirror_config
+from tests.test_e2e_trivy import POMS, ok, world  # noqa: F401 - the world fixture is shared
 
 pytestmark = pytest.mark.e2e
-
-POMS = {
-    "/maven2/org/example/demo/demo-parent/1.0.0/demo-parent-1.0.0.pom",
-    "/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom",
-    "/maven2/org/example/demo/demo-transitive/0.9.0/demo-transitive-0.9.0.pom",
-}
-
-
-@pytest.fixture
-def world(clean_upstreams):
-    require_trivy()
-    clean_upstreams.github.set_manifest(vex_repository_manifest())
-    yield clean_upstreams
-    clean_upstreams.github.set_manifest(vex_repository_manifest())
 
 
 @pytest.fixture
@@ -44,20 +30,9 @@ def mirror_gw(world, make_gateway):
 
 @pytest.fixture
 def scanners(tmp_path):
-    made: list[MirrorTrivy] = []
-
-    def factory(gw, name: str = "m") -> MirrorTrivy:
-        t = MirrorTrivy(gw, tmp_path / f"{name}{len(made)}")
-        made.append(t)
-        return t
-
-    yield factory
-    for t in made:
-        t.close()
-
-
-def ok(res, world, gw) -> None:
-    assert res.returncode == 0, diag(world, gw, res)
+    """``scanners(gw)`` → a :class:`MirrorTrivy` (own HOME, no CA, no proxy)."""
+    with scanner_pool(tmp_path, MirrorTrivy) as factory:
+        yield factory
 
 
 def registry_mirrors_yaml(t: MirrorTrivy, gw) -> Path:
