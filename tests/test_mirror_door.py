@@ -125,6 +125,17 @@ def test_ping_manifest_head_blob_range_and_door_label(world, gw):
     assert gw.metric("trivy_gateway_requests_total", door="proxy") == 0
 
 
+def test_head_of_an_uncached_blob_behind_a_cdn_redirect(world, gw):
+    digest = layer_digest(world)
+    status, headers, body = get(gw, f"/v2/ghcr.io/aquasecurity/trivy-db/blobs/{digest}", "HEAD")
+    assert status == 200 and body == b"" and "location" not in headers
+    assert int(headers["content-length"]) == world.published["db"].layer.size
+    status, _, body = get(gw, f"/v2/ghcr.io/aquasecurity/trivy-db/blobs/{digest}")
+    assert status == 200 and len(body) == world.published["db"].layer.size
+    world.wait_idle(5)
+    assert len(world.requests(host=CDN)) == 1, diag(world, gw)
+
+
 def test_eight_concurrent_cold_clients_one_upstream_blob_get(world, gw):
     digest = layer_digest(world)
     results: list = []
