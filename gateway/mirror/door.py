@@ -19,7 +19,6 @@ from multidict import CIMultiDict
 
 from ..exchange import BytesBody, EmptyBody, Exchange, Handler, Response
 from ..observability.logging import get_logger
-from ..pipeline.serve import HeadBody
 from ..settings import Settings
 from .routes import (WELL_KNOWN, Protocol, Route, RouteError, RouteKind, archive_path,
                      split_location)
@@ -81,9 +80,6 @@ class MirrorDoor:
             return await self._vex_manifest(rt, method, headers, client, request_id, seen)
         if rt.kind is RouteKind.VEX_ARCHIVE:
             return await self._vex_archive(rt, method, headers, client, request_id, seen)
-        if method == "HEAD" and "/blobs/" in rt.target:
-            return self._outbound(await self._head_blob(rt, headers, client, request_id, seen),
-                                  Protocol.OCI)
         response = await self._fetch(method, rt.host, rt.target, headers, client, request_id,
                                      seen)
         return self._outbound(response, Protocol.OCI if rt.kind is RouteKind.OCI
@@ -100,20 +96,6 @@ class MirrorDoor:
         ex.notes["door"] = "mirror"
         seen(ex)
         return await self.handler.handle(ex)
-
-    async def _head_blob(self, rt: Route, headers: CIMultiDict, client: str, request_id: str,
-                         seen: Seen) -> Response:
-        """HEAD of a blob, answered from a GET through the cache. A HEAD the cache cannot
-        answer would be relayed as is, and registries answer it with a redirect to their CDN,
-        which a mirror client cannot follow (and should not: it has no route there). The GET's
-        fill runs on in the background, so the blob is cached for the GET that follows."""
-        response = await self._fetch("GET", rt.host, rt.target, headers, client, request_id,
-                                     seen)
-        if response.status != 200:
-            return response
-        await response.body.close()
-        return Response(200, response.headers, HeadBody(response.body.length or 0),
-                        source=response.source)
 
     def _outbound(self, response: Response, protocol: Protocol) -> Response:
         """Upstream failures → 429/503 (so the scanner's own fallback runs); drop fields that
