@@ -104,8 +104,10 @@ def test_ping_manifest_head_blob_range_and_door_label(world, gw):
     status, headers, body = get(gw, DB_MANIFEST, "HEAD", ACCEPT)
     assert status == 200 and headers["docker-content-digest"].startswith("sha256:")
     assert "www-authenticate" not in headers
-    status, headers, body = get(gw, DB_MANIFEST, headers=ACCEPT)
+    # a scanner's own credentials never reach the cache key or the upstream (anonymous door)
+    status, headers, body = get(gw, DB_MANIFEST, headers={**ACCEPT, "Authorization": "Bearer x"})
     assert status == 200 and headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
+    assert "hit" in headers["cache-status"] or "collapsed" in headers["cache-status"]
     digest = layer_digest(world)
     status, headers, body = get(gw, f"/v2/mirror.gcr.io/aquasec/trivy-db/blobs/{digest}")
     assert status == 200 and headers["docker-content-digest"] == digest
@@ -121,6 +123,9 @@ def test_ping_manifest_head_blob_range_and_door_label(world, gw):
     assert status == 200 and whole == body            # a malformed Range is ignored (RFC 9110)
     world.wait_idle(5)
     assert len(blob_requests(world)) == 1, diag(world, gw)
+    manifests = world.requests(host=MIRROR, path_contains="/manifests/")
+    assert len(manifests) == 1 and all(e.request_headers.get("authorization") != "Bearer x"
+                                       for e in world.requests()), diag(world, gw)
     assert gw.metric("trivy_gateway_requests_total", door="mirror", host=MIRROR) >= 6
     assert gw.metric("trivy_gateway_requests_total", door="proxy") == 0
 
@@ -197,6 +202,12 @@ def test_upstream_throttling_and_errors_reach_trivy_as_429_and_503(world, gw):
     world.fail_status(MAVEN, 502, times=None)
     status, _, body = get(gw, "/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom")
     assert status == 503, body
+    world.clear_faults()
+    world.fail_status(MAVEN, 302, "/demo-transitive/", times=None,
+                      headers={"Location": "https://elsewhere.example/x.pom"})
+    pom = "/maven2/org/example/demo/demo-transitive/0.9.0/demo-transitive-0.9.0.pom"
+    status, headers, body = get(gw, pom)
+    assert status == 503 and "location" not in headers, (status, headers, body)
     assert gw.status()["cache"]["entries"] == 0
 
 

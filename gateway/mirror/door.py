@@ -101,14 +101,15 @@ class MirrorDoor:
         """Upstream failures → 429/503 (so the scanner's own fallback runs); drop fields that
         only meant something between the gateway and the upstream."""
         status = response.status
-        if status == 429 or status >= 500 or status in (401, 403, 407):
+        if status == 429 or status >= 500 or status in (401, 403, 407) or status in _REDIRECTS:
+            # a redirect cannot be passed on: the scanner has no route to where it points
             retry = response.headers.get("Retry-After")
             extra = {"Retry-After": retry} if retry else {}
             cache = response.headers.get("Cache-Status")
             if cache:
                 extra["Cache-Status"] = cache
             code, out = ("TOOMANYREQUESTS", 429) if status == 429 else ("UNAVAILABLE", 503)
-            message = (f"the upstream answered {status} and the cache holds no copy; "
+            message = (f"the upstream answered {status} and the cache holds no usable copy; "
                        "try the next mirror or retry later")
             return (oci_error(out, code, message, extra) if protocol is Protocol.OCI
                     else plain_error(out, message, extra))
