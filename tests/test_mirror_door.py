@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e_support import CDN, GHCR, MAVEN, MIRROR, blob_requests, diag
+from tests.e2e_support import CDN, CODELOAD, GHCR, MAVEN, MIRROR, blob_requests, diag
 from tests.emulated.certs import create_pki
 from tests.mirror_support import get, mirror_addr, mirror_config, oci_error_code
 
@@ -240,3 +240,24 @@ def test_status_api_and_page_show_both_doors(world, gw):
     with urllib.request.urlopen(gw.admin_url + "/", timeout=10) as r:
         page = r.read().decode()
     assert f"http://{mirror_addr(gw)}" in page and 'id="door-mirror"' in page
+
+
+def test_vex_repository_manifest_and_archive_etag_304(world, gw):
+    well_known = "/vex/vexhub/.well-known/vex-repository.json"
+    status, headers, _ = get(gw, well_known, "HEAD")
+    assert status == 200 and int(headers["content-length"]) > 0
+    status, headers, body = get(gw, well_known)
+    doc = json.loads(body)
+    assert status == 200 and doc["versions"][0]["update_interval"] == "24h"
+    url = doc["versions"][0]["locations"][0]["url"]
+    assert url == f"http://{mirror_addr(gw)}/vex/vexhub/archive/0/0/main.tar.gz//vexhub-main"
+    assert get(gw, well_known, headers={"If-None-Match": headers["etag"]})[0] == 304
+    archive = url.split(mirror_addr(gw), 1)[1].split("//", 1)[0]
+    status, headers, body = get(gw, archive)
+    assert status == 200 and body[:2] == b"\x1f\x8b" and headers["etag"]
+    status, _, body = get(gw, archive, headers={"If-None-Match": headers["etag"]})
+    assert status == 304 and body == b""
+    world.wait_idle(5)
+    assert [e.status for e in world.requests(host=CODELOAD)] == [200], diag(world, gw)
+    # an archive index the manifest does not list
+    assert get(gw, "/vex/vexhub/archive/0/7/main.tar.gz")[0] == 404
