@@ -9,7 +9,7 @@
 # without the CA) when server.mirror_listen is set, e.g. "0.0.0.0:5000" (off by default). The CA, the cache and state live in the /data volume; keep it, or
 # every client has to trust a new CA. Configuration: the shipped /etc/trivy-gateway/gateway.yaml
 # (a copy of the embedded default) - mount your own file over it, and/or set TRIVY_GATEWAY_* env
-# variables (TRIVY_GATEWAY_LISTEN, _ADMIN_LISTEN, _DATA_DIR, _LOG_LEVEL, _LOG_FORMAT,
+# variables (TRIVY_GATEWAY_LISTEN, _ADMIN_LISTEN, _MIRROR_LISTEN, _DATA_DIR, _LOG_LEVEL, _LOG_FORMAT,
 # _CACHE_MAX_SIZE; TRIVY_GATEWAY_PROXY_PASSWORD when proxy auth is enabled).
 
 ARG PYTHON_IMAGE=python:3.11-slim

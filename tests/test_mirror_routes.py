@@ -62,3 +62,12 @@ def test_go_getter_subdir_suffix():
 
 def test_mirror_is_off_by_default():
     assert S.server.mirror_addr is None
+
+
+def test_mirror_listen_from_env_and_flag():
+    from gateway.cli import _overrides, build_parser
+
+    env = load_settings(env={"TRIVY_GATEWAY_MIRROR_LISTEN": "127.0.0.1:5000"})
+    assert env.server.mirror_addr == ("127.0.0.1", 5000)
+    args = build_parser().parse_args(["serve", "--mirror-listen", "0.0.0.0:5001"])
+    assert load_settings(env={}, overrides=_overrides(args)).server.mirror_addr == ("0.0.0.0", 5001)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Optional
-
 from ..settings import Settings
 
 
@@ -197,7 +195,3 @@ def split_location(url: str) -> tuple[str, str]:
     if cut < 0:
         return url, ""
     return url[:cut], url[cut:]
-
-
-def registry_of(route_: Route) -> Optional[str]:
-    return route_.host if route_.kind is RouteKind.OCI else None

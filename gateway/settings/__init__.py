@@ -45,6 +45,7 @@ ENV_PREFIX = "TRIVY_GATEWAY_"
 ENV_OVERRIDES = {
     "TRIVY_GATEWAY_LISTEN": ("server", "listen"),
     "TRIVY_GATEWAY_ADMIN_LISTEN": ("server", "admin_listen"),
+    "TRIVY_GATEWAY_MIRROR_LISTEN": ("server", "mirror_listen"),
     "TRIVY_GATEWAY_DATA_DIR": ("server", "data_dir"),
     "TRIVY_GATEWAY_LOG_LEVEL": ("logging", "level"),
     "TRIVY_GATEWAY_LOG_FORMAT": ("logging", "format"),
