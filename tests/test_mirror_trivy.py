@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_support import (CDN, CODELOAD, GHCR, MAVEN, MIRROR, RAW, blob_requests, diag,
-                               scanner_pool)
+from tests.e2e_support import (CDN, CODELOAD, GHCR, MAVEN, MIRROR, RAW, TrivyClient,
+                               blob_requests, diag, scanner_pool)
 from tests.emulated import CUSTOM_CHECK_ID, write_config_project, write_maven_project
 from tests.mirror_support import MirrorTrivy, mirror_addr, mirror_config
 from tests.test_e2e_trivy import POMS, ok, world  # noqa: F401 - the world fixture is shared
@@ -201,3 +201,33 @@ def test_unknown_repository_is_a_registry_error_trivy_prints(world, mirror_gw, s
     assert "NAME_UNKNOWN" in res.stderr and "mirror.oci.short_names" in res.stderr, res.stderr
     world.wait_idle(5)
     assert world.requests() == []
+
+
+def test_eight_concurrent_cold_scanners_half_through_each_door_one_blob_get(world, mirror_gw,
+                                                                             scanners):
+    """A fleet mid-migration: 4 scanners through the mirror door (no CA), 4 through the proxy
+    door (with the CA) at once; the DB layer crosses the upstream link once."""
+    gw = mirror_gw
+    mirror_t = scanners(gw)
+    proxy_t = TrivyClient(gw, mirror_t.base.parent / "proxy-door")
+    try:
+        started = []
+        for i in range(8):
+            if i % 2:
+                started.append((proxy_t, *proxy_t.start("image", "--download-db-only",
+                                                          "--timeout", "100s")))
+            else:
+                started.append((mirror_t, *mirror_t.start(
+                    "image", "--download-db-only", "--timeout", "100s", "--db-repository",
+                    f"{mirror_addr(gw)}/aquasec/trivy-db:2")))
+        for t, p, args in started:
+            res = t.finish(p, args, 120)
+            ok(res, world, gw)
+            assert_db_in(Path(args[args.index("--cache-dir") + 1]))
+    finally:
+        proxy_t.close()
+    world.wait_idle(10)
+    assert len(blob_requests(world)) == 1, diag(world, gw)
+    assert len(world.requests(host=MIRROR, path_contains="/manifests/")) == 1, diag(world, gw)
+    doors = {e.get("door") for e in gw.log_events() if e.get("event") == "request"}
+    assert doors == {"proxy", "mirror"}
