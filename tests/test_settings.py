@@ -42,6 +42,7 @@ def test_file_merges_over_default_and_flags_win(tmp_path):
     ("upstream: {parent_proxy: {no_proxy: ['http://x']}}", "upstream.parent_proxy.no_proxy[0]"),
     # the mirror door: every mirrored upstream must be one the cache knows
     ("server: {mirror_listen: 'nope'}", "server.mirror_listen"),
+    ("{server: {mirror_listen: ':5000'}, cache: {enabled: false}}", "server.mirror_listen"),
     ("mirror: {tls: {cert: /x.pem}}", "mirror.tls"),
     ("mirror: {oci: {short_names: {db: other.io/x/db}}}", "mirror.oci.short_names.db"),
     ("mirror: {oci: {short_names: {Bad_Name: mirror.gcr.io/aquasec/trivy-db}}}",

@@ -72,6 +72,9 @@ class Settings:
 
     def validate(self, path: str) -> None:
         """Cross-section checks: the mirror door only names upstreams the cache understands."""
+        if self.server.mirror_listen and not self.cache.enabled:
+            raise ConfigError("server.mirror_listen", "the mirror door needs cache.enabled: it "
+                              "serves what the cache fetches with the gateway's own credentials")
         oci = self.cache.oci
         for name, target in self.mirror.oci.short_names.items():
             if target not in oci.public_repositories:
