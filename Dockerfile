@@ -5,10 +5,11 @@
 #   docker run -d -p 3128:3128 -p 9128:9128 -v trivy-gateway-data:/data trivy-gateway
 #
 # Proxy clients use HTTPS_PROXY=http://<host>:3128; /metrics, /healthz, /readyz, /ca.pem and the
-# status page are on :9128. The CA, the cache and state live in the /data volume; keep it, or
+# status page are on :9128. Port 5000 is the mirror door (registry / Maven / VEX mirror for scanners
+# without the CA) when server.mirror_listen is set, e.g. "0.0.0.0:5000" (off by default). The CA, the cache and state live in the /data volume; keep it, or
 # every client has to trust a new CA. Configuration: the shipped /etc/trivy-gateway/gateway.yaml
 # (a copy of the embedded default) - mount your own file over it, and/or set TRIVY_GATEWAY_* env
-# variables (TRIVY_GATEWAY_LISTEN, _ADMIN_LISTEN, _DATA_DIR, _LOG_LEVEL, _LOG_FORMAT,
+# variables (TRIVY_GATEWAY_LISTEN, _ADMIN_LISTEN, _MIRROR_LISTEN, _DATA_DIR, _LOG_LEVEL, _LOG_FORMAT,
 # _CACHE_MAX_SIZE; TRIVY_GATEWAY_PROXY_PASSWORD when proxy auth is enabled).
 
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -41,7 +42,7 @@ ENV TRIVY_GATEWAY_CONFIG=/etc/trivy-gateway/gateway.yaml \
 # /data: CA (ca/ca.pem, ca/ca-key.pem), cache and state. /export: optional place for
 # `trivy-gateway ca bundle > /export/bundle.pem` so other containers can trust the CA.
 VOLUME ["/data"]
-EXPOSE 3128 9128
+EXPOSE 3128 9128 5000
 USER trivy-gateway:trivy-gateway
 WORKDIR /data
 

@@ -129,7 +129,7 @@ class Bench:
         os.environ.setdefault("TRIVY_EMU_ARTIFACT_DIR", str(a.artifact_dir or env.work / "artifacts"))
         from tests.emulated.certs import create_pki
         from tests.emulated.world import MAVEN, MIRROR, WorldThread
-        from tests.gateway_harness import GatewayProcess
+        from tests.gateway_harness import GatewayProcess, free_port
 
         t0 = time.monotonic()
         print(f"setup: building artifacts ({a.blob_mib} + {a.big_mib} + {a.cold_mib} MiB; "
@@ -169,7 +169,7 @@ class Bench:
             "upstream": {"address_overrides": {PLAIN_HOST: f"127.0.0.1:{env.plain.port}"},
                          "read_timeout": "60s"},
             "cache": {"oci": {"registries": list(default["cache"]["oci"]["registries"]) + [PLAIN_HOST]}},
-            "server": {"drain_grace": "5s"},
+            "server": {"drain_grace": "5s", "mirror_listen": f"127.0.0.1:{free_port()}"},
         }
         for item in a.set:  # --set logging.access_log=false (experiments; printed in the header)
             key, _, value = item.partition("=")
@@ -197,6 +197,12 @@ class Bench:
     def gw_plain(self, host: str, path: str, **kw) -> dict:
         return dict(addr=["127.0.0.1", self.env.gw.proxy_port], connect=None, tls=False,
                     absolute=True, host=host, path=path, **kw)
+
+    def gw_mirror(self, path: str, **kw) -> dict:
+        """A scanner using the gateway as its registry mirror: plain HTTP to the mirror door."""
+        host, port = self.env.gw.config["server"]["mirror_listen"].rsplit(":", 1)
+        return dict(addr=[host, int(port)], connect=None, tls=False, host=f"{host}:{port}",
+                    path=path, **kw)
 
     def ref_tls(self, port: int, path: str, **kw) -> dict:
         return dict(addr=["127.0.0.1", port], connect=None, tls=True, sni=BENCH_HOST,
@@ -625,7 +631,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="bound for each download phase (s)")
     p.add_argument("--artifact-dir", type=Path, default=None,
                    help="keep generated blobs here between runs (default: a temp dir)")
-    p.add_argument("--only", default="", help="comma list of phases: tls,plain,small,tunnels,rss,cold")
+    p.add_argument("--only", default="", help="comma list of phases: tls,plain,mirror,small,tunnels,rss,cold")
     p.add_argument("--save", action="store_true", help="write bench/results/bench-<time>.json")
     p.add_argument("--profile", action="store_true", help="extra py-spy pass per phase")
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")
@@ -644,7 +650,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
-    phases = set(filter(None, args.only.split(","))) or {"tls", "plain", "small", "tunnels", "rss", "cold"}
+    phases = set(filter(None, args.only.split(","))) or {"tls", "plain", "mirror", "small",
+                                                         "tunnels", "rss", "cold"}
     started = time.monotonic()
     try:
         bench.setup()
@@ -662,6 +669,13 @@ def main(argv=None) -> int:
                              bench.gw_plain(PLAIN_HOST, bench.plain_path),
                              bench.ref_plain(bench.env.nginx.plain_port, "/blob.bin"),
                              bench.env.nginx.pids(), args.blob_mib, 0.8, "nginx sendfile")
+        if "mirror" in phases:
+            print("stream, mirror door (plain HTTP, the proxy door's cached blob) vs nginx "
+                  "sendfile ...", flush=True)
+            bench.throughput(f"cached {args.blob_mib:g} MiB blob, mirror door",
+                             bench.gw_mirror(bench.blob_path),
+                             bench.ref_plain(bench.env.nginx.plain_port, "/blob.bin"),
+                             bench.env.nginx.pids(), args.blob_mib, 0.9, "nginx sendfile")
         if "small" in phases:
             bench.small()
         if "tunnels" in phases:

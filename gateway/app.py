@@ -17,6 +17,7 @@ from .admin.server import AdminServer
 from .cache import BlobStore, EntryStore
 from .hostport import join_authority
 from .observability.logging import get_logger
+from .mirror import MirrorServer
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
 from .policy import Policy
@@ -52,6 +53,7 @@ class Gateway:
         self._stopped = asyncio.Event()
         self.ca: Optional[CertificateAuthority] = None
         self.proxy: Optional[ProxyServer] = None
+        self.mirror: Optional[MirrorServer] = None
         self.admin: Optional[AdminServer] = None
         self.upstream: Optional[UpstreamClient] = None
         self.pipeline: Optional[Pipeline] = None
@@ -75,13 +77,18 @@ class Gateway:
         self.proxy = ProxyServer(s, policy, leaf, self.pipeline, self.metrics,
                                  open_tunnel=self.upstream.open_tunnel)
         await self.proxy.start()
+        if s.server.mirror_listen:
+            self.mirror = MirrorServer(s, policy, self.pipeline, self.metrics)
+            await self.mirror.start()
         host, port = self.proxy.address
         ahost, aport = s.server.admin_addr
         self.admin = AdminServer(self.metrics, self.status, self.ready, lambda: self.ca.cert_pem,
                                  ahost, aport)
         await self.admin.start()
         log.info("gateway_started", version=__version__, listen=f"{host}:{port}",
-                 admin=f"{ahost}:{self.admin.port}", data_dir=str(s.data_dir),
+                 admin=f"{ahost}:{self.admin.port}",
+                 mirror="{}:{}".format(*self.mirror.address) if self.mirror else None,
+                 data_dir=str(s.data_dir),
                  config=s.source, ca_sha256=self.ca.fingerprint_sha256)
 
     def ready(self) -> bool:
@@ -93,10 +100,12 @@ class Gateway:
             return
         self.draining = True
         log.info("gateway_draining", grace=self.settings.server.drain_grace)
-        if self.proxy:
-            self.proxy.stop_accepting()
-            await self.proxy.drain(self.settings.server.drain_grace)
-            await self.proxy.close()
+        doors = [d for d in (self.proxy, self.mirror) if d is not None]
+        for door in doors:
+            door.stop_accepting()
+        await asyncio.gather(*(d.drain(self.settings.server.drain_grace) for d in doors))
+        for door in doors:
+            await door.close()
         if self.pipeline:
             await self.pipeline.close()
         if self.upstream:
@@ -148,6 +157,8 @@ class Gateway:
             "artifacts": sorted(artifacts, key=lambda a: a["artifact"]),
             "upstreams": {host: _upstream_view(h) for host, h in
                           (self.upstream.health() if self.upstream else {}).items()},
+            "doors": {name: _door_view(door) for name, door in
+                      (("proxy", self.proxy), ("mirror", self.mirror))},
             "cache": {"size_bytes": self.blobs.size, "max_size_bytes": self.blobs.max_size,
                       "blobs": self.blobs.count, "entries": self.entries.count,
                       "disk_free_bytes": disk_free},
@@ -156,6 +167,15 @@ class Gateway:
                    "not_after": ca.cert.not_valid_after_utc.isoformat()} if ca else None,
         }
 
+
+
+def _door_view(door: Optional[ProxyServer]) -> Optional[dict]:
+    """Where a front door listens and how busy it is (None: that door is off)."""
+    if door is None or not door.listening:
+        return None
+    host, port = door.address
+    return {"listen": f"{host}:{port}", "tls": door.ssl_context is not None,
+            "connections": door.active_connections}
 
 
 def _upstream_view(health: dict) -> dict:

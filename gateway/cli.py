@@ -19,7 +19,7 @@ from .settings import ConfigError, Settings, load_settings, parse_duration
 def _overrides(args: argparse.Namespace) -> dict:
     server = {}
     for flag, key in (("listen", "listen"), ("admin_listen", "admin_listen"),
-                      ("data_dir", "data_dir")):
+                      ("mirror_listen", "mirror_listen"), ("data_dir", "data_dir")):
         value = getattr(args, flag, None)
         if value:
             server[key] = value
@@ -38,6 +38,9 @@ def _add_config_flags(p: argparse.ArgumentParser, *, server: bool = False) -> No
         p.add_argument("--listen", help="proxy address HOST:PORT (server.listen, default 0.0.0.0:3128)")
         p.add_argument("--admin-listen", dest="admin_listen",
                        help="admin address HOST:PORT (server.admin_listen, default 0.0.0.0:9128)")
+        p.add_argument("--mirror-listen", dest="mirror_listen",
+                       help="mirror door address HOST:PORT (server.mirror_listen, default off; "
+                            "docs/without-a-ca.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +151,7 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(_plain(settings), indent=2, default=str))
     print(f"configuration OK ({settings.source}): {len(settings.policy.rules)} policy rules, "
           f"listen {settings.server.listen}, admin {settings.server.admin_listen}, "
+          f"mirror {settings.server.mirror_listen or 'off'}, "
           f"data dir {settings.server.data_dir}", file=sys.stderr)
     return 0
 

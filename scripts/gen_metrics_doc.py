@@ -40,10 +40,12 @@ LABEL_VALUES = {
             "(`registry.corp:5000`); every other host is folded into `other`",
     "from_host": "as `host`",
     "to_host": "as `host`",
-    "decision": "`intercept`, `tunnel`, `deny`",
+    "decision": "`intercept`, `tunnel`, `deny`; `mirror` for requests the mirror door served, "
+                "`none` for requests refused before any decision (malformed)",
+    "door": "`proxy` (HTTPS_PROXY clients), `mirror` (registry / Maven / VEX mirror clients)",
     "kind": "for `trivy_gateway_cache_requests_total`: `oci_blob`, `oci_manifest`, `oci_auth`, "
             "`maven`, `github`, `generic`; for `trivy_gateway_active_connections`: `client`, "
-            "`intercepted`, `tunnel`",
+            "`intercepted`, `tunnel`, `mirror`",
     "direction": "`upstream`, `downstream`",
     "status": "HTTP status code as text, or `error` when no response was received",
     "reason": "a short fixed keyword per metric (see the meaning column)",

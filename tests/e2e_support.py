@@ -7,6 +7,7 @@ killed in ``close()``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -104,6 +105,24 @@ class TrivyClient:
                 p.communicate(timeout=10)
             except Exception:
                 pass
+
+
+@contextlib.contextmanager
+def scanner_pool(base: Path, cls: type = TrivyClient):
+    """``factory(gw, name)`` → a new ``cls`` scanner (own HOME under ``base``); every scanner
+    made is closed (its processes killed) on exit."""
+    made: list = []
+
+    def factory(gw, name: str = "t"):
+        t = cls(gw, base / f"{name}{len(made)}")
+        made.append(t)
+        return t
+
+    try:
+        yield factory
+    finally:
+        for t in made:
+            t.close()
 
 
 def _kill(p: subprocess.Popen) -> None:

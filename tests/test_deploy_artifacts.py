@@ -35,6 +35,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 PROXY_PORT = ServerSettings().listen_addr[1]
 ADMIN_PORT = ServerSettings().admin_addr[1]
+#: the mirror door's documented port (server.mirror_listen is off by default; deploy/ opens it)
+MIRROR_PORT = 5000
 #: env names the gateway reads: the overrides, the config path and the proxy password
 GATEWAY_ENV = set(ENV_OVERRIDES) | {"TRIVY_GATEWAY_CONFIG", ProxyAuthSettings().password_env}
 
@@ -448,7 +450,7 @@ def test_dockerfile_base_user_ports_volume_cmd():
     users = [r for w, r in stage if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     expose = {int(p.split("/")[0]) for w, r in stage if w == "EXPOSE" for p in r.split()}
-    assert expose == {PROXY_PORT, ADMIN_PORT}
+    assert expose == {PROXY_PORT, ADMIN_PORT, MIRROR_PORT}
     volumes = [json.loads(r) if r.startswith("[") else r.split() for w, r in stage if w == "VOLUME"]
     assert ["/data"] in volumes
     cmd = [json.loads(r) for w, r in stage if w == "CMD"]
@@ -697,7 +699,7 @@ def test_k8s_deployment_probes_ports_security():
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"proxy": PROXY_PORT, "admin": ADMIN_PORT}
+    assert ports == {"proxy": PROXY_PORT, "admin": ADMIN_PORT, "mirror": MIRROR_PORT}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -764,7 +766,7 @@ def test_k8s_service_monitor_pdb_selectors():
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     container_ports = {p["name"] for p in c["ports"]}
     svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert {p["port"] for p in svc_ports.values()} == {PROXY_PORT, ADMIN_PORT}
+    assert {p["port"] for p in svc_ports.values()} == {PROXY_PORT, ADMIN_PORT, MIRROR_PORT}
     for p in svc_ports.values():
         assert p["targetPort"] in container_ports
     sm = k8s_kind("ServiceMonitor")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e_support import (
     API, CDN, CHECK, CODELOAD, GH, GHCR, MAVEN, MIRROR, RAW, TrivyClient, blob_requests, diag,
-    require_trivy, upstream_counts, wait_http_ok,
+    require_trivy, scanner_pool, upstream_counts, wait_http_ok,
 )
 from tests.emulated import CUSTOM_CHECK_ID, write_config_project, write_maven_project
 from tests.emulated.services import vex_repository_manifest
@@ -54,16 +54,8 @@ def world(clean_upstreams):
 @pytest.fixture
 def scanners(tmp_path):
     """``scanners(gw, name)`` → a TrivyClient (own HOME); all closed (processes killed) after."""
-    made: list[TrivyClient] = []
-
-    def factory(gw, name: str = "t") -> TrivyClient:
-        t = TrivyClient(gw, tmp_path / f"{name}{len(made)}")
-        made.append(t)
-        return t
-
-    yield factory
-    for t in made:
-        t.close()
+    with scanner_pool(tmp_path) as factory:
+        yield factory
 
 
 def ok(res, world, gw) -> None:

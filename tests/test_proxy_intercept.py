@@ -76,7 +76,7 @@ async def test_intercept_keepalive_many_requests_on_one_tls_connection(gw):
     assert len({ex.client for ex in gw.handler.exchanges}) == 1
     assert gw.metric("trivy_gateway_tls_leaf_certificates_minted_total") == 1
     assert gw.metric("trivy_gateway_requests_total", host="registry.test", decision="intercept",
-                     status="200") == 6          # CONNECT + 5 requests
+                     status="200", door="proxy") == 6         # CONNECT + 5 requests
     assert gw.metric("trivy_gateway_tls_handshake_errors_total") == 0
 
 

@@ -40,6 +40,16 @@ def test_file_merges_over_default_and_flags_win(tmp_path):
     ("upstream: {retry: {attempts: 'x'}}", "upstream.retry.attempts"),
     ("proxy: {max_connections: -1}", "proxy.max_connections"),
     ("upstream: {parent_proxy: {no_proxy: ['http://x']}}", "upstream.parent_proxy.no_proxy[0]"),
+    # the mirror door: every mirrored upstream must be one the cache knows
+    ("server: {mirror_listen: 'nope'}", "server.mirror_listen"),
+    ("{server: {mirror_listen: ':5000'}, cache: {enabled: false}}", "server.mirror_listen"),
+    ("mirror: {tls: {cert: /x.pem}}", "mirror.tls"),
+    ("mirror: {oci: {short_names: {db: other.io/x/db}}}", "mirror.oci.short_names.db"),
+    ("mirror: {oci: {short_names: {Bad_Name: mirror.gcr.io/aquasec/trivy-db}}}",
+     "mirror.oci.short_names.Bad_Name"),
+    ("mirror: {maven: {central: repo1.example.org/maven2}}", "mirror.maven.central"),
+    ("mirror: {maven: {v2: repo.maven.apache.org/maven2}}", "mirror.maven.v2"),
+    ("mirror: {vex: {hub: 'http://x/vex-repository.json'}}", "mirror.vex.hub"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, key):
     f = tmp_path / "bad.yaml"

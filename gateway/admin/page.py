@@ -244,6 +244,24 @@ def _cache(status: Mapping) -> str:
 </section>"""
 
 
+def _doors(status: Mapping) -> str:
+    """Both front doors: the proxy (clients trust the CA) and the mirror (they do not)."""
+    doors = _mapping(status.get("doors"))
+    rows = []
+    for name, what in (("proxy", "HTTPS_PROXY clients (trust the gateway CA)"),
+                       ("mirror", "registry / Maven / VEX mirror clients (no CA)")):
+        door = _mapping(doors.get(name))
+        listen = door.get("listen")
+        where = (("https://" if door.get("tls") else "http://") + str(listen)) if listen else "off"
+        rows.append(f'<tr id="door-{name}"><td>{esc(name)}</td><td>{esc(what)}</td>'
+                    f'<td class="mono">{esc(where)}</td><td>{_val(door.get("connections"))}</td></tr>')
+    return f"""<section id="doors-section">
+<h2>Front doors</h2>
+<table><thead><tr><th>Door</th><th>For</th><th>Listening</th><th>Connections</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+</section>"""
+
+
 def _ca(status: Mapping) -> str:
     ca = _mapping(status.get("ca"))
     return f"""<section id="ca-section">
@@ -268,7 +286,7 @@ def render_status_page(status: Mapping, *, refresh_seconds: int = 10, error: str
         sections.append(f'<section id="status-error" class="error"><h2>Status unavailable</h2>'
                         f"<p>{esc(error)}</p></section>")
     sections += [_summary(status), _artifacts(status), _upstreams(status), _cache(status),
-                 _ca(status)]
+                 _doors(status), _ca(status)]
     refresh = (f'<meta http-equiv="refresh" content="{int(refresh_seconds)}">'
                if refresh_seconds > 0 else "")
     rendered = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if now is None else now))

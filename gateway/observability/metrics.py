@@ -40,8 +40,9 @@ class Metrics:
         self.build_info = Info(p + "build", "Version of the running gateway.", registry=r)
         self.requests = Counter(
             p + "requests_total",
-            "Client requests handled, by target host, policy decision and response status.",
-            ["host", "decision", "status"], registry=r)
+            "Client requests handled, by target host, policy decision, response status and "
+            "door (proxy: HTTPS_PROXY clients; mirror: registry/Maven/VEX mirror clients).",
+            ["host", "decision", "status", "door"], registry=r)
         self.request_duration = Histogram(
             p + "request_duration_seconds",
             "Time from a client request's head to the end of its response, by target host.",
@@ -49,7 +50,8 @@ class Metrics:
         self.active_connections = Gauge(
             p + "active_connections",
             "Open client connections, by kind (client: plain proxy connection; intercepted: "
-            "TLS terminated by the gateway; tunnel: bytes relayed blind).",
+            "TLS terminated by the gateway; tunnel: bytes relayed blind; mirror: a mirror-door "
+            "connection).",
             ["kind"], registry=r)
         self.denied = Counter(
             p + "denied_total",

@@ -44,6 +44,9 @@ class _HeaderTimeout(Exception):
 
 
 class ClientConnection(ResponseWriter):
+    #: the active_connections kind a new connection starts as (the mirror door's: "mirror")
+    first_kind = "client"
+
     def __init__(self, server: "ProxyServer", reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.server = server
@@ -97,7 +100,7 @@ class ClientConnection(ResponseWriter):
         self.writer.transport.abort()
 
     async def run(self) -> None:
-        self._set_kind("client")
+        self._set_kind(self.first_kind)
         try:
             await self._serve()
         except (OSError, ClientGone, asyncio.IncompleteReadError):
@@ -581,11 +584,11 @@ class ClientConnection(ResponseWriter):
     def _account(self, rec: AccessRecord) -> None:
         duration = self._loop.time() - rec.started
         host_label = self.metrics.host_label(rec.host)
-        key = (host_label, rec.decision, rec.status)
+        key = (host_label, rec.decision, rec.status, rec.door)
         children = self.server.metric_children.get(key)
         if children is None:
             children = (self.metrics.requests.labels(host=host_label, decision=rec.decision,
-                                                     status=str(rec.status)),
+                                                     status=str(rec.status), door=rec.door),
                         self.metrics.request_duration.labels(host=host_label))
             self._remember(key, children)
         children[0].inc()
@@ -597,7 +600,7 @@ class ClientConnection(ResponseWriter):
         fields = dict(request_id=rec.id, client=rec.client, method=rec.method,
                       scheme=rec.scheme or None, host=rec.host or None, port=rec.port or None,
                       path=rec.path, status=rec.status, bytes=rec.bytes, duration=round(duration, 4),
-                      decision=rec.decision, cache=notes.get("cache"))
+                      decision=rec.decision, cache=notes.get("cache"), door=rec.door)
         if rec.bytes_in:
             fields["bytes_in"] = rec.bytes_in
         if rec.error:

@@ -39,6 +39,7 @@ class AccessRecord:
     error: Optional[str] = None
     exchange: Optional[Exchange] = None
     established: bool = False      # a CONNECT answered 200
+    door: str = "proxy"            # which listener took the request: proxy or mirror
 
 
 #: request fields the proxy reads itself (besides the hop-by-hop ones, never forwarded)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Optional
 
 from ..observability.logging import get_logger
@@ -24,6 +25,13 @@ class ProxyServer:
     ``listen`` overrides ``settings.server.listen`` (``"127.0.0.1:0"`` picks a free port;
     :attr:`address` tells which).
     """
+
+    #: the door's connection type and name (the mirror listener reuses this server with its
+    #: own request dispatch, see gateway/mirror/server.py)
+    connection_class = ClientConnection
+    door_name = "proxy"
+    #: TLS on the listening socket itself (the mirror door with the operator's certificate)
+    ssl_context: Optional[ssl.SSLContext] = None
 
     def __init__(self, settings, policy, leaf_issuer, handler, metrics,
                  open_tunnel: Optional[TunnelOpener] = None, *, listen: Optional[str] = None) -> None:
@@ -87,15 +95,16 @@ class ProxyServer:
         host, _, port = self._listen.rpartition(":")
         host = host.strip("[]") or None
         self._server = await asyncio.start_server(
-            self._on_client, host, int(port), limit=2 ** 16, reuse_address=True, backlog=512)
-        log.info("proxy_listening", address=f"{self.address[0]}:{self.address[1]}",
-                 auth=self.auth.enabled)
+            self._on_client, host, int(port), limit=2 ** 16, reuse_address=True, backlog=512,
+            ssl=self.ssl_context)
+        log.info(f"{self.door_name}_listening", address=f"{self.address[0]}:{self.address[1]}",
+                 auth=self.auth.enabled, tls=self.ssl_context is not None)
 
     def stop_accepting(self) -> None:
         """Close the listening socket(s); established connections carry on."""
         if self._server is not None and self._server.is_serving():
             self._server.close()
-            log.info("proxy_stopped_accepting", connections=len(self._connections))
+            log.info(f"{self.door_name}_stopped_accepting", connections=len(self._connections))
 
     async def drain(self, grace: float) -> bool:
         """Finish in-flight requests within ``grace`` seconds; idle connections close at once.
@@ -147,7 +156,7 @@ class ProxyServer:
         if cap and len(self._connections) >= cap:
             await self._refuse(reader, writer, cap)
             return
-        conn = ClientConnection(self, reader, writer)
+        conn = self.connection_class(self, reader, writer)
         task = asyncio.current_task()
         self._connections[conn] = task
         self._idle.clear()

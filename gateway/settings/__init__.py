@@ -22,6 +22,7 @@ import yaml
 from ._parse import ByteSize, ConfigError, Duration, from_mapping, parse_duration, parse_size
 from .cache import CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings
 from .logging import LoggingSettings
+from .mirror import MirrorOCISettings, MirrorSettings, MirrorTLSSettings
 from .policy import PolicySettings, RuleSettings
 from .proxy import ProxyAuthSettings, ProxySettings
 from .server import ServerSettings, split_hostport
@@ -35,7 +36,8 @@ __all__ = [
     "PolicySettings", "RuleSettings", "UpstreamSettings", "RetrySettings", "HostLimitSettings",
     "CircuitSettings", "CredentialSettings", "ParentProxySettings", "CacheSettings",
     "MemoryFrontSettings", "OCISettings", "MavenSettings", "GitHubSettings", "LoggingSettings",
-    "split_hostport", "default_config_text",
+    "split_hostport", "default_config_text", "MirrorSettings", "MirrorOCISettings",
+    "MirrorTLSSettings",
 ]
 
 ENV_PREFIX = "TRIVY_GATEWAY_"
@@ -43,6 +45,7 @@ ENV_PREFIX = "TRIVY_GATEWAY_"
 ENV_OVERRIDES = {
     "TRIVY_GATEWAY_LISTEN": ("server", "listen"),
     "TRIVY_GATEWAY_ADMIN_LISTEN": ("server", "admin_listen"),
+    "TRIVY_GATEWAY_MIRROR_LISTEN": ("server", "mirror_listen"),
     "TRIVY_GATEWAY_DATA_DIR": ("server", "data_dir"),
     "TRIVY_GATEWAY_LOG_LEVEL": ("logging", "level"),
     "TRIVY_GATEWAY_LOG_FORMAT": ("logging", "format"),
@@ -59,12 +62,28 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     cache: CacheSettings = CacheSettings()
     logging: LoggingSettings = LoggingSettings()
+    mirror: MirrorSettings = MirrorSettings()
     #: where the operator's file came from ("<embedded default>" when none)
     source: str = "<embedded default>"
 
     @property
     def data_dir(self) -> Path:
         return Path(self.server.data_dir)
+
+    def validate(self, path: str) -> None:
+        """Cross-section checks: the mirror door only names upstreams the cache understands."""
+        if self.server.mirror_listen and not self.cache.enabled:
+            raise ConfigError("server.mirror_listen", "the mirror door needs cache.enabled: it "
+                              "serves what the cache fetches with the gateway's own credentials")
+        oci = self.cache.oci
+        for name, target in self.mirror.oci.short_names.items():
+            if target not in oci.public_repositories:
+                raise ConfigError(f"mirror.oci.short_names.{name}",
+                                  f"{target} must also be listed in cache.oci.public_repositories")
+        for name, repo in self.mirror.maven.items():
+            if repo.strip("/") not in {r.strip("/") for r in self.cache.maven.repositories}:
+                raise ConfigError(f"mirror.maven.{name}",
+                                  f"{repo} must also be listed in cache.maven.repositories")
 
 
 def default_config_text() -> str:

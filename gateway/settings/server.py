@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ._parse import ConfigError, Duration
 
@@ -21,6 +22,10 @@ class ServerSettings:
     #: /metrics, /healthz, /readyz and the status page, on a separate port so the proxy port
     #: never serves anything but proxy traffic
     admin_listen: str = "0.0.0.0:9128"
+    #: the mirror door (registry / Maven / VEX mirror for scanners without the gateway CA);
+    #: "" = off. Off by default: it answers anyone who can reach it without proxy auth, so an
+    #: operator opens it deliberately (see the README, "Mirror door")
+    mirror_listen: str = ""
     #: CA, cache and state; created on first start
     data_dir: str = "./gateway-data"
     #: on SIGTERM: stop accepting, let in-flight transfers finish for this long, then exit
@@ -34,10 +39,18 @@ class ServerSettings:
             raise ConfigError(f"{path}.event_loop", "must be asyncio or uvloop")
         split_hostport(self.listen, f"{path}.listen")
         split_hostport(self.admin_listen, f"{path}.admin_listen")
+        if self.mirror_listen:
+            split_hostport(self.mirror_listen, f"{path}.mirror_listen")
 
     @property
     def listen_addr(self) -> tuple[str, int]:
         return split_hostport(self.listen, "server.listen")
+
+    @property
+    def mirror_addr(self) -> Optional[tuple[str, int]]:
+        if not self.mirror_listen:
+            return None
+        return split_hostport(self.mirror_listen, "server.mirror_listen")
 
     @property
     def admin_addr(self) -> tuple[str, int]:
