@@ -71,3 +71,18 @@ def test_mirror_listen_from_env_and_flag():
     assert env.server.mirror_addr == ("127.0.0.1", 5000)
     args = build_parser().parse_args(["serve", "--mirror-listen", "0.0.0.0:5001"])
     assert load_settings(env={}, overrides=_overrides(args)).server.mirror_addr == ("0.0.0.0", 5001)
+
+
+def test_path_prefix_registry_on_a_non_default_port():
+    """``registry.mirrors`` for ``registry.corp:5000`` produces ``/v2/registry.corp:5000/<repo>/…``:
+    the port belongs to the registry, not to the OCI name."""
+    oci = S.cache.oci
+    s = load_settings(env={}, overrides={"cache": {"oci": {
+        "registries": [*oci.registries, "registry.corp:5000"],
+        "public_repositories": [*oci.public_repositories, "registry.corp:5000/team/trivy-db"]}}})
+    rt = route("GET", "/v2/registry.corp:5000/team/trivy-db/manifests/2", s)
+    assert (rt.host, rt.target) == ("registry.corp:5000", "/v2/team/trivy-db/manifests/2")
+    for bad in ("/v2/registry.corp:5000/team/other/manifests/2",
+                "/v2/registry.corp:99999/team/trivy-db/manifests/2"):
+        with pytest.raises(RouteError):
+            route("GET", bad, s)

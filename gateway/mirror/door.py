@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 
 from ..exchange import BytesBody, EmptyBody, Exchange, Handler, Response
+from ..hostport import split_authority
 from ..observability.logging import get_logger
 from ..settings import Settings
 from .routes import (WELL_KNOWN, Protocol, Route, RouteError, RouteKind, archive_path,
@@ -90,7 +91,9 @@ class MirrorDoor:
                      client: str, request_id: str, seen: Seen) -> Response:
         ex_headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _PASSED)
         ex_headers["Host"] = host
-        ex = Exchange(method=method, scheme="https", host=host, port=443, target=target,
+        hostname, port = split_authority(host)
+        ex = Exchange(method=method, scheme="https", host=hostname, port=port or 443,
+                      target=target,
                       headers=ex_headers, client=client, id=request_id)
         ex.notes["decision"] = "mirror"
         ex.notes["door"] = "mirror"

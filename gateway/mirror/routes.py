@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from ..hostport import registry_problem
 from ..settings import Settings
 
 
@@ -41,7 +42,7 @@ class Protocol(StrEnum):
 @dataclass(frozen=True)
 class Route:
     kind: RouteKind
-    #: the upstream host and origin-form target this request stands for (https, port 443)
+    #: the upstream ``host[:port]`` (https) and origin-form target this request stands for
     host: str = ""
     target: str = ""
     #: VEX: the configured repository name and, for archives, (version index, location index)
@@ -109,7 +110,11 @@ def _oci(path: str, settings: Settings) -> Route:
     else:
         raise RouteError(404, "UNSUPPORTED", "the mirror serves /v2/<name>/manifests/<reference> "
                          "and /v2/<name>/blobs/<digest> only", Protocol.OCI)
-    if not _NAME.match(name) or len(name) > 255:
+    # a path-prefix name may start with a registry on a non-default port
+    # (``registry.corp:5000/team/db``): the port is not part of the OCI name grammar
+    first, _, remainder = name.partition("/")
+    checked = remainder if ":" in first and registry_problem(first) is None else name
+    if not _NAME.match(checked) or len(name) > 255:
         raise RouteError(400, "NAME_INVALID", f"invalid repository name {name[:200]!r}",
                          Protocol.OCI)
     if what == "/blobs/" or ref.startswith("sha256:") or ":" in ref:
@@ -131,7 +136,7 @@ def _resolve_name(name: str, settings: Settings) -> tuple[str, str]:
         return registry, repository
     first, _, repository = name.partition("/")
     oci = settings.cache.oci
-    if _REGISTRY_HOST.match(first) and repository:
+    if (_REGISTRY_HOST.match(first) or registry_problem(first) is None) and repository:
         if f"{first}/{repository}" in oci.public_repositories and first in oci.registries:
             return first, repository
         raise RouteError(404, "NAME_UNKNOWN", f"{name} is not served by this mirror: add it to "
