@@ -9,8 +9,10 @@ of every Trivy artifact and a 429 with Retry-After; then the same again plus one
 a blob, evictions, a disk that fails mid-fill, a denied host, a blind tunnel, a 407, a malformed
 request, a failed TLS handshake). Then each expression of
 deploy/grafana/dashboards/trivy-gateway.json is sent to Prometheus's ``/api/v1/query`` with the
-dashboard variables filled in as Grafana would. Each must return data, and every panel except
-those of instantaneous state (MAY_BE_ZERO) must show a value above 0: the traffic that flowed.
+dashboard variables filled in as Grafana would (and each time-series panel also to
+``/api/v1/query_range`` with Grafana's $__rate_interval for 1 s scrapes). Each must return data,
+and every panel except those of instantaneous state (MAY_BE_ZERO) must show a value above 0: the
+traffic that flowed.
 The alert rules must evaluate without error, and the one corrupted blob must fire
 TrivyGatewayDigestMismatches.
 
@@ -146,6 +148,12 @@ class Prometheus:
         assert data["resultType"] in ("vector", "scalar"), data
         return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
 
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        data = self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}",
+                        step=f"{step:g}")
+        assert data["resultType"] == "matrix", data
+        return data["result"]
+
     def wait_for(self, what: str, check, timeout: float = 60.0):
         """Poll ``check()`` (bounded) until it returns something truthy."""
         deadline = time.monotonic() + timeout
@@ -175,7 +183,8 @@ def prometheus(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the dashboard's expressions, as Grafana sends them
 # ---------------------------------------------------------------------------------------------
-def panel_exprs() -> list[tuple[str, str]]:
+def panel_exprs() -> list[tuple[str, str, bool]]:
+    """(panel title [refId], expression, instant?) for every query of every panel."""
     out = []
 
     def walk(panels: list[dict]) -> None:
@@ -183,7 +192,8 @@ def panel_exprs() -> list[tuple[str, str]]:
             walk(panel.get("panels", []))
             for target in panel.get("targets", []):
                 if target.get("expr"):
-                    out.append((f"{panel['title']} [{target.get('refId', '?')}]", target["expr"]))
+                    out.append((f"{panel['title']} [{target.get('refId', '?')}]", target["expr"],
+                                bool(target.get("instant"))))
 
     walk(dashboard()["panels"])
     return out
@@ -400,8 +410,8 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
     assert instances == [admin_addr], instances
     # the dashboard's time range is this test's run: $__rate_interval spans all of its traffic
     window = f"{math.ceil(time.time() - t0) + 5}s"
-    exprs = [(title, grafana_expr(e, admin_addr.replace(".", "\\\\."), window))
-             for title, e in panel_exprs()]
+    instance_regex = admin_addr.replace(".", "\\\\.")
+    exprs = [(title, grafana_expr(e, instance_regex, window)) for title, e, _ in panel_exprs()]
     assert len(exprs) >= 30, exprs
     assert not MAY_BE_ZERO - {title for title, _ in exprs}, "MAY_BE_ZERO names a missing panel"
 
@@ -415,6 +425,17 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
     assert not flat, "panels that do not show the traffic that flowed:\n" + "\n".join(flat)
     ages = next(res for title, res in results.items() if title.startswith("Trivy artifact age"))
     assert {r["metric"]["artifact"] for r in ages} == set(ARTIFACTS)
+
+    # and drawn as Grafana draws a time series: a range query over the run with a 1 s step and
+    # $__rate_interval = max(4 x scrape interval, step + scrape interval)
+    rate_interval = f"{max(4 * SCRAPE_INTERVAL, 1 + SCRAPE_INTERVAL):g}s"
+    end = time.time()
+    drawn = {title: prom.query_range(grafana_expr(e, instance_regex, rate_interval), t0, end, 1)
+             for title, e, instant in panel_exprs() if not instant}
+    assert not [t for t, res in drawn.items() if not res], "time series panels without data"
+    flat = [title for title, res in drawn.items() if title not in MAY_BE_ZERO and
+            not any(float(v) > 0 for r in res for _, v in r["values"])]
+    assert not flat, f"time series panels that never rise above 0 during the traffic: {flat}"
 
     # the alert rules evaluate against the live series without error
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
