@@ -449,6 +449,10 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
                 and a["state"] == "firing"]
     firing = prom.wait_for("TrivyGatewayDigestMismatches firing", mismatch_alert, timeout=30)
     assert firing and firing[0]["labels"]["host"] == MIRROR, prom.api("alerts")
+    # and nothing else: a gateway that served all of that is otherwise healthy
+    others = [(a["labels"]["alertname"], a["state"]) for a in prom.api("alerts")["alerts"]
+              if a["labels"]["alertname"] != "TrivyGatewayDigestMismatches"]
+    assert not others, others
 
 
 def test_rare_event_series_exist_at_zero_from_the_start():
