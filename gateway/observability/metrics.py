@@ -22,6 +22,19 @@ ARTIFACTS = ("vulnerability_db", "java_db", "checks_bundle", "vex_hub")
 CACHE_RESULTS = ("hit", "miss", "stale", "coalesced", "negative", "revalidated", "bypass", "error")
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
+# Label values known in advance, exported at 0 from the start. Prometheus's rate() and increase()
+# see nothing of a series that first appears already at 1, so without a 0 sample before it the
+# first digest mismatch, refused connection or failover after a restart would never fire its
+# alert or show on the dashboard (tests/test_prometheus_live.py).
+#: ``reason`` of trivy_gateway_client_errors_total
+CLIENT_ERROR_REASONS = ("malformed", "bad_target", "not_proxy_request", "early_data",
+                        "header_timeout", "header_too_large", "disconnected",
+                        "too_many_connections")
+#: ``reason`` of trivy_gateway_cache_store_errors_total
+STORE_ERROR_REASONS = ("disk_full", "io_error")
+#: ``reason`` of trivy_gateway_denied_total
+DENY_REASONS = ("not_allowed", "rule", "ssrf", "port")
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
 _RETRY_AFTER_BUCKETS = (0.001, 0.1, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
@@ -159,10 +172,32 @@ class Metrics:
             "Upstream bodies cut mid-way and resumed with a Range request.", ["host"], registry=r)
 
         self.cache_max_size_bytes.set(0)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source=source)
+        for direction in ("upstream", "downstream"):
+            self.tunnel_bytes.labels(direction=direction)
+        for reason in CLIENT_ERROR_REASONS:
+            self.client_errors.labels(reason=reason)
+        for reason in STORE_ERROR_REASONS:
+            self.cache_store_errors.labels(reason=reason)
+        self.denied.labels(host="other", reason="not_allowed")
+        self._zero_host_series(self._known_hosts)
 
     # -----------------------------------------------------------------------------------
     def add_known_hosts(self, hosts: Iterable[str]) -> None:
-        self._known_hosts.update(h.lower() for h in hosts if h and "*" not in h)
+        new = {h.lower() for h in hosts if h and "*" not in h} - self._known_hosts
+        self._known_hosts.update(new)
+        self._zero_host_series(new)
+
+    def add_failover_pair(self, from_host: str, to_host: str) -> None:
+        """Export trivy_gateway_upstream_failovers_total for a configured pair at 0."""
+        self.failovers.labels(from_host=self.host_label(from_host), to_host=self.host_label(to_host))
+
+    def _zero_host_series(self, hosts: Iterable[str]) -> None:
+        """Per-host counters of rare events that an alert or a panel must see from the first."""
+        for host in hosts:
+            self.cache_digest_mismatches.labels(host=host)
+            self.resumed_downloads.labels(host=host)
 
     def host_label(self, host: str | None) -> str:
         """A bounded label value: configured hosts by name, anything else as ``other``."""

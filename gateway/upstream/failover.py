@@ -6,6 +6,7 @@ when one of them answers it calls :meth:`Failover.record_failover` for the metri
 """
 from __future__ import annotations
 
+from itertools import permutations
 from typing import Iterable, Optional, Sequence
 
 from ..hostport import canonical_authority
@@ -37,6 +38,9 @@ class Failover:
         self.metrics = metrics
         if metrics is not None:
             metrics.add_known_hosts({_split(e)[0] for g in self.groups for e in g})
+            for group in self.groups:
+                for a, b in permutations(dict.fromkeys(_split(e)[0] for e in group), 2):
+                    metrics.add_failover_pair(a, b)
 
     def equivalents(self, registry: str, repository: str) -> list[tuple[str, str]]:
         return equivalents(self.groups, registry, repository)
