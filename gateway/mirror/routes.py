@@ -136,7 +136,9 @@ def _resolve_name(name: str, settings: Settings) -> tuple[str, str]:
         return registry, repository
     first, _, repository = name.partition("/")
     oci = settings.cache.oci
-    if (_REGISTRY_HOST.match(first) or registry_problem(first) is None) and repository:
+    # Docker's rule: a first segment with a dot or a port (or localhost) names a registry
+    registry_like = _REGISTRY_HOST.match(first) or (":" in first and not registry_problem(first))
+    if registry_like and repository:
         if f"{first}/{repository}" in oci.public_repositories and first in oci.registries:
             return first, repository
         raise RouteError(404, "NAME_UNKNOWN", f"{name} is not served by this mirror: add it to "
