@@ -146,10 +146,10 @@ async def run(args, world) -> list[tuple[str, float, float]]:
                  "via": "1.1 trivy-gateway"}
 
         async def classify_only() -> None:
-            classify("GET", MAVEN, TARGET, "", lower, s.cache)
+            classify("GET", MAVEN, TARGET, "", lower, s.cache, scheme="https")
 
         rows.append(("classify()",) + await timed(args.n, args.rounds, classify_only))
-        key = classify("GET", MAVEN, TARGET, "", lower, s.cache).cache_key
+        key = classify("GET", MAVEN, TARGET, "", lower, s.cache, scheme="https").cache_key
 
         async def lookup() -> None:
             assert await entries.get(key) is not None
@@ -157,7 +157,7 @@ async def run(args, world) -> list[tuple[str, float, float]]:
         rows.append(("EntryStore.get()",) + await timed(args.n, args.rounds, lookup))
 
         ex = go_exchange()
-        res = classify("GET", MAVEN, TARGET, "", lower, s.cache)
+        res = classify("GET", MAVEN, TARGET, "", lower, s.cache, scheme="https")
 
         async def count() -> None:
             pipeline._count(ex, res, "hit")  # noqa: SLF001 - the per-hit metric increment

@@ -8,9 +8,10 @@ CFG = load_settings(env={}).cache
 D = "sha256:" + "ab" * 32
 
 
-def c(method, host, target, headers=None):
+def c(method, host, target, headers=None, scheme="https"):
     path, _, query = target.partition("?")
-    return classify(method, host, path, query, {k.lower(): v for k, v in (headers or {}).items()}, CFG)
+    return classify(method, host, path, query, {k.lower(): v for k, v in (headers or {}).items()}, CFG,
+                    scheme=scheme)
 
 
 def test_blob_keyed_by_digest_and_shared_across_public_registries():

@@ -144,7 +144,6 @@ class Fill:
 
     def _release_reservation(self) -> None:
         self.store._reserved -= self.expected_size or 0
-        self.store._fills.discard(self)
 
     def _notify(self) -> None:
         self._wakeup.set()
@@ -203,7 +202,6 @@ class BlobStore:
         self._index: dict[str, BlobRecord] = {}
         self._size = 0
         self._reserved = 0
-        self._fills: set[Fill] = set()
 
     # -- start-up ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -236,10 +234,6 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         return digest in self._index
-
-    def size_of(self, digest: str) -> Optional[int]:
-        rec = self._index.get(digest)
-        return rec.size if rec else None
 
     def pin(self, digest: str) -> Optional[Path]:
         """Mark a blob as being read (never evicted meanwhile); returns its path or None."""
@@ -285,7 +279,6 @@ class BlobStore:
             self.metrics.cache_store_errors.labels("disk_full").inc()
             raise StoreFull(f"only {free} bytes free on the cache filesystem")
         fill = Fill(self, expected_digest, expected_size)
-        self._fills.add(fill)
         return fill
 
     def put_bytes(self, data: bytes) -> str:
@@ -365,10 +358,6 @@ class BlobStore:
     @property
     def count(self) -> int:
         return len(self._index)
-
-    @property
-    def fills_in_flight(self) -> int:
-        return len(self._fills)
 
     def digests(self) -> list[str]:
         return list(self._index)

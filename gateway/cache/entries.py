@@ -52,16 +52,21 @@ class Entry:
     negative: bool = False
     #: free-form facts for the status page (reference, docker digest, upstream url …)
     meta: dict = field(default_factory=dict)
+    #: ``Vary``: the nominated request fields and the values the stored response's request had
+    #: (None: the response does not vary); only a request with the same values may reuse it
+    vary: Optional[dict[str, Optional[str]]] = None
 
+    # Freshness takes ``now`` from the caller's clock (the pipeline's injected clock); wall
+    # time when omitted (operator commands).
     def is_fresh(self, now: Optional[float] = None) -> bool:
-        return (now or time.time()) < self.fresh_until
+        return (time.time() if now is None else now) < self.fresh_until
 
     def staleness(self, now: Optional[float] = None) -> float:
         """Seconds past expiry (0 while fresh)."""
-        return max(0.0, (now or time.time()) - self.fresh_until)
+        return max(0.0, (time.time() if now is None else now) - self.fresh_until)
 
     def ttl_left(self, now: Optional[float] = None) -> float:
-        return self.fresh_until - (now or time.time())
+        return self.fresh_until - (time.time() if now is None else now)
 
     def header(self, name: str) -> Optional[str]:
         lname = name.lower()

@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from ..cache import BlobStore, Entry, Fill
 from ..exchange import (Body, BytesBody, EmptyBody, Exchange, FileBody, InvalidHeader, Response,
                         StreamBody, header_line)
+from ..observability.metrics import CacheResult
 
 CACHE_NAME = "trivy-gateway"
 
@@ -26,16 +27,16 @@ NOT_STORED = frozenset({
 })
 
 
-def cache_status(kind: str, *, ttl: Optional[float] = None, fwd_status: Optional[int] = None,
+def cache_status(kind: CacheResult, *, ttl: Optional[float] = None, fwd_status: Optional[int] = None,
                  detail: Optional[str] = None, stored: bool = False,
                  collapsed: bool = False) -> str:
     """An RFC 9211 Cache-Status member for this gateway."""
     parts = [CACHE_NAME]
-    if kind in ("hit", "stale", "negative"):
+    if kind in (CacheResult.HIT, CacheResult.STALE, CacheResult.NEGATIVE):
         parts.append("hit")
-    elif kind == "revalidated":
+    elif kind == CacheResult.REVALIDATED:
         parts.append("fwd=stale")
-    elif kind == "bypass":
+    elif kind == CacheResult.BYPASS:
         parts.append("fwd=bypass")
     else:
         parts.append("fwd=uri-miss")
@@ -116,9 +117,11 @@ def entry_headers(entry: Entry, now: float) -> CIMultiDict:
 
 
 def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs: BlobStore,
-                        status_value: str, chunk_size: int = 256 * 1024) -> Response:
-    """Answer ``ex`` from a stored entry (hit, stale, negative, revalidated)."""
-    now = time.time()
+                        status_value: str, chunk_size: int = 256 * 1024,
+                        now: Optional[float] = None) -> Response:
+    """Answer ``ex`` from a stored entry (hit, stale, negative, revalidated); ``now``: the
+    pipeline's clock (for ``Age``)."""
+    now = time.time() if now is None else now
     headers = entry_headers(entry, now)
     headers["Cache-Status"] = status_value
     status = entry.status
