@@ -102,7 +102,8 @@ async def run(args, world) -> list[tuple[str, float, float]]:
     policy = Policy(s.policy)
     cache_root = s.data_dir / "cache"
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, metrics)
+    blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, metrics,
+                      s.cache.max_object_size)
     blobs.open()
     entries = EntryStore(cache_root, blobs, s.cache.memory, metrics)
     entries.open()

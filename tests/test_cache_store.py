@@ -263,3 +263,47 @@ async def test_slow_follower_finishes_when_fill_completes_while_it_is_busy(store
             got.extend(chunk)
     await asyncio.wait_for(rest(), timeout=5)
     assert bytes(got) == data
+
+
+async def test_unknown_length_fill_stops_at_the_largest_object_and_evicts_nothing(tmp_path):
+    """D6: a body of unknown length (chunked) larger than max_object_share × max_size is not
+    stored: the fill stops at the limit (StoreFull, temp file gone), and everything already
+    cached stays."""
+    mib = 1024 * 1024
+    s = BlobStore(tmp_path / "c", max_size=4 * mib, min_free_space=0, metrics=Metrics(),
+                  max_object_size=2 * mib)
+    s.open()
+    kept = [s.put_bytes(bytes([i]) * mib) for i in range(3)]   # 3 MiB cached
+    fill = s.begin_fill(None, None)
+    piece = os.urandom(256 * 1024)
+    with pytest.raises(StoreFull):
+        for _ in range(64):                                      # a 16 MiB chunked body
+            fill.write(piece)
+    assert fill.state == "failed" and fill.written <= 2 * mib
+    assert list(s.tmp_dir.iterdir()) == []
+    assert all(s.has(d) for d in kept) and s.size == 3 * mib
+    # known length: refused up front, nothing evicted
+    with pytest.raises(StoreFull, match="max_object_share"):
+        s.begin_fill(None, 3 * mib)
+    assert all(s.has(d) for d in kept)
+    # a body within the share is stored, evicting only what it needs
+    data = os.urandom(2 * mib)
+    small = s.begin_fill(None, None)
+    small.write(data)
+    assert small.commit() == digest(data)
+    assert s.size <= 4 * mib and sum(s.has(d) for d in kept) == 2
+
+
+async def test_unknown_length_fill_stops_below_min_free_space(tmp_path):
+    """The free-space floor is checked while an unknown-length fill grows, not only at start."""
+    s = BlobStore(tmp_path / "c", max_size=1024**4, min_free_space=0, metrics=Metrics())
+    s.open()
+    fill = s.begin_fill(None, None)
+    fill.write(b"x" * 1024)
+    free = s.free_space()
+    assert free is not None
+    s.min_free_space = free + 1                  # the filesystem is now "full" for the cache
+    with pytest.raises(StoreFull, match="free"):
+        for _ in range(40):
+            fill.write(b"y" * (1024 * 1024))
+    assert fill.state == "failed" and list(s.tmp_dir.iterdir()) == []

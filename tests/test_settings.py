@@ -40,6 +40,8 @@ def test_file_merges_over_default_and_flags_win(tmp_path):
     ("upstream: {retry: {attempts: 'x'}}", "upstream.retry.attempts"),
     ("proxy: {max_connections: -1}", "proxy.max_connections"),
     ("upstream: {parent_proxy: {no_proxy: ['http://x']}}", "upstream.parent_proxy.no_proxy[0]"),
+    ("cache: {max_object_share: 1.5}", "cache.max_object_share"),
+    ("cache: {max_object_share: 0}", "cache.max_object_share"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, key):
     f = tmp_path / "bad.yaml"

@@ -33,6 +33,8 @@ from ..observability.metrics import Metrics
 log = get_logger("gateway.cache")
 
 READ_CHUNK = 256 * 1024
+#: a fill of unknown length looks at the filesystem's free space after every this many bytes
+SPACE_CHECK_BYTES = 8 * 1024 * 1024
 
 
 class DigestMismatch(Exception):
@@ -65,10 +67,14 @@ class Fill:
     """One body being written to ``tmp/``; see the module docstring."""
 
     def __init__(self, store: "BlobStore", expected_digest: Optional[str],
-                 expected_size: Optional[int]) -> None:
+                 expected_size: Optional[int], limit: int) -> None:
         self.store = store
         self.expected_digest = expected_digest
         self.expected_size = expected_size
+        #: bytes this fill may write; past it the fill fails with StoreFull (a body of unknown
+        #: length larger than the largest object the cache keeps)
+        self.limit = limit
+        self._space_checked_at = 0
         self.path = store.tmp_dir / f"fill-{os.getpid()}-{time.monotonic_ns()}-{id(self):x}"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._hash = hashlib.sha256()
@@ -84,6 +90,7 @@ class Fill:
         """Append bytes (blocking write: page-cache speed; an ENOSPC surfaces as StoreFull)."""
         if self.state != "filling":
             raise FillFailed("fill is closed")
+        self._check_room(len(data))
         view = memoryview(data)
         try:
             while view:
@@ -98,6 +105,27 @@ class Fill:
         self._hash.update(data)
         self.written += len(data)
         self._notify()
+
+    def _check_room(self, incoming: int) -> None:
+        """Stop storing (StoreFull) once the body passes the largest object the cache keeps, or
+        the filesystem's free space falls under ``min_free_space``: a chunked response of
+        unknown length must neither fill the disk nor, at publish, evict the whole cache."""
+        why = None
+        if self.written + incoming > self.limit:
+            why = f"body passed {self.limit} bytes, the largest object the cache keeps"
+        elif self.expected_size is None and \
+                self.written + incoming - self._space_checked_at >= SPACE_CHECK_BYTES:
+            self._space_checked_at = self.written + incoming
+            free = self.store.free_space()
+            if free is not None and free - incoming < self.store.min_free_space:
+                self.store.metrics.cache_store_errors.labels("disk_full").inc()
+                why = f"only {free} bytes free on the cache filesystem"
+        if why is not None:
+            log.warning("cache_fill_too_large", path=str(self.path), written=self.written,
+                        reason=why)
+            exc = StoreFull(why)
+            self.fail(exc)
+            raise exc
 
     def commit(self) -> str:
         """Verify and publish; returns the body's ``sha256:`` digest."""
@@ -192,11 +220,16 @@ class Fill:
 class BlobStore:
     """See the module docstring. All methods run on the event loop thread."""
 
-    def __init__(self, root: Path, max_size: int, min_free_space: int, metrics: Metrics) -> None:
+    def __init__(self, root: Path, max_size: int, min_free_space: int, metrics: Metrics,
+                 max_object_size: Optional[int] = None) -> None:
         self.root = Path(root)
         self.blob_dir = self.root / "blobs" / "sha256"
         self.tmp_dir = self.root / "tmp"
         self.max_size = max_size
+        #: the largest body stored (``cache.max_object_share`` of max_size): publishing one never
+        #: evicts more than that share of the cache
+        self.max_object_size = max_size if max_object_size is None else min(max_object_size,
+                                                                            max_size)
         self.min_free_space = min_free_space
         self.metrics = metrics
         self._index: dict[str, BlobRecord] = {}
@@ -271,14 +304,15 @@ class BlobStore:
                    expected_size: Optional[int] = None) -> Fill:
         """Start a fill, or raise StoreFull when the body cannot be stored (serve it uncached)."""
         need = expected_size or 0
-        if need > self.max_size:
-            raise StoreFull(f"body of {need} bytes exceeds the cache budget")
+        if need > self.max_object_size:
+            raise StoreFull(f"body of {need} bytes exceeds the largest object the cache keeps "
+                            f"({self.max_object_size} bytes, cache.max_object_share)")
         self._make_room(need + self._reserved)
         free = self.free_space()
         if free is not None and free - need < self.min_free_space:
             self.metrics.cache_store_errors.labels("disk_full").inc()
             raise StoreFull(f"only {free} bytes free on the cache filesystem")
-        fill = Fill(self, expected_digest, expected_size)
+        fill = Fill(self, expected_digest, expected_size, self.max_object_size)
         return fill
 
     def put_bytes(self, data: bytes) -> str:
