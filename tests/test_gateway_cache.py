@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.emulated.world import CDN, CODELOAD, GHCR, GITHUB, MAVEN, MIRROR
+from tests.emulated.world import CDN, CHECK, CODELOAD, GHCR, GITHUB, MAVEN, MIRROR, RAW_GITHUB
 
 MANIFEST_ACCEPT = ("application/vnd.oci.image.manifest.v1+json,"
                    "application/vnd.docker.distribution.manifest.v2+json")
@@ -395,3 +395,111 @@ async def test_private_repository_content_never_served_without_the_credentials(c
     status, headers, _ = await get(gw, url)  # no credential: not from the cache
     assert status == 401 and "hit" not in headers["Cache-Status"]
     assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 1
+
+
+async def _plain_origin(body: bytes, headers: dict[str, str]):
+    """A plain-HTTP origin on loopback (an on-path attacker's port 80): every request gets
+    ``body``. Returns (server, port, requests seen)."""
+    seen: list[bytes] = []
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head)
+                lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                writer.write(b"HTTP/1.1 200 OK\r\n" + lines.encode()
+                             + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+async def test_plain_http_fetch_never_answers_an_https_request(clean_upstreams, make_gateway):
+    """D3: with plain HTTP allowed, a manifest fetched from ``http://ghcr.io`` (port 80, where
+    anyone on the path can answer) is cached apart: an intercepted HTTPS client asking for the
+    same tag gets what ghcr.io says over TLS, never the plain-HTTP copy."""
+    from gateway.policy import Policy
+    from gateway.settings import load_settings
+
+    world = clean_upstreams
+    evil = b'{"schemaVersion":2,"layers":[{"digest":"sha256:' + b"e" * 64 + b'","size":1}]}'
+    server, port, seen = await _plain_origin(evil, {
+        "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+        "Docker-Content-Digest": sha(evil)})
+    try:
+        gw = make_gateway(world, {"policy": {"allow_plain_http": True},
+                                  "upstream": {"address_overrides": {"ghcr.io:80": f"127.0.0.1:{port}"}}})
+        path = "/v2/aquasecurity/trivy-db/manifests/pX"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{GHCR}{path}", proxy=gw.proxy_url,
+                             headers={"Accept": MANIFEST_ACCEPT}) as r:
+                assert r.status == 200 and await r.read() == evil
+            async with s.get(f"http://{GHCR}{path}", proxy=gw.proxy_url,
+                             headers={"Accept": MANIFEST_ACCEPT}) as r:
+                assert "hit" in r.headers["Cache-Status"]   # cached, on its own key
+        assert len(seen) == 1
+        world.clear_log()
+        status, headers, body = await get(gw, f"https://{GHCR}{path}",
+                                          headers={"Accept": MANIFEST_ACCEPT})
+        assert body != evil and "hit" not in headers["Cache-Status"], (status, headers)
+        assert len(world.requests(host=GHCR, path_contains="/manifests/pX")) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+    # and Trivy never uses plain HTTP: it is refused unless the operator allows it
+    assert Policy(load_settings(env={})).decide(GHCR, 80, plain_http=True).action == "deny"
+
+
+async def test_tag_query_is_part_of_the_key(clean_upstreams, make_gateway):
+    """D10: ``/manifests/2?ns=evil`` is forwarded with its query, so it must not answer
+    ``/manifests/2``."""
+    world = clean_upstreams
+    gw = make_gateway(world)
+    other = b'{"schemaVersion":2,"layers":[]}'
+    world.fail_status(MIRROR, 200, path="/manifests/2$", times=1, body=other,
+                      headers={"Docker-Content-Digest": sha(other)},
+                      content_type="application/vnd.oci.image.manifest.v1+json")
+    url = f"https://{MIRROR}/v2/aquasec/trivy-db/manifests/2"
+    status, _, body = await get(gw, url + "?ns=evil", headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and body == other
+    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and sha(body) == world.digest("db") and "hit" not in headers["Cache-Status"]
+
+
+async def test_rfc9111_isolation_for_generic_and_github_hosts(clean_upstreams, make_gateway):
+    """D5: ``Vary: Cookie`` stored for alice is not served to a client without her cookie;
+    ``no-store`` on one Cache-Control line is not overridden by ``max-age`` on another; GitHub
+    hosts do not store ``private`` or ``Set-Cookie`` responses."""
+    world = clean_upstreams
+    gw = make_gateway(world, {"policy": {"rules": [
+        {"host": CHECK, "action": "intercept"}, {"host": RAW_GITHUB, "action": "intercept"}]}})
+    world.fail_status(CHECK, 200, path="^/vary$", times=None, body=b"alice's page",
+                      headers=[("Cache-Control", "max-age=600"), ("Vary", "Accept"),
+                               ("Vary", "Cookie")], content_type="text/plain")
+    world.fail_status(CHECK, 200, path="^/nostore$", times=None, body=b"x",
+                      headers=[("Cache-Control", "no-store"), ("Cache-Control", "max-age=600")],
+                      content_type="text/plain")
+    world.fail_status(RAW_GITHUB, 200, path="^/private$", times=None, body=b"mine",
+                      headers=[("Cache-Control", "private, max-age=60")], content_type="text/plain")
+    world.fail_status(RAW_GITHUB, 200, path="^/cookie$", times=None, body=b"mine",
+                      headers=[("Set-Cookie", "session=abc")], content_type="text/plain")
+    alice = {"Cookie": "session=alice"}
+    assert (await get(gw, f"https://{CHECK}/vary", headers=alice))[0] == 200
+    _, headers, _ = await get(gw, f"https://{CHECK}/vary", headers=alice)
+    assert headers["Cache-Status"].startswith("trivy-gateway; hit")       # alice's variant
+    _, headers, _ = await get(gw, f"https://{CHECK}/vary")
+    assert "hit" not in headers["Cache-Status"]
+    assert len(world.requests(host=CHECK, path_contains="/vary")) == 2
+    sent = world.requests(host=CHECK, path_contains="/vary")[-1].request_headers
+    assert "cookie" not in sent
+    for host, path in ((CHECK, "/nostore"), (RAW_GITHUB, "/private"), (RAW_GITHUB, "/cookie")):
+        for _ in range(2):
+            status, headers, _ = await get(gw, f"https://{host}{path}")
+            assert status == 200 and "hit" not in headers["Cache-Status"], (path, headers)
+        assert len(world.requests(host=host, path_contains=path)) == 2, path
