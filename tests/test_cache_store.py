@@ -307,3 +307,56 @@ async def test_unknown_length_fill_stops_below_min_free_space(tmp_path):
         for _ in range(40):
             fill.write(b"y" * (1024 * 1024))
     assert fill.state == "failed" and list(s.tmp_dir.iterdir()) == []
+
+
+async def test_cache_purge_repo_and_host_match_exactly(tmp_path):
+    """D16: ``cache purge --repo`` names one repository exactly (``trivy-db`` alone selects
+    nothing; ``aquasec/trivy-db`` is not ``aquasec/trivy-db-extra`` nor ghcr.io's
+    ``aquasecurity/trivy-db``); ``--host`` names one host exactly. The CLI on a real cache dir."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    data = tmp_path / "data"
+    root = data / "cache"
+    blobs = BlobStore(root, 10**9, 0, Metrics())
+    blobs.open()
+    entries = EntryStore(root, blobs, MemoryFrontSettings(), Metrics())
+    entries.open()
+    refs = {"m-db": "mirror.gcr.io/aquasec/trivy-db:2",
+            "m-db-extra": "mirror.gcr.io/aquasec/trivy-db-extra:2",
+            "g-db": "ghcr.io/aquasecurity/trivy-db:2",
+            "r-db": "registry.corp:5000/aquasec/trivy-db@" + digest(b"x"),
+            "m-java": "mirror.gcr.io/aquasec/trivy-java-db:1"}
+    now = time.time()
+    for name, ref in refs.items():
+        body = blobs.put_bytes(name.encode())
+        await entries.put(Entry(f"tag|https://{ref}|*/*|public", "oci_manifest", 200, [], body,
+                                len(name), now, now + 60,
+                                meta={"host": ref.split("/")[0], "reference": ref}))
+    pom = blobs.put_bytes(b"<project/>")
+    await entries.put(Entry("maven|https://repo.maven.apache.org/maven2/a/b/1/b-1.pom", "maven",
+                            200, [], pom, 10, now, now + 60, meta={"host": "repo.maven.apache.org"}))
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"server": {"data_dir": str(data)}}))
+
+    def purge(*args):
+        out = subprocess.run([sys.executable, "-m", "gateway", "cache", "purge", *args,
+                              "--config", str(config)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    def left():
+        return sorted(e.meta.get("reference") or e.key for e in entries.iter_entries())
+
+    assert "removed 0 entries" in purge("--repo", "trivy-db")
+    assert "removed 0 entries" in purge("--host", "gcr.io")
+    assert "removed 2 entries" in purge("--repo", "aquasec/trivy-db")   # mirror + registry.corp
+    assert refs["m-db"] not in left() and refs["r-db"] not in left()
+    assert refs["m-db-extra"] in left() and refs["g-db"] in left()
+    assert "removed 1 entries" in purge("--repo", "ghcr.io/aquasecurity/trivy-db")
+    assert "removed 0 entries" in purge("--host", "ghcr.io", "--repo", "aquasec/trivy-java-db")
+    assert "removed 1 entries" in purge("--host", "repo.maven.apache.org")
+    assert left() == sorted([refs["m-db-extra"], refs["m-java"]])
