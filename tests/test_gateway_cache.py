@@ -138,36 +138,6 @@ async def test_range_and_conditional_requests_on_hits(clean_upstreams, make_gate
     assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(full)
 
 
-async def test_tag_manifest_served_stale_when_upstream_down(clean_upstreams, make_gateway):
-    world = clean_upstreams
-    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-db": "1s"}}}})
-    url = f"https://{MIRROR}/v2/aquasec/trivy-db/manifests/2"
-    status, headers, manifest = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and sha(manifest) == world.digest("db")
-    await asyncio.sleep(1.5)  # expired
-    world.refuse(MIRROR)
-    world.refuse(GHCR)  # its failover partner too
-    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and body == manifest
-    assert "detail=stale" in headers["Cache-Status"]
-    assert gw.metric("trivy_gateway_cache_requests_total", result="stale") >= 1
-    assert gw.metric("trivy_gateway_artifact_age_seconds", artifact="vulnerability_db") >= 1
-
-
-async def test_expired_tag_revalidated_cheaply(clean_upstreams, make_gateway):
-    world = clean_upstreams
-    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-checks": "1s"}}}})
-    url = f"https://{MIRROR}/v2/aquasec/trivy-checks/manifests/2"
-    _, _, manifest = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    await asyncio.sleep(1.3)
-    world.clear_log()
-    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and body == manifest
-    reqs = world.requests(host=MIRROR, path_contains="/manifests/")
-    assert len(reqs) == 1
-    assert reqs[0].status in (200, 304)
-
-
 async def test_kill_during_fill_then_restart_serves_nothing_partial(clean_upstreams, make_gateway, tmp_path):
     world = clean_upstreams
     data_dir = tmp_path / "shared-data"
@@ -276,27 +246,6 @@ async def test_blob_failover_to_ghcr_when_mirror_refuses(clean_upstreams, make_g
     assert gw.metric("trivy_gateway_upstream_failovers_total") == 1
 
 
-async def test_tag_refreshed_in_background_before_expiry(clean_upstreams, make_gateway):
-    world = clean_upstreams
-    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-checks": "3s"},
-                                                "refresh_ahead": 0.3}}})
-    url = f"https://{MIRROR}/v2/aquasec/trivy-checks/manifests/2"
-    await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    await asyncio.sleep(1.2)  # past 30 % of the TTL, still fresh
-    world.clear_log()
-    status, headers, _ = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and headers["Cache-Status"].startswith("trivy-gateway; hit")
-    for _ in range(50):  # the refresh runs in the background (bounded wait)
-        if world.requests(host=MIRROR, path_contains="/manifests/"):
-            break
-        await asyncio.sleep(0.1)
-    assert len(world.requests(host=MIRROR, path_contains="/manifests/")) == 1
-    await asyncio.sleep(2.0)  # the original entry's expiry has passed; the refreshed one has not
-    status, headers, _ = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    # answered as a fresh hit without waiting (it may trigger the next background refresh)
-    assert status == 200 and headers["Cache-Status"].startswith("trivy-gateway; hit; ttl=")
-
-
 async def test_cache_cli_stats_ls_verify_purge(clean_upstreams, make_gateway):
     import json
     import subprocess
@@ -346,8 +295,11 @@ async def test_purge_while_running_takes_effect(clean_upstreams, make_gateway):
                           "--config", str(gw.config_path)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "removed 1 entries" in out.stderr, out.stderr
-    await asyncio.sleep(1.3)                     # > the gateway's marker check interval
-    status, headers, again = await get(gw, url)
+    for _ in range(100):                         # the gateway looks at the marker once a second
+        status, headers, again = await get(gw, url)
+        if "hit" not in headers["Cache-Status"]:
+            break
+        await asyncio.sleep(0.05)
     assert status == 200 and again == body
     assert "hit" not in headers["Cache-Status"], headers["Cache-Status"]
     assert len(world.requests(host=MAVEN)) == 1  # fetched anew after the purge
