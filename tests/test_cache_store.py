@@ -210,10 +210,12 @@ async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path
     try:
         front = MemoryFrontSettings(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0")
         stores = []
+        clock = [1000.0]                  # B's monotonic clock, moved by the test
         for name in ("a", "b"):
             blobs = BlobStore(tmp_path / name, 10**9, 0, Metrics())
             blobs.open()
-            entries = EntryStore(tmp_path / name, blobs, front, Metrics())
+            entries = EntryStore(tmp_path / name, blobs, front, Metrics(),
+                                 monotonic=lambda: clock[0])
             entries.open()
             stores.append((blobs, entries))
         for _ in range(50):  # wait for redis to accept connections (bounded)
@@ -240,7 +242,8 @@ async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path
         assert (await stores[1][1].get("tag|t"))[0].fresh_until == 200.0
         # an immutable one may be served from B's process, for SHARED_HOT_SECONDS at most
         await stores[0][1].front.delete("maven|x")
-        await asyncio.sleep(SHARED_HOT_SECONDS + 0.1)
+        assert (await stores[1][1].front.get("maven|x"))[1] == body     # still B's hot copy
+        clock[0] += SHARED_HOT_SECONDS + 0.1
         assert await stores[1][1].front.get("maven|x") is None
     finally:
         proc.terminate()

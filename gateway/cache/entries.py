@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from aiocache import Cache as AioCache
 from aiocache.serializers import BaseSerializer
@@ -147,8 +147,11 @@ class _MemoryFront:
       (:meth:`EntryStore.get`).
     """
 
-    def __init__(self, settings: MemoryFrontSettings) -> None:
+    def __init__(self, settings: MemoryFrontSettings,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        #: clock of the shared hot window (injected: tests move it instead of sleeping)
+        self.monotonic = monotonic
         self.shared = settings.backend == "redis"
         if self.shared:
             from urllib.parse import urlparse  # noqa: PLC0415 - only needed for redis
@@ -178,7 +181,7 @@ class _MemoryFront:
             entry = value[0]
             if entry.fresh_until != float("inf") or entry.negative:
                 return
-            until = time.monotonic() + SHARED_HOT_SECONDS
+            until = self.monotonic() + SHARED_HOT_SECONDS
         else:
             until = float("inf")
         self._hot_pop(key)
@@ -196,7 +199,7 @@ class _MemoryFront:
     async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
         hot = self._hot.get(key)
         if hot is not None:
-            if hot[2] == float("inf") or hot[2] > time.monotonic():
+            if hot[2] == float("inf") or hot[2] > self.monotonic():
                 self._hot.move_to_end(key)
                 if key in self._sizes:
                     self._sizes.move_to_end(key)
@@ -258,11 +261,13 @@ class _MemoryFront:
 
 
 class EntryStore:
-    def __init__(self, root: Path, blobs, memory: MemoryFrontSettings, metrics: Metrics) -> None:
+    def __init__(self, root: Path, blobs, memory: MemoryFrontSettings, metrics: Metrics,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.dir = Path(root) / "entries"
         self.blobs = blobs
         self.metrics = metrics
-        self.front = _MemoryFront(memory)
+        self.monotonic = monotonic
+        self.front = _MemoryFront(memory, monotonic)
         self.small_limit = memory.max_item_size
         self._count = 0
         #: touched by ``trivy-gateway cache purge|verify`` (another process): a running gateway
@@ -294,7 +299,7 @@ class EntryStore:
         self._count = count
         self.metrics.cache_entries.labels("response").set(count)
         self._marker_mtime = self._marker_stamp()
-        self._marker_checked = time.monotonic()
+        self._marker_checked = self.monotonic()
 
     def _path(self, key: str) -> Path:
         return self.dir / (_file_name(key) + ".json")
@@ -308,7 +313,7 @@ class EntryStore:
     async def _check_purge_marker(self) -> None:
         """(At most once per :data:`PURGE_CHECK_INTERVAL`.) Has an operator command changed the
         cache behind this process's back? Then forget what memory holds (disk is the truth)."""
-        self._marker_checked = time.monotonic()
+        self._marker_checked = self.monotonic()
         stamp = self._marker_stamp()
         if stamp != self._marker_mtime:
             self._marker_mtime = stamp
@@ -326,7 +331,7 @@ class EntryStore:
 
     async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
         """The entry and, when small enough to be in memory, its body."""
-        if time.monotonic() - self._marker_checked >= PURGE_CHECK_INTERVAL:
+        if self.monotonic() - self._marker_checked >= PURGE_CHECK_INTERVAL:
             await self._check_purge_marker()
         cached = await self.front.get(key)
         if cached is not None:
