@@ -270,8 +270,8 @@ async def test_slow_follower_finishes_when_fill_completes_while_it_is_busy(store
 
 async def test_unknown_length_fill_stops_at_the_largest_object_and_evicts_nothing(tmp_path):
     """D6: a body of unknown length (chunked) larger than max_object_share × max_size is not
-    stored: the fill stops at the limit (StoreFull, temp file gone), and everything already
-    cached stays."""
+    stored: at the limit the fill stops writing and passes the rest through (with no reader
+    left, the producer is told to stop); the temp file goes, everything already cached stays."""
     mib = 1024 * 1024
     s = BlobStore(tmp_path / "c", max_size=4 * mib, min_free_space=0, metrics=Metrics(),
                   max_object_size=2 * mib)
@@ -279,10 +279,11 @@ async def test_unknown_length_fill_stops_at_the_largest_object_and_evicts_nothin
     kept = [s.put_bytes(bytes([i]) * mib) for i in range(3)]   # 3 MiB cached
     fill = s.begin_fill(None, None)
     piece = os.urandom(256 * 1024)
-    with pytest.raises(StoreFull):
-        for _ in range(64):                                      # a 16 MiB chunked body
-            fill.write(piece)
-    assert fill.state == "failed" and fill.written <= 2 * mib
+    stored = [fill.write(piece) for _ in range(64)]             # a 16 MiB chunked body
+    assert stored.count(True) == 8 and fill.state == "relaying" and fill.written == 2 * mib
+    with pytest.raises(FillFailed, match="no client"):
+        await fill.relay(piece)                                 # nobody reads: stop fetching
+    fill.fail(FillFailed("no client"))
     assert list(s.tmp_dir.iterdir()) == []
     assert all(s.has(d) for d in kept) and s.size == 3 * mib
     # known length: refused up front, nothing evicted
@@ -292,9 +293,48 @@ async def test_unknown_length_fill_stops_at_the_largest_object_and_evicts_nothin
     # a body within the share is stored, evicting only what it needs
     data = os.urandom(2 * mib)
     small = s.begin_fill(None, None)
-    small.write(data)
+    assert small.write(data)
     assert small.commit() == digest(data)
     assert s.size <= 4 * mib and sum(s.has(d) for d in kept) == 2
+
+
+async def test_too_large_fill_is_passed_through_to_its_readers(tmp_path):
+    """The readers of a fill that passed the limit get the whole body (disk part, then the
+    in-memory window), the producer waiting for the slowest; nothing is stored."""
+    from gateway.cache import blobstore
+
+    mib = 1024 * 1024
+    s = BlobStore(tmp_path / "c", max_size=4 * mib, min_free_space=0, metrics=Metrics(),
+                  max_object_size=1 * mib)
+    s.open()
+    data = os.urandom(3 * blobstore.RELAY_WINDOW + 12345)
+    fill = s.begin_fill(None, None)
+    readers = [fill.follow(), fill.follow()]                    # registered before any byte
+    got = [bytearray(), bytearray()]
+
+    async def read(i, pause):
+        async for chunk in readers[i]:
+            got[i] += chunk
+            if pause:
+                await asyncio.sleep(0)                          # a slower client
+
+    async def produce():
+        for off in range(0, len(data), 64 * 1024):
+            chunk = data[off:off + 64 * 1024]
+            if not fill.write(chunk):
+                await fill.relay(chunk)
+            await asyncio.sleep(0)
+        fill.finish_relay()
+
+    await asyncio.gather(produce(), read(0, False), read(1, True))
+    assert bytes(got[0]) == data and bytes(got[1]) == data
+    assert fill.state == "relayed" and fill._window_bytes <= blobstore.RELAY_WINDOW + 64 * 1024
+    assert s.count == 0 and list(s.tmp_dir.iterdir()) == []
+    # a reader arriving after the window moved on cannot be served from it
+    late = fill.follow()
+    with pytest.raises(blobstore.PassThroughGap):
+        async for _ in late:
+            pass
 
 
 async def test_unknown_length_fill_stops_below_min_free_space(tmp_path):
@@ -302,14 +342,15 @@ async def test_unknown_length_fill_stops_below_min_free_space(tmp_path):
     s = BlobStore(tmp_path / "c", max_size=1024**4, min_free_space=0, metrics=Metrics())
     s.open()
     fill = s.begin_fill(None, None)
-    fill.write(b"x" * 1024)
+    assert fill.write(b"x" * 1024)
     free = s.free_space()
     assert free is not None
     s.min_free_space = free + 1                  # the filesystem is now "full" for the cache
-    with pytest.raises(StoreFull, match="free"):
-        for _ in range(40):
-            fill.write(b"y" * (1024 * 1024))
-    assert fill.state == "failed" and list(s.tmp_dir.iterdir()) == []
+    stored = [fill.write(b"y" * (1024 * 1024)) for _ in range(40)]
+    assert False in stored and fill.state == "relaying"
+    assert fill.written < 9 * 1024 * 1024        # checked every SPACE_CHECK_BYTES
+    fill.fail(FillFailed("stopped"))
+    assert list(s.tmp_dir.iterdir()) == []
 
 
 async def test_cache_purge_repo_and_host_match_exactly(tmp_path):

@@ -455,3 +455,78 @@ async def test_rfc9111_isolation_for_generic_and_github_hosts(clean_upstreams, m
             status, headers, _ = await get(gw, f"https://{host}{path}")
             assert status == 200 and "hit" not in headers["Cache-Status"], (path, headers)
         assert len(world.requests(host=host, path_contains=path)) == 2, path
+
+
+async def _chunked_origin(total: int, piece: bytes):
+    """A plain-HTTP origin answering every GET with ``total`` bytes, chunked (no length),
+    ``Cache-Control: max-age=600``. Returns (server, port, state) where state counts the bytes
+    each response got out and whether it was cut off."""
+    state = {"sent": [], "cut": []}
+
+    async def serve(reader, writer):
+        sent = 0
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Cache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while sent < total:
+                n = min(len(piece), total - sent)
+                writer.write(b"%x\r\n" % n + piece[:n] + b"\r\n")
+                await writer.drain()
+                sent += n
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            state["cut"].append(False)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            state["cut"].append(True)
+        finally:
+            state["sent"].append(sent)
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], state
+
+
+async def test_chunked_body_larger_than_the_object_share_is_passed_through(clean_upstreams,
+                                                                           make_gateway):
+    """D6: a cacheable chunked response larger than cache.max_object_share × max_size is passed
+    through whole and never stored, evicting nothing; once its client is gone the gateway stops
+    fetching it (it neither writes the rest nor keeps reading the upstream)."""
+    world = clean_upstreams
+    mib = 1024 * 1024
+    piece = bytes(range(256)) * 256                     # 64 KiB
+    server, port, state = await _chunked_origin(12 * mib, piece)
+    try:
+        gw = make_gateway(world, {
+            "cache": {"max_size": "4MiB", "max_object_share": 0.25},
+            "policy": {"allow_plain_http": True, "rules": [
+                {"host": CHECK, "action": "intercept"}, {"host": MAVEN, "action": "intercept"}]},
+            "upstream": {"address_overrides": {f"{CHECK}:80": f"127.0.0.1:{port}"}}})
+        pom = f"https://{MAVEN}/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom"
+        assert (await get(gw, pom))[0] == 200
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{CHECK}/big", proxy=gw.proxy_url) as r:
+                body = await r.read()
+                assert r.status == 200
+        assert body == piece * (12 * mib // len(piece))  # whole and intact
+        assert state["cut"] == [False]
+        _, headers, _ = await get(gw, pom)
+        assert headers["Cache-Status"].startswith("trivy-gateway; hit")   # nothing evicted
+        cache = gw.data_dir / "cache"
+        assert list((cache / "tmp").iterdir()) == []
+        stored = sum(p.stat().st_size for p in (cache / "blobs").rglob("*") if p.is_file())
+        assert stored < mib
+        # the client goes away early: the gateway stops fetching
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{CHECK}/big", proxy=gw.proxy_url) as r:
+                assert "hit" not in r.headers["Cache-Status"]              # not stored
+                await r.content.readexactly(2 * mib)
+        for _ in range(200):                                # bounded wait for the origin to see it
+            if len(state["sent"]) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert state["cut"][1] is True and state["sent"][1] < 12 * mib
+        assert list((cache / "tmp").iterdir()) == []
+    finally:
+        server.close()
+        await server.wait_closed()

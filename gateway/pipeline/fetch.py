@@ -286,7 +286,11 @@ class FetchJob:
         try:
             try:
                 async for chunk in resp.iter_chunks():
-                    fill.write(chunk)
+                    if not fill.write(chunk):
+                        await fill.relay(chunk)   # too large to store: passed through
+                if fill.state == "relaying":
+                    fill.finish_relay()
+                    return
                 digest = fill.commit()
             except DigestMismatch as exc:
                 self.metrics.cache_digest_mismatches.labels(self.metrics.host_label(served_by)).inc()

@@ -18,7 +18,8 @@ from typing import AsyncIterator, Mapping, Optional
 
 from multidict import CIMultiDict
 
-from ..cache import BlobStore, Entry, EntryStore, Fill, FillFailed, StoreFull
+from ..cache import (BlobStore, Entry, EntryStore, Fill, FillFailed, FillReader, PassThroughGap,
+                     StoreFull)
 from ..exchange import BytesBody, EmptyBody, Exchange, Response, StreamBody, error_response
 from ..observability.logging import get_logger
 from ..observability.metrics import CacheResult, Metrics
@@ -121,9 +122,12 @@ class Pipeline:
             ex.notes["upstream_status"] = outcome.fwd_status
             value = cache_status(CacheResult.MISS, fwd_status=outcome.fwd_status, stored=True,
                                  collapsed=collapsed)
-            chunks = self._follow_or_finish_upstream(job, outcome.fill) if job else None
+            # the reader follows the fill from now on (a pass-through waits for it), closed by
+            # the body even if the proxy never starts sending it
+            reader = outcome.fill.follow() if ex.method != "HEAD" and job else None
+            chunks = self._follow_or_finish_upstream(job, outcome.fill, reader) if reader else None
             return response_from_fill(ex, outcome.status, outcome.headers, outcome.fill, value,
-                                      chunks)
+                                      chunks, on_close=reader.aclose if reader else None)
         if outcome.kind == OutcomeKind.ENTRY:
             entry = outcome.entry
             body = stale_body if stale is entry else None
@@ -178,20 +182,22 @@ class Pipeline:
                             source="upstream")
         return await self._forward(ex, res)  # the single stream was taken: fetch our own
 
-    async def _follow_or_finish_upstream(self, job: FetchJob, fill: Fill) -> AsyncIterator[bytes]:
+    async def _follow_or_finish_upstream(self, job: FetchJob, fill: Fill,
+                                         reader: FillReader) -> AsyncIterator[bytes]:
         """Stream a fill; if the *disk* fails mid-way, fetch the rest from the upstream.
 
         A full disk must not fail a client while the upstream is healthy: each follower asks
-        for the remaining bytes with ``Range`` (nothing is stored; clients verify digests).
+        for the remaining bytes with ``Range`` (nothing is stored; clients verify digests). The
+        same for a follower that fell behind a pass-through (a body too large to store).
         """
         pos = 0
         try:
-            async for chunk in fill.follow():
+            async for chunk in reader:
                 pos += len(chunk)
                 yield chunk
             return
-        except FillFailed:
-            if not isinstance(fill.error, StoreFull):
+        except FillFailed as exc:
+            if not isinstance(fill.error, StoreFull) and not isinstance(exc, PassThroughGap):
                 raise
         log.warning("cache_store_failed_finishing_from_upstream", key=job.key, offset=pos)
         req = job.request_for_remainder(pos)

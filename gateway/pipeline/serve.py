@@ -8,7 +8,7 @@ with ``If-Range``), HEAD, and for OCI blobs the registry headers (``Docker-Conte
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from multidict import CIMultiDict
 
@@ -194,15 +194,17 @@ def _entry_body(entry: Entry, body: Optional[bytes], blobs: BlobStore, start: in
 
 
 def response_from_fill(ex: Exchange, status: int, headers: CIMultiDict, fill: Fill,
-                       status_value: str, chunks: Optional[AsyncIterator[bytes]] = None) -> Response:
+                       status_value: str, chunks: Optional[AsyncIterator[bytes]] = None,
+                       on_close: Optional[Callable[[], Awaitable[None]]] = None) -> Response:
     """Answer from a fill still being written (the miss leader and coalesced followers).
 
     ``chunks`` replaces ``fill.follow()`` when the caller wraps it (e.g. to finish from the
-    upstream if the disk fails mid-fill)."""
+    upstream if the disk fails mid-fill); ``on_close`` then releases what it wraps."""
     h = CIMultiDict(headers)
     h["Cache-Status"] = status_value
     length = fill.expected_size
     if ex.method == "HEAD":
         return Response(status, h, HeadBody(length) if length is not None else EmptyBody(),
                         source="upstream")
-    return Response(status, h, StreamBody(chunks or fill.follow(), length), source="upstream")
+    return Response(status, h, StreamBody(chunks or fill.follow(), length, on_close=on_close),
+                    source="upstream")
