@@ -172,3 +172,34 @@ async def test_generic_max_age_and_expires_follow_the_clock(world, make):
     assert [(await h.get(CHECK, t))[3] for t in ("/a", "/b")] == ["miss", "hit"]
     h.clock.advance(20)
     assert (await h.get(CHECK, "/b"))[3] == "miss"
+
+
+async def test_vary_variant_never_served_stale_or_coalesced_to_another_client(world, make):
+    """D5: a ``Vary: Cookie`` response fetched with alice's cookie is neither served stale to a
+    client without it when the origin fails, nor handed to one coalesced on alice's fetch."""
+    h = await make({"policy": {"rules": [{"host": CHECK, "action": "intercept"}]}})
+    vary = [("Cache-Control", "max-age=30"), ("Vary", "Cookie")]
+    world.fail_status(CHECK, 200, path="^/v$", times=1, body=b"alice", content_type="text/plain",
+                      headers=vary)
+    assert (await h.get(CHECK, "/v", Cookie="u=alice"))[2:] == (b"alice", "miss")
+    h.clock.advance(31)
+    world.fail_status(CHECK, 503, path="^/v$", times=None, body=b"down")
+    assert (await h.get(CHECK, "/v", Cookie="u=alice"))[2:] == (b"alice", "stale")
+    status, _, body, _ = await h.get(CHECK, "/v")
+    assert status == 503 and body != b"alice"
+    world.clear_faults(CHECK)
+    # coalescing: bob's request arrives while alice's fetch is in flight
+    world.fail_status(CHECK, 200, path="^/w$", times=1, body=b"alice", content_type="text/plain",
+                      headers=vary)
+    world.fail_status(CHECK, 200, path="^/w$", times=1, body=b"bob", content_type="text/plain",
+                      headers=vary)
+    world.delay(CHECK, 0.5, path="^/w$", times=1)       # holds alice's fetch (not a timing check)
+    alice = asyncio.create_task(h.get(CHECK, "/w", Cookie="u=alice"))
+    for _ in range(200):
+        if h.pipeline._jobs:                             # noqa: SLF001 - alice's fetch started
+            break
+        await asyncio.sleep(0.005)
+    assert h.pipeline._jobs                              # noqa: SLF001
+    bob = await h.get(CHECK, "/w", Cookie="u=bob")
+    assert (await alice)[2] == b"alice" and bob[2] == b"bob"
+    assert len(world.requests(host=CHECK, path_contains="/w")) == 2
