@@ -231,8 +231,9 @@ class FetchJob:
             self._publish_response(Outcome(OutcomeKind.BYTES, resp.status, headers, body=body,
                                            fwd_status=resp.status, served_by=served_by))
         else:
-            self._publish_response(Outcome(OutcomeKind.STREAM, resp.status, headers, response=resp,
-                                  fwd_status=resp.status, served_by=served_by))
+            self._publish_response(Outcome(OutcomeKind.STREAM, resp.status, headers,
+                                           response=resp, fwd_status=resp.status,
+                                           served_by=served_by))
 
     def _equivalent_url(self, registry: str, repository: str) -> str:
         res = self.res
@@ -281,8 +282,8 @@ class FetchJob:
                                            served_by=served_by))
             return
         self.metrics.cache_fills_in_flight.inc()
-        self._publish_response(Outcome(OutcomeKind.FILL, resp.status, headers, fill=fill, fwd_status=resp.status,
-                              served_by=served_by))
+        self._publish_response(Outcome(OutcomeKind.FILL, resp.status, headers, fill=fill,
+                                       fwd_status=resp.status, served_by=served_by))
         try:
             try:
                 async for chunk in resp.iter_chunks():

@@ -137,13 +137,15 @@ class Pipeline:
         # The upstream gave no storable answer: serve stale if allowed.
         failed_status = (outcome.status if outcome.kind in (OutcomeKind.BYTES, OutcomeKind.STREAM)
                          else None)
-        upstream_failed = outcome.kind == OutcomeKind.ERROR or failed_status in _STALE_ON_STATUS or (
+        upstream_failed = (outcome.kind == OutcomeKind.ERROR
+                           or failed_status in _STALE_ON_STATUS) or (
             # GitHub's rate limits: 403 with X-RateLimit-Remaining: 0 (primary) or with
             # Retry-After (secondary; 429s are covered above)
             failed_status == 403 and (outcome.headers.get("X-RateLimit-Remaining") == "0"
                                       or "Retry-After" in outcome.headers))
         if stale is not None and upstream_failed and stale.staleness(now) <= res.max_stale:
-            if outcome.kind == OutcomeKind.STREAM and outcome.response is not None and not outcome.taken:
+            if (outcome.kind == OutcomeKind.STREAM and outcome.response is not None
+                    and not outcome.taken):
                 outcome.taken = True
                 await outcome.response.release()
             why = outcome.error.reason if outcome.error else f"upstream {failed_status}"

@@ -63,5 +63,6 @@ def public_token_response(ex: Exchange, cfg: CacheSettings,
     body = json.dumps({"token": GATEWAY_TOKEN, "access_token": GATEWAY_TOKEN,
                        "expires_in": 300}).encode()
     headers = CIMultiDict({"Content-Type": "application/json", "Cache-Control": "no-store",
-                           "Cache-Status": status_value or cache_status(CacheResult.HIT, detail="gateway-token")})
+                           "Cache-Status": status_value
+                           or cache_status(CacheResult.HIT, detail="gateway-token")})
     return Response(200, headers, BytesBody(body), source="gateway")

@@ -27,9 +27,9 @@ NOT_STORED = frozenset({
 })
 
 
-def cache_status(kind: CacheResult, *, ttl: Optional[float] = None, fwd_status: Optional[int] = None,
-                 detail: Optional[str] = None, stored: bool = False,
-                 collapsed: bool = False) -> str:
+def cache_status(kind: CacheResult, *, ttl: Optional[float] = None,
+                 fwd_status: Optional[int] = None, detail: Optional[str] = None,
+                 stored: bool = False, collapsed: bool = False) -> str:
     """An RFC 9211 Cache-Status member for this gateway."""
     parts = [CACHE_NAME]
     if kind in (CacheResult.HIT, CacheResult.STALE, CacheResult.NEGATIVE):

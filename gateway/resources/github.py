@@ -17,8 +17,8 @@ from ..settings import CacheSettings
 from .model import Resource
 
 
-def classify_github(method: str, scheme: str, host: str, path: str, query: str, headers: Mapping[str, str],
-                    cfg: CacheSettings) -> Optional[Resource]:
+def classify_github(method: str, scheme: str, host: str, path: str, query: str,
+                    headers: Mapping[str, str], cfg: CacheSettings) -> Optional[Resource]:
     gh = cfg.github
     if host not in gh.hosts:
         return None

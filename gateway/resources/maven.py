@@ -37,12 +37,12 @@ def _file_resource(scheme: str, host: str, path: str, metadata_ttl: float, snaps
         ttl = snapshot_ttl
     else:
         ttl = IMMUTABLE
-    return Resource("maven", cache_key=f"maven|{scheme}://{host}{path}", ttl=ttl, negative_ttl=negative_ttl,
-                    max_stale=max_stale, cacheable_statuses=(200,))
+    return Resource("maven", cache_key=f"maven|{scheme}://{host}{path}", ttl=ttl,
+                    negative_ttl=negative_ttl, max_stale=max_stale, cacheable_statuses=(200,))
 
 
-def classify_maven(method: str, scheme: str, host: str, path: str, query: str, headers: Mapping[str, str],
-                   cfg: CacheSettings) -> Optional[Resource]:
+def classify_maven(method: str, scheme: str, host: str, path: str, query: str,
+                   headers: Mapping[str, str], cfg: CacheSettings) -> Optional[Resource]:
     mv = cfg.maven
     for rhost, prefix in _repositories(mv.repositories):
         if host != rhost or not path.startswith(prefix):

@@ -49,23 +49,25 @@ def normalise_accept(value: str) -> str:
     return ",".join(parts) or "*/*"
 
 
-def classify_oci(method: str, scheme: str, host: str, path: str, query: str, headers: Mapping[str, str],
-                 cfg: CacheSettings) -> Optional[Resource]:
+def classify_oci(method: str, scheme: str, host: str, path: str, query: str,
+                 headers: Mapping[str, str], cfg: CacheSettings) -> Optional[Resource]:
     oci = cfg.oci
     if host not in oci.registries:
         return None
     stale = cfg.stale_limit("oci")
+    origin = f"{scheme}://{host}"
     qs = "?" + query if query else ""
     if path in ("/v2/", "/v2") and method in ("GET", "HEAD"):
         if "authorization" in headers:
             return Resource("oci_auth", note="ping with credentials")
-        return Resource("oci_auth", cache_key=f"oci-ping|{scheme}://{host}{path}{qs}|{method}", ttl=oci.auth_ttl,
-                        max_stale=stale, cacheable_statuses=(200, 401), registry=host)
+        return Resource("oci_auth", cache_key=f"oci-ping|{origin}{path}{qs}|{method}",
+                        ttl=oci.auth_ttl, max_stale=stale, cacheable_statuses=(200, 401),
+                        registry=host)
     if "scope=repository" in query and "/blobs/" not in path and "/manifests/" not in path:
         # the token endpoint (ghcr.io/token, mirror.gcr.io/v2/token …)
         if "authorization" in headers or method != "GET":
             return Resource("oci_auth", note="token request with credentials")
-        return Resource("oci_auth", cache_key=f"oci-token|{scheme}://{host}{path}{qs}", ttl=oci.auth_ttl,
+        return Resource("oci_auth", cache_key=f"oci-token|{origin}{path}{qs}", ttl=oci.auth_ttl,
                         max_stale=stale, registry=host)
     m = _BLOB_RE.match(path)
     if m and method in ("GET", "HEAD"):
@@ -82,11 +84,12 @@ def classify_oci(method: str, scheme: str, host: str, path: str, query: str, hea
         public = f"{host}/{name}" in oci.public_repositories
         scope = "public" if public else _credential_scope(headers)
         if _DIGEST_RE.match(ref):
-            return Resource("oci_manifest", cache_key=f"manifest|{scheme}|{ref}|{scope}", ttl=IMMUTABLE,
-                            max_stale=stale, digest=ref, registry=host, repository=name,
-                            reference=ref, public=public, artifact=artifact_of(name))
+            return Resource("oci_manifest", cache_key=f"manifest|{scheme}|{ref}|{scope}",
+                            ttl=IMMUTABLE, max_stale=stale, digest=ref, registry=host,
+                            repository=name, reference=ref, public=public, artifact=artifact_of(name))
         accept = normalise_accept(headers.get("accept", ""))
-        return Resource("oci_manifest", cache_key=f"tag|{scheme}://{host}/{name}:{ref}{qs}|{accept}|{scope}",
+        key = f"tag|{origin}/{name}:{ref}{qs}|{accept}|{scope}"
+        return Resource("oci_manifest", cache_key=key,
                         ttl=oci.ttl_for(host, name), max_stale=stale, registry=host,
                         repository=name, reference=ref, public=public, artifact=artifact_of(name),
                         refresh_ahead=oci.refresh_ahead)
