@@ -26,6 +26,7 @@ import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -69,6 +70,15 @@ def _hex_of(digest: str) -> str:
     return hexpart
 
 
+class FillState(StrEnum):
+    FILLING = "filling"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    #: past the largest storable size: the rest of the body is handed to readers, not stored
+    RELAYING = "relaying"
+    RELAYED = "relayed"
+
+
 class PassThroughGap(FillFailed):
     """A reader of a pass-through fill fell behind what is still held in memory."""
 
@@ -97,8 +107,7 @@ class Fill:
         self._hash = hashlib.sha256()
         self.written = 0
         self.digest: Optional[str] = None
-        #: filling | committed | failed | relaying | relayed
-        self.state = "filling"
+        self.state = FillState.FILLING
         self.error: Optional[BaseException] = None
         self._wakeup = asyncio.Event()
         self._reserved = expected_size or 0
@@ -118,9 +127,9 @@ class Fill:
 
         Returns False when the bytes were not written because the fill is (now) passing the
         body through: the producer hands them to :meth:`relay` instead."""
-        if self.state == "relaying":
+        if self.state == FillState.RELAYING:
             return False
-        if self.state != "filling":
+        if self.state != FillState.FILLING:
             raise FillFailed("fill is closed")
         why = self._no_room(len(data))
         if why is not None:
@@ -161,7 +170,7 @@ class Fill:
     def _start_relay(self, why: str) -> None:
         log.warning("cache_fill_passed_through", path=str(self.path), written=self.written,
                     reason=why)
-        self.state = "relaying"
+        self.state = FillState.RELAYING
         self._relay_end = self.written
         self._close_fd()
         self._release_reservation()
@@ -171,7 +180,7 @@ class Fill:
         """Hand ``data`` to the readers (pass-through); waits while the slowest reader is more
         than :data:`RELAY_WINDOW` behind. Raises FillFailed when no reader is left or they
         stopped reading for :data:`RELAY_STALL` seconds: the producer then stops fetching."""
-        if self.state != "relaying":
+        if self.state != FillState.RELAYING:
             raise FillFailed("fill is not passing through")
         self._window.append((self._relay_end, data))
         self._relay_end += len(data)
@@ -193,14 +202,14 @@ class Fill:
 
     def finish_relay(self) -> None:
         """The upstream body ended: readers finish with what the window holds."""
-        if self.state == "relaying":
-            self.state = "relayed"
+        if self.state == FillState.RELAYING:
+            self.state = FillState.RELAYED
             self._unlink()
             self._notify()
 
     def commit(self) -> str:
         """Verify and publish; returns the body's ``sha256:`` digest."""
-        if self.state != "filling":
+        if self.state != FillState.FILLING:
             raise FillFailed("fill is closed")
         digest = "sha256:" + self._hash.hexdigest()
         if self.expected_size is not None and self.written != self.expected_size:
@@ -220,15 +229,15 @@ class Fill:
             self.fail(StoreFull(f"cannot publish: {exc.strerror}"))
             raise StoreFull(str(exc)) from None
         self.digest = digest
-        self.state = "committed"
+        self.state = FillState.COMMITTED
         self._release_reservation()
         self._notify()
         return digest
 
     def fail(self, exc: BaseException) -> None:
-        if self.state not in ("filling", "relaying"):
+        if self.state not in (FillState.FILLING, FillState.RELAYING):
             return
-        self.state = "failed"
+        self.state = FillState.FAILED
         self.error = exc
         self._close_fd()
         self._unlink()
@@ -289,8 +298,8 @@ class Fill:
             # Passed through (relaying/relayed), nothing is verified or stored, like any
             # uncached response: the disk part, then the window.
             state = self.state
-            if state == "committed" or state in ("relaying", "relayed") and \
-                    pos < self.written:
+            passed = state in (FillState.RELAYING, FillState.RELAYED)
+            if state == FillState.COMMITTED or passed and pos < self.written:
                 available = self.written
             else:
                 available = self.written - 1
@@ -303,7 +312,7 @@ class Fill:
                 self._advance(rid, pos)
                 yield data
                 continue
-            if state in ("relaying", "relayed") and pos < self._relay_end:
+            if passed and pos < self._relay_end:
                 data = self._from_window(pos)
                 if end is not None:
                     data = data[:end - pos]
@@ -311,11 +320,11 @@ class Fill:
                 self._advance(rid, pos)
                 yield data
                 continue
-            if state == "failed":
+            if state == FillState.FAILED:
                 raise FillFailed(str(self.error))
             if end is not None and pos >= end:
                 return
-            if state in ("committed", "relayed"):
+            if state in (FillState.COMMITTED, FillState.RELAYED):
                 return
             # nothing new and no await since `available` was computed: no lost wakeup
             await self._wakeup.wait()
@@ -327,11 +336,11 @@ class Fill:
         raise PassThroughGap(f"byte {pos} of a passed-through body is no longer held")
 
     def _open_for_reading(self) -> int:
-        if self.state == "failed":
+        if self.state == FillState.FAILED:
             raise FillFailed(str(self.error))
-        if self.state == "relayed":
+        if self.state == FillState.RELAYED:
             raise PassThroughGap("the passed-through body is no longer held")
-        if self.state == "committed":
+        if self.state == FillState.COMMITTED:
             return os.open(self.store.path_of(self.digest), os.O_RDONLY)
         return os.open(self.path, os.O_RDONLY)
 

@@ -18,7 +18,8 @@ from typing import Awaitable, Callable, Optional
 
 from multidict import CIMultiDict
 
-from ..cache import BlobStore, DigestMismatch, Entry, EntryStore, Fill, FillFailed, StoreFull
+from ..cache import (BlobStore, DigestMismatch, Entry, EntryStore, Fill, FillFailed, FillState,
+                     StoreFull)
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
 from ..resources import (IMMUTABLE, Resource, fold_fields, github_ttl, response_ttl,
@@ -289,7 +290,7 @@ class FetchJob:
                 async for chunk in resp.iter_chunks():
                     if not fill.write(chunk):
                         await fill.relay(chunk)   # too large to store: passed through
-                if fill.state == "relaying":
+                if fill.state == FillState.RELAYING:
                     fill.finish_relay()
                     return
                 digest = fill.commit()
