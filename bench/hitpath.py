@@ -102,7 +102,8 @@ async def run(args, world) -> list[tuple[str, float, float]]:
     policy = Policy(s.policy)
     cache_root = s.data_dir / "cache"
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, metrics)
+    blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, metrics,
+                      s.cache.max_object_size)
     blobs.open()
     entries = EntryStore(cache_root, blobs, s.cache.memory, metrics)
     entries.open()
@@ -146,10 +147,10 @@ async def run(args, world) -> list[tuple[str, float, float]]:
                  "via": "1.1 trivy-gateway"}
 
         async def classify_only() -> None:
-            classify("GET", MAVEN, TARGET, "", lower, s.cache)
+            classify("GET", MAVEN, TARGET, "", lower, s.cache, scheme="https")
 
         rows.append(("classify()",) + await timed(args.n, args.rounds, classify_only))
-        key = classify("GET", MAVEN, TARGET, "", lower, s.cache).cache_key
+        key = classify("GET", MAVEN, TARGET, "", lower, s.cache, scheme="https").cache_key
 
         async def lookup() -> None:
             assert await entries.get(key) is not None
@@ -157,7 +158,7 @@ async def run(args, world) -> list[tuple[str, float, float]]:
         rows.append(("EntryStore.get()",) + await timed(args.n, args.rounds, lookup))
 
         ex = go_exchange()
-        res = classify("GET", MAVEN, TARGET, "", lower, s.cache)
+        res = classify("GET", MAVEN, TARGET, "", lower, s.cache, scheme="https")
 
         async def count() -> None:
             pipeline._count(ex, res, "hit")  # noqa: SLF001 - the per-hit metric increment

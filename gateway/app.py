@@ -67,7 +67,8 @@ class Gateway:
         leaf = LeafIssuer(self.ca, s.tls, self.metrics)
         policy = Policy(s.policy)
         cache_root = s.data_dir / "cache"
-        self.blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, self.metrics)
+        self.blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, self.metrics,
+                               s.cache.max_object_size)
         self.blobs.open()
         self.entries = EntryStore(cache_root, self.blobs, s.cache.memory, self.metrics)
         self.entries.open()

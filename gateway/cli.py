@@ -9,11 +9,10 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from typing import Optional, Sequence
 
 from . import __version__
-from .settings import ConfigError, Settings, load_settings, parse_duration
+from .settings import ConfigError, Settings, load_settings
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -70,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p = cache_sub.add_parser("purge", help="remove entries (all, or by host/repository/age)")
     _add_config_flags(p)
-    p.add_argument("--host", help="only entries fetched from this host")
-    p.add_argument("--repo", help="only OCI entries of this repository (e.g. aquasec/trivy-db)")
+    p.add_argument("--host", help="only entries requested from or served by this host (exact)")
+    p.add_argument("--repo", help="only OCI entries of exactly this repository: aquasec/trivy-db "
+                                  "(any registry) or mirror.gcr.io/aquasec/trivy-db")
     p.add_argument("--older-than", dest="older_than", help="only entries validated longer ago (e.g. 7d)")
     p = cache_sub.add_parser("verify", help="re-hash every blob; drop the ones that do not match")
     _add_config_flags(p)
@@ -166,12 +166,6 @@ def _ca(settings: Settings, args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(bundle_pem(ca))
     return 0
-
-
-def parse_age(value: Optional[str]) -> Optional[float]:
-    if not value:
-        return None
-    return time.time() - parse_duration(value, "--older-than")
 
 
 if __name__ == "__main__":  # pragma: no cover

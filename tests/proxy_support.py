@@ -38,7 +38,8 @@ def make_settings(tmp_path, rules=None, auth: bool = False, proxy: Optional[dict
                        "drain_grace": 5},
             "proxy": dict(proxy or {})}
     if rules is not None:
-        data["policy"] = {"rules": rules, **policy}
+        # the proxy tests use plain HTTP through registry.test (off by default)
+        data["policy"] = {"rules": rules, "allow_plain_http": True, **policy}
     if auth:
         data["proxy"]["auth"] = {"enabled": True, "username": "scanner"}
     for k, v in (overrides or {}).items():

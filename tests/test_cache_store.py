@@ -210,10 +210,12 @@ async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path
     try:
         front = MemoryFrontSettings(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0")
         stores = []
+        clock = [1000.0]                  # B's monotonic clock, moved by the test
         for name in ("a", "b"):
             blobs = BlobStore(tmp_path / name, 10**9, 0, Metrics())
             blobs.open()
-            entries = EntryStore(tmp_path / name, blobs, front, Metrics())
+            entries = EntryStore(tmp_path / name, blobs, front, Metrics(),
+                                 monotonic=lambda: clock[0])
             entries.open()
             stores.append((blobs, entries))
         for _ in range(50):  # wait for redis to accept connections (bounded)
@@ -240,7 +242,8 @@ async def test_redis_memory_front_shares_small_entries_between_replicas(tmp_path
         assert (await stores[1][1].get("tag|t"))[0].fresh_until == 200.0
         # an immutable one may be served from B's process, for SHARED_HOT_SECONDS at most
         await stores[0][1].front.delete("maven|x")
-        await asyncio.sleep(SHARED_HOT_SECONDS + 0.1)
+        assert (await stores[1][1].front.get("maven|x"))[1] == body     # still B's hot copy
+        clock[0] += SHARED_HOT_SECONDS + 0.1
         assert await stores[1][1].front.get("maven|x") is None
     finally:
         proc.terminate()
@@ -263,3 +266,141 @@ async def test_slow_follower_finishes_when_fill_completes_while_it_is_busy(store
             got.extend(chunk)
     await asyncio.wait_for(rest(), timeout=5)
     assert bytes(got) == data
+
+
+async def test_unknown_length_fill_stops_at_the_largest_object_and_evicts_nothing(tmp_path):
+    """D6: a body of unknown length (chunked) larger than max_object_share × max_size is not
+    stored: at the limit the fill stops writing and passes the rest through (with no reader
+    left, the producer is told to stop); the temp file goes, everything already cached stays."""
+    mib = 1024 * 1024
+    s = BlobStore(tmp_path / "c", max_size=4 * mib, min_free_space=0, metrics=Metrics(),
+                  max_object_size=2 * mib)
+    s.open()
+    kept = [s.put_bytes(bytes([i]) * mib) for i in range(3)]   # 3 MiB cached
+    fill = s.begin_fill(None, None)
+    piece = os.urandom(256 * 1024)
+    stored = [fill.write(piece) for _ in range(64)]             # a 16 MiB chunked body
+    assert stored.count(True) == 8 and fill.state == "relaying" and fill.written == 2 * mib
+    with pytest.raises(FillFailed, match="no client"):
+        await fill.relay(piece)                                 # nobody reads: stop fetching
+    fill.fail(FillFailed("no client"))
+    assert list(s.tmp_dir.iterdir()) == []
+    assert all(s.has(d) for d in kept) and s.size == 3 * mib
+    # known length: refused up front, nothing evicted
+    with pytest.raises(StoreFull, match="max_object_share"):
+        s.begin_fill(None, 3 * mib)
+    assert all(s.has(d) for d in kept)
+    # a body within the share is stored, evicting only what it needs
+    data = os.urandom(2 * mib)
+    small = s.begin_fill(None, None)
+    assert small.write(data)
+    assert small.commit() == digest(data)
+    assert s.size <= 4 * mib and sum(s.has(d) for d in kept) == 2
+
+
+async def test_too_large_fill_is_passed_through_to_its_readers(tmp_path):
+    """The readers of a fill that passed the limit get the whole body (disk part, then the
+    in-memory window), the producer waiting for the slowest; nothing is stored."""
+    from gateway.cache import blobstore
+
+    mib = 1024 * 1024
+    s = BlobStore(tmp_path / "c", max_size=4 * mib, min_free_space=0, metrics=Metrics(),
+                  max_object_size=1 * mib)
+    s.open()
+    data = os.urandom(3 * blobstore.RELAY_WINDOW + 12345)
+    fill = s.begin_fill(None, None)
+    readers = [fill.follow(), fill.follow()]                    # registered before any byte
+    got = [bytearray(), bytearray()]
+
+    async def read(i, pause):
+        async for chunk in readers[i]:
+            got[i] += chunk
+            if pause:
+                await asyncio.sleep(0)                          # a slower client
+
+    async def produce():
+        for off in range(0, len(data), 64 * 1024):
+            chunk = data[off:off + 64 * 1024]
+            if not fill.write(chunk):
+                await fill.relay(chunk)
+            await asyncio.sleep(0)
+        fill.finish_relay()
+
+    await asyncio.gather(produce(), read(0, False), read(1, True))
+    assert bytes(got[0]) == data and bytes(got[1]) == data
+    assert fill.state == "relayed" and fill._window_bytes <= blobstore.RELAY_WINDOW + 64 * 1024
+    assert s.count == 0 and list(s.tmp_dir.iterdir()) == []
+    # a reader arriving after the window moved on cannot be served from it
+    late = fill.follow()
+    with pytest.raises(blobstore.PassThroughGap):
+        async for _ in late:
+            pass
+
+
+async def test_unknown_length_fill_stops_below_min_free_space(tmp_path):
+    """The free-space floor is checked while an unknown-length fill grows, not only at start."""
+    s = BlobStore(tmp_path / "c", max_size=1024**4, min_free_space=0, metrics=Metrics())
+    s.open()
+    fill = s.begin_fill(None, None)
+    assert fill.write(b"x" * 1024)
+    free = s.free_space()
+    assert free is not None
+    s.min_free_space = free + 1                  # the filesystem is now "full" for the cache
+    stored = [fill.write(b"y" * (1024 * 1024)) for _ in range(40)]
+    assert False in stored and fill.state == "relaying"
+    assert fill.written < 9 * 1024 * 1024        # checked every SPACE_CHECK_BYTES
+    fill.fail(FillFailed("stopped"))
+    assert list(s.tmp_dir.iterdir()) == []
+
+
+async def test_cache_purge_repo_and_host_match_exactly(tmp_path):
+    """D16: ``cache purge --repo`` names one repository exactly (``trivy-db`` alone selects
+    nothing; ``aquasec/trivy-db`` is not ``aquasec/trivy-db-extra`` nor ghcr.io's
+    ``aquasecurity/trivy-db``); ``--host`` names one host exactly. The CLI on a real cache dir."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    data = tmp_path / "data"
+    root = data / "cache"
+    blobs = BlobStore(root, 10**9, 0, Metrics())
+    blobs.open()
+    entries = EntryStore(root, blobs, MemoryFrontSettings(), Metrics())
+    entries.open()
+    refs = {"m-db": "mirror.gcr.io/aquasec/trivy-db:2",
+            "m-db-extra": "mirror.gcr.io/aquasec/trivy-db-extra:2",
+            "g-db": "ghcr.io/aquasecurity/trivy-db:2",
+            "r-db": "registry.corp:5000/aquasec/trivy-db@" + digest(b"x"),
+            "m-java": "mirror.gcr.io/aquasec/trivy-java-db:1"}
+    now = time.time()
+    for name, ref in refs.items():
+        body = blobs.put_bytes(name.encode())
+        await entries.put(Entry(f"tag|https://{ref}|*/*|public", "oci_manifest", 200, [], body,
+                                len(name), now, now + 60,
+                                meta={"host": ref.split("/")[0], "reference": ref}))
+    pom = blobs.put_bytes(b"<project/>")
+    await entries.put(Entry("maven|https://repo.maven.apache.org/maven2/a/b/1/b-1.pom", "maven",
+                            200, [], pom, 10, now, now + 60, meta={"host": "repo.maven.apache.org"}))
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"server": {"data_dir": str(data)}}))
+
+    def purge(*args):
+        out = subprocess.run([sys.executable, "-m", "gateway", "cache", "purge", *args,
+                              "--config", str(config)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    def left():
+        return sorted(e.meta.get("reference") or e.key for e in entries.iter_entries())
+
+    assert "removed 0 entries" in purge("--repo", "trivy-db")
+    assert "removed 0 entries" in purge("--host", "gcr.io")
+    assert "removed 2 entries" in purge("--repo", "aquasec/trivy-db")   # mirror + registry.corp
+    assert refs["m-db"] not in left() and refs["r-db"] not in left()
+    assert refs["m-db-extra"] in left() and refs["g-db"] in left()
+    assert "removed 1 entries" in purge("--repo", "ghcr.io/aquasecurity/trivy-db")
+    assert "removed 0 entries" in purge("--host", "ghcr.io", "--repo", "aquasec/trivy-java-db")
+    assert "removed 1 entries" in purge("--host", "repo.maven.apache.org")
+    assert left() == sorted([refs["m-db-extra"], refs["m-java"]])

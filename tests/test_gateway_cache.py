@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.emulated.world import CDN, CODELOAD, GHCR, GITHUB, MAVEN, MIRROR
+from tests.emulated.world import CDN, CHECK, CODELOAD, GHCR, GITHUB, MAVEN, MIRROR, RAW_GITHUB
 
 MANIFEST_ACCEPT = ("application/vnd.oci.image.manifest.v1+json,"
                    "application/vnd.docker.distribution.manifest.v2+json")
@@ -138,36 +138,6 @@ async def test_range_and_conditional_requests_on_hits(clean_upstreams, make_gate
     assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(full)
 
 
-async def test_tag_manifest_served_stale_when_upstream_down(clean_upstreams, make_gateway):
-    world = clean_upstreams
-    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-db": "1s"}}}})
-    url = f"https://{MIRROR}/v2/aquasec/trivy-db/manifests/2"
-    status, headers, manifest = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and sha(manifest) == world.digest("db")
-    await asyncio.sleep(1.5)  # expired
-    world.refuse(MIRROR)
-    world.refuse(GHCR)  # its failover partner too
-    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and body == manifest
-    assert "detail=stale" in headers["Cache-Status"]
-    assert gw.metric("trivy_gateway_cache_requests_total", result="stale") >= 1
-    assert gw.metric("trivy_gateway_artifact_age_seconds", artifact="vulnerability_db") >= 1
-
-
-async def test_expired_tag_revalidated_cheaply(clean_upstreams, make_gateway):
-    world = clean_upstreams
-    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-checks": "1s"}}}})
-    url = f"https://{MIRROR}/v2/aquasec/trivy-checks/manifests/2"
-    _, _, manifest = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    await asyncio.sleep(1.3)
-    world.clear_log()
-    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and body == manifest
-    reqs = world.requests(host=MIRROR, path_contains="/manifests/")
-    assert len(reqs) == 1
-    assert reqs[0].status in (200, 304)
-
-
 async def test_kill_during_fill_then_restart_serves_nothing_partial(clean_upstreams, make_gateway, tmp_path):
     world = clean_upstreams
     data_dir = tmp_path / "shared-data"
@@ -276,27 +246,6 @@ async def test_blob_failover_to_ghcr_when_mirror_refuses(clean_upstreams, make_g
     assert gw.metric("trivy_gateway_upstream_failovers_total") == 1
 
 
-async def test_tag_refreshed_in_background_before_expiry(clean_upstreams, make_gateway):
-    world = clean_upstreams
-    gw = make_gateway(world, {"cache": {"oci": {"tag_ttl": {"aquasec/trivy-checks": "3s"},
-                                                "refresh_ahead": 0.3}}})
-    url = f"https://{MIRROR}/v2/aquasec/trivy-checks/manifests/2"
-    await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    await asyncio.sleep(1.2)  # past 30 % of the TTL, still fresh
-    world.clear_log()
-    status, headers, _ = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    assert status == 200 and headers["Cache-Status"].startswith("trivy-gateway; hit")
-    for _ in range(50):  # the refresh runs in the background (bounded wait)
-        if world.requests(host=MIRROR, path_contains="/manifests/"):
-            break
-        await asyncio.sleep(0.1)
-    assert len(world.requests(host=MIRROR, path_contains="/manifests/")) == 1
-    await asyncio.sleep(2.0)  # the original entry's expiry has passed; the refreshed one has not
-    status, headers, _ = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
-    # answered as a fresh hit without waiting (it may trigger the next background refresh)
-    assert status == 200 and headers["Cache-Status"].startswith("trivy-gateway; hit; ttl=")
-
-
 async def test_cache_cli_stats_ls_verify_purge(clean_upstreams, make_gateway):
     import json
     import subprocess
@@ -346,8 +295,11 @@ async def test_purge_while_running_takes_effect(clean_upstreams, make_gateway):
                           "--config", str(gw.config_path)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "removed 1 entries" in out.stderr, out.stderr
-    await asyncio.sleep(1.3)                     # > the gateway's marker check interval
-    status, headers, again = await get(gw, url)
+    for _ in range(100):                         # the gateway looks at the marker once a second
+        status, headers, again = await get(gw, url)
+        if "hit" not in headers["Cache-Status"]:
+            break
+        await asyncio.sleep(0.05)
     assert status == 200 and again == body
     assert "hit" not in headers["Cache-Status"], headers["Cache-Status"]
     assert len(world.requests(host=MAVEN)) == 1  # fetched anew after the purge
@@ -395,3 +347,186 @@ async def test_private_repository_content_never_served_without_the_credentials(c
     status, headers, _ = await get(gw, url)  # no credential: not from the cache
     assert status == 401 and "hit" not in headers["Cache-Status"]
     assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 1
+
+
+async def _plain_origin(body: bytes, headers: dict[str, str]):
+    """A plain-HTTP origin on loopback (an on-path attacker's port 80): every request gets
+    ``body``. Returns (server, port, requests seen)."""
+    seen: list[bytes] = []
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head)
+                lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                writer.write(b"HTTP/1.1 200 OK\r\n" + lines.encode()
+                             + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+async def test_plain_http_fetch_never_answers_an_https_request(clean_upstreams, make_gateway):
+    """D3: with plain HTTP allowed, a manifest fetched from ``http://ghcr.io`` (port 80, where
+    anyone on the path can answer) is cached apart: an intercepted HTTPS client asking for the
+    same tag gets what ghcr.io says over TLS, never the plain-HTTP copy."""
+    from gateway.policy import Policy
+    from gateway.settings import load_settings
+
+    world = clean_upstreams
+    evil = b'{"schemaVersion":2,"layers":[{"digest":"sha256:' + b"e" * 64 + b'","size":1}]}'
+    server, port, seen = await _plain_origin(evil, {
+        "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+        "Docker-Content-Digest": sha(evil)})
+    try:
+        gw = make_gateway(world, {"policy": {"allow_plain_http": True},
+                                  "upstream": {"address_overrides": {"ghcr.io:80": f"127.0.0.1:{port}"}}})
+        path = "/v2/aquasecurity/trivy-db/manifests/pX"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{GHCR}{path}", proxy=gw.proxy_url,
+                             headers={"Accept": MANIFEST_ACCEPT}) as r:
+                assert r.status == 200 and await r.read() == evil
+            async with s.get(f"http://{GHCR}{path}", proxy=gw.proxy_url,
+                             headers={"Accept": MANIFEST_ACCEPT}) as r:
+                assert "hit" in r.headers["Cache-Status"]   # cached, on its own key
+        assert len(seen) == 1
+        world.clear_log()
+        status, headers, body = await get(gw, f"https://{GHCR}{path}",
+                                          headers={"Accept": MANIFEST_ACCEPT})
+        assert body != evil and "hit" not in headers["Cache-Status"], (status, headers)
+        assert len(world.requests(host=GHCR, path_contains="/manifests/pX")) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+    # and Trivy never uses plain HTTP: it is refused unless the operator allows it
+    assert Policy(load_settings(env={})).decide(GHCR, 80, plain_http=True).action == "deny"
+
+
+async def test_tag_query_is_part_of_the_key(clean_upstreams, make_gateway):
+    """D10: ``/manifests/2?ns=evil`` is forwarded with its query, so it must not answer
+    ``/manifests/2``."""
+    world = clean_upstreams
+    gw = make_gateway(world)
+    other = b'{"schemaVersion":2,"layers":[]}'
+    world.fail_status(MIRROR, 200, path="/manifests/2$", times=1, body=other,
+                      headers={"Docker-Content-Digest": sha(other)},
+                      content_type="application/vnd.oci.image.manifest.v1+json")
+    url = f"https://{MIRROR}/v2/aquasec/trivy-db/manifests/2"
+    status, _, body = await get(gw, url + "?ns=evil", headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and body == other
+    status, headers, body = await get(gw, url, headers={"Accept": MANIFEST_ACCEPT})
+    assert status == 200 and sha(body) == world.digest("db") and "hit" not in headers["Cache-Status"]
+
+
+async def test_rfc9111_isolation_for_generic_and_github_hosts(clean_upstreams, make_gateway):
+    """D5: ``Vary: Cookie`` stored for alice is not served to a client without her cookie;
+    ``no-store`` on one Cache-Control line is not overridden by ``max-age`` on another; GitHub
+    hosts do not store ``private`` or ``Set-Cookie`` responses."""
+    world = clean_upstreams
+    gw = make_gateway(world, {"policy": {"rules": [
+        {"host": CHECK, "action": "intercept"}, {"host": RAW_GITHUB, "action": "intercept"}]}})
+    world.fail_status(CHECK, 200, path="^/vary$", times=None, body=b"alice's page",
+                      headers=[("Cache-Control", "max-age=600"), ("Vary", "Accept"),
+                               ("Vary", "Cookie")], content_type="text/plain")
+    world.fail_status(CHECK, 200, path="^/nostore$", times=None, body=b"x",
+                      headers=[("Cache-Control", "no-store"), ("Cache-Control", "max-age=600")],
+                      content_type="text/plain")
+    world.fail_status(RAW_GITHUB, 200, path="^/private$", times=None, body=b"mine",
+                      headers=[("Cache-Control", "private, max-age=60")], content_type="text/plain")
+    world.fail_status(RAW_GITHUB, 200, path="^/cookie$", times=None, body=b"mine",
+                      headers=[("Set-Cookie", "session=abc")], content_type="text/plain")
+    alice = {"Cookie": "session=alice"}
+    assert (await get(gw, f"https://{CHECK}/vary", headers=alice))[0] == 200
+    _, headers, _ = await get(gw, f"https://{CHECK}/vary", headers=alice)
+    assert headers["Cache-Status"].startswith("trivy-gateway; hit")       # alice's variant
+    _, headers, _ = await get(gw, f"https://{CHECK}/vary")
+    assert "hit" not in headers["Cache-Status"]
+    assert len(world.requests(host=CHECK, path_contains="/vary")) == 2
+    sent = world.requests(host=CHECK, path_contains="/vary")[-1].request_headers
+    assert "cookie" not in sent
+    for host, path in ((CHECK, "/nostore"), (RAW_GITHUB, "/private"), (RAW_GITHUB, "/cookie")):
+        for _ in range(2):
+            status, headers, _ = await get(gw, f"https://{host}{path}")
+            assert status == 200 and "hit" not in headers["Cache-Status"], (path, headers)
+        assert len(world.requests(host=host, path_contains=path)) == 2, path
+
+
+async def _chunked_origin(total: int, piece: bytes):
+    """A plain-HTTP origin answering every GET with ``total`` bytes, chunked (no length),
+    ``Cache-Control: max-age=600``. Returns (server, port, state) where state counts the bytes
+    each response got out and whether it was cut off."""
+    state = {"sent": [], "cut": []}
+
+    async def serve(reader, writer):
+        sent = 0
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Cache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while sent < total:
+                n = min(len(piece), total - sent)
+                writer.write(b"%x\r\n" % n + piece[:n] + b"\r\n")
+                await writer.drain()
+                sent += n
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            state["cut"].append(False)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            state["cut"].append(True)
+        finally:
+            state["sent"].append(sent)
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], state
+
+
+async def test_chunked_body_larger_than_the_object_share_is_passed_through(clean_upstreams,
+                                                                           make_gateway):
+    """D6: a cacheable chunked response larger than cache.max_object_share × max_size is passed
+    through whole and never stored, evicting nothing; once its client is gone the gateway stops
+    fetching it (it neither writes the rest nor keeps reading the upstream)."""
+    world = clean_upstreams
+    mib = 1024 * 1024
+    piece = bytes(range(256)) * 256                     # 64 KiB
+    server, port, state = await _chunked_origin(12 * mib, piece)
+    try:
+        gw = make_gateway(world, {
+            "cache": {"max_size": "4MiB", "max_object_share": 0.25},
+            "policy": {"allow_plain_http": True, "rules": [
+                {"host": CHECK, "action": "intercept"}, {"host": MAVEN, "action": "intercept"}]},
+            "upstream": {"address_overrides": {f"{CHECK}:80": f"127.0.0.1:{port}"}}})
+        pom = f"https://{MAVEN}/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom"
+        assert (await get(gw, pom))[0] == 200
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{CHECK}/big", proxy=gw.proxy_url) as r:
+                body = await r.read()
+                assert r.status == 200
+        assert body == piece * (12 * mib // len(piece))  # whole and intact
+        assert state["cut"] == [False]
+        _, headers, _ = await get(gw, pom)
+        assert headers["Cache-Status"].startswith("trivy-gateway; hit")   # nothing evicted
+        cache = gw.data_dir / "cache"
+        assert list((cache / "tmp").iterdir()) == []
+        stored = sum(p.stat().st_size for p in (cache / "blobs").rglob("*") if p.is_file())
+        assert stored < mib
+        # the client goes away early: the gateway stops fetching
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{CHECK}/big", proxy=gw.proxy_url) as r:
+                assert "hit" not in r.headers["Cache-Status"]              # not stored
+                await r.content.readexactly(2 * mib)
+        for _ in range(200):                                # bounded wait for the origin to see it
+            if len(state["sent"]) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert state["cut"][1] is True and state["sent"][1] < 12 * mib
+        assert list((cache / "tmp").iterdir()) == []
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -10,7 +10,7 @@ from multidict import CIMultiDict
 
 from gateway.cache import BlobStore, Entry
 from gateway.exchange import BytesBody, Exchange, header_line
-from gateway.observability.metrics import Metrics
+from gateway.observability.metrics import CacheResult, Metrics
 from gateway.pipeline.serve import cache_status, response_from_entry
 
 BODY = b"<project>demo</project>\n" * 100
@@ -51,7 +51,7 @@ def rendered(response) -> bytes:
 def test_head_equals_rendered_headers(blobs, method, headers, status):
     e = entry()
     r = response_from_entry(exchange(method, **headers), e, BODY, blobs,
-                            cache_status("hit", ttl=None))
+                            cache_status(CacheResult.HIT, ttl=None))
     assert r.status == status
     assert r.head is not None and r.head == rendered(r)
     assert b"Age: 42\r\n" in r.head and b"Cache-Status: trivy-gateway; hit\r\n" in r.head
@@ -62,22 +62,22 @@ def test_head_equals_rendered_headers(blobs, method, headers, status):
 
 def test_head_follows_revalidated_fields_and_rejects_bad_ones(blobs):
     e = entry()
-    first = response_from_entry(exchange(), e, BODY, blobs, cache_status("hit"))
+    first = response_from_entry(exchange(), e, BODY, blobs, cache_status(CacheResult.HIT))
     e.headers = [(k, '"new"' if k == "ETag" else v) for k, v in e.headers]   # as revalidation does
-    second = response_from_entry(exchange(), e, BODY, blobs, cache_status("revalidated"))
+    second = response_from_entry(exchange(), e, BODY, blobs, cache_status(CacheResult.REVALIDATED))
     assert b'ETag: "abc"' in first.head and b'ETag: "new"' in second.head
     assert second.head == rendered(second)
     # a stored value that could split the response: no pre-rendered head, the proxy's normal
     # path (which refuses it with a 502) decides
     bad = entry(headers=[("X-Evil", "a\r\nSet-Cookie: x=1")])
-    r = response_from_entry(exchange(), bad, BODY, blobs, cache_status("hit"))
+    r = response_from_entry(exchange(), bad, BODY, blobs, cache_status(CacheResult.HIT))
     assert r.head is None
 
 
 def test_not_modified_and_unsatisfiable_have_no_head(blobs):
     e = entry()
     r = response_from_entry(exchange(**{"If-None-Match": '"abc"'}), e, BODY, blobs,
-                            cache_status("hit"))
+                            cache_status(CacheResult.HIT))
     assert r.status == 304 and r.head is None
-    r = response_from_entry(exchange(Range="bytes=99999-"), e, BODY, blobs, cache_status("hit"))
+    r = response_from_entry(exchange(Range="bytes=99999-"), e, BODY, blobs, cache_status(CacheResult.HIT))
     assert r.status == 416 and r.head is None

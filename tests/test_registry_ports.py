@@ -101,13 +101,13 @@ def test_registry_identity_classification_and_failover_keep_the_port():
 
     s = load_settings(env={}, overrides=ported_config())
     res = classify("GET", PORTED, f"/v2/{DB_REPO}/manifests/2", "", {"accept": MANIFEST_ACCEPT},
-                   s.cache)
+                   s.cache, scheme="https")
     assert res.kind == "oci_manifest" and res.registry == PORTED and res.public
     assert PORTED in res.cache_key
-    ping = classify("GET", PORTED, "/v2/", "", {}, s.cache)
-    assert ping.kind == "oci_auth" and ping.cache_key == f"oci-ping|{PORTED}|GET"
+    ping = classify("GET", PORTED, "/v2/", "", {}, s.cache, scheme="https")
+    assert ping.kind == "oci_auth" and ping.cache_key == f"oci-ping|https://{PORTED}/v2/|GET"
     # the same host on 443 is another registry: not configured, so not OCI
-    assert classify("GET", "registry.test", "/v2/", "", {}, s.cache).kind != "oci_auth"
+    assert classify("GET", "registry.test", "/v2/", "", {}, s.cache, scheme="https").kind != "oci_auth"
     groups = s.upstream.failover_groups
     assert equivalents(groups, GHCR, GHCR_DB_REPO) == [(PORTED, DB_REPO)]
     assert equivalents(groups, PORTED, DB_REPO) == [(GHCR, GHCR_DB_REPO)]

@@ -1,16 +1,18 @@
 """Resource semantics as tables: the cache key, TTL and flags each Trivy request gets."""
 import pytest
 
-from gateway.resources import IMMUTABLE, classify, response_ttl
+from gateway.resources import (IMMUTABLE, classify, fold_fields, github_ttl, response_ttl,
+                               selected_fields, variant_matches, vary_names)
 from gateway.settings import load_settings
 
 CFG = load_settings(env={}).cache
 D = "sha256:" + "ab" * 32
 
 
-def c(method, host, target, headers=None):
+def c(method, host, target, headers=None, scheme="https"):
     path, _, query = target.partition("?")
-    return classify(method, host, path, query, {k.lower(): v for k, v in (headers or {}).items()}, CFG)
+    return classify(method, host, path, query, {k.lower(): v for k, v in (headers or {}).items()}, CFG,
+                    scheme=scheme)
 
 
 def test_blob_keyed_by_digest_and_shared_across_public_registries():
@@ -77,3 +79,70 @@ def test_generic_rfc9111_lifetimes():
     assert response_ttl(200, {"cache-control": "public, max-age=60"}, True) == 60
     assert response_ttl(200, {}, False) is None
     assert response_ttl(200, {"cache-control": "max-age=60", "set-cookie": "a=b"}, False) is None
+
+
+# -- D3: the scheme the gateway fetches with is part of every key -------------------------------
+@pytest.mark.parametrize("host, target", [
+    ("ghcr.io", "/v2/aquasecurity/trivy-db/manifests/2"),
+    ("ghcr.io", f"/v2/aquasecurity/trivy-db/manifests/{D}"),
+    ("ghcr.io", f"/v2/aquasecurity/trivy-db/blobs/{D}"),
+    ("ghcr.io", "/v2/"),
+    ("ghcr.io", "/token?scope=repository:aquasecurity/trivy-db:pull&service=ghcr.io"),
+    ("repo.maven.apache.org", "/maven2/org/x/lib/1.0/lib-1.0.pom"),
+    ("api.github.com", "/repos/aquasecurity/vexhub/contents/"),
+    ("example.org", "/x?y=1"),
+])
+def test_plain_http_and_https_never_share_a_key(host, target):
+    https = c("GET", host, target, scheme="https")
+    http = c("GET", host, target, scheme="http")
+    assert https.cache_key and http.cache_key and https.cache_key != http.cache_key
+
+
+# -- D10: what is forwarded is keyed ------------------------------------------------------------
+def test_tag_and_ping_keys_hold_the_forwarded_query():
+    tag = "/v2/aquasecurity/trivy-db/manifests/qX"
+    assert c("GET", "ghcr.io", tag + "?ns=evil").cache_key != c("GET", "ghcr.io", tag).cache_key
+    assert c("GET", "ghcr.io", "/v2/?x=1").cache_key != c("GET", "ghcr.io", "/v2/").cache_key
+    # content-addressed: verified against the digest, whatever the query
+    blob = f"/v2/aquasecurity/trivy-db/blobs/{D}"
+    assert c("GET", "ghcr.io", blob + "?ns=x").cache_key == c("GET", "ghcr.io", blob).cache_key
+
+
+# -- D5: RFC 9111 with repeated fields, Vary, for generic and GitHub hosts --------------------
+@pytest.mark.parametrize("lines, ttl", [
+    ([("Cache-Control", "no-store"), ("Cache-Control", "max-age=600")], None),
+    ([("Cache-Control", "max-age=600"), ("Cache-Control", "private")], None),
+    ([("Cache-Control", "max-age=600"), ("Vary", "Accept"), ("Vary", "*")], None),
+    ([("Cache-Control", "max-age=600"), ("Set-Cookie", "a=b")], None),
+    ([("Cache-Control", "max-age=600"), ("Vary", "Cookie")], 600),
+    ([("cache-control", "public"), ("Cache-Control", "max-age=60")], 60),
+])
+def test_generic_lifetime_reads_every_field_line(lines, ttl):
+    assert response_ttl(200, fold_fields(lines), False) == ttl
+
+
+@pytest.mark.parametrize("lines, ttl", [
+    ([("Cache-Control", "public, max-age=60")], 3600),         # the operator's TTL
+    ([("Cache-Control", "private, max-age=60")], None),
+    ([("Cache-Control", "max-age=60"), ("Cache-Control", "no-store")], None),
+    ([("Set-Cookie", "logged_in=no")], None),
+    ([("Vary", "*")], None),
+    ([("Cache-Control", "no-cache")], 0.0),                    # stored, revalidated on each use
+    ([("Vary", "Accept, Accept-Encoding")], 3600),
+])
+def test_github_hosts_follow_rfc9111_with_the_configured_ttl(lines, ttl):
+    assert github_ttl(fold_fields(lines), 3600.0) == ttl
+
+
+@pytest.mark.parametrize("stored_request, later, reusable", [
+    ({"cookie": "alice=1"}, {"cookie": "alice=1"}, True),
+    ({"cookie": "alice=1"}, {}, False),
+    ({}, {"cookie": "alice=1"}, False),
+    ({"accept": "a, b"}, {"accept": "a,b"}, True),             # whitespace is insignificant
+    ({"accept": "a, b"}, {"accept": "b, a"}, False),
+])
+def test_vary_selects_the_variant(stored_request, later, reusable):
+    names = vary_names(fold_fields([("Vary", "Cookie"), ("Vary", "Accept")]))
+    assert names == ("accept", "cookie")
+    stored = selected_fields(names, stored_request)
+    assert variant_matches(stored, later) is reusable

@@ -44,12 +44,16 @@ def test_file_merges_over_default_and_flags_win(tmp_path):
     ("server: {mirror_listen: 'nope'}", "server.mirror_listen"),
     ("{server: {mirror_listen: ':5000'}, cache: {enabled: false}}", "server.mirror_listen"),
     ("mirror: {tls: {cert: /x.pem}}", "mirror.tls"),
-    ("mirror: {oci: {short_names: {db: other.io/x/db}}}", "mirror.oci.short_names.db"),
+    ("{server: {mirror_listen: ':5000'}, mirror: {oci: {short_names: {db: other.io/x/db}}}}",
+     "mirror.oci.short_names.db"),
     ("mirror: {oci: {short_names: {Bad_Name: mirror.gcr.io/aquasec/trivy-db}}}",
      "mirror.oci.short_names.Bad_Name"),
-    ("mirror: {maven: {central: repo1.example.org/maven2}}", "mirror.maven.central"),
+    ("{server: {mirror_listen: ':5000'}, mirror: {maven: {central: repo1.example.org/maven2}}}",
+     "mirror.maven.central"),
     ("mirror: {maven: {v2: repo.maven.apache.org/maven2}}", "mirror.maven.v2"),
     ("mirror: {vex: {hub: 'http://x/vex-repository.json'}}", "mirror.vex.hub"),
+    ("cache: {max_object_share: 1.5}", "cache.max_object_share"),
+    ("cache: {max_object_share: 0}", "cache.max_object_share"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, key):
     f = tmp_path / "bad.yaml"
@@ -86,3 +90,11 @@ def test_cli_check_config_exit_codes(tmp_path, capsys):
     bad.write_text("logging: {level: loud}")
     assert main(["check-config", "--config", str(bad)]) == 2
     assert "logging.level" in capsys.readouterr().err
+
+
+def test_mirror_routes_are_not_checked_while_the_door_is_off():
+    """An operator who lists their own public repositories (lists replace) and never opens the
+    mirror door must not get an error about the door's embedded short names."""
+    s = load_settings(env={}, overrides={"cache": {"oci": {"public_repositories": [
+        "ghcr.io/aquasecurity/trivy-db"]}}})
+    assert not s.server.mirror_listen

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from typing import Optional
 
 from ..observability.metrics import Metrics
 from ..settings import Settings, parse_duration
 from .blobstore import BlobStore
-from .entries import EntryStore
+from .entries import Entry, EntryStore
 
 
 def _open(settings: Settings) -> tuple[BlobStore, EntryStore]:
@@ -55,10 +57,7 @@ def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
         cutoff = time.time() - parse_duration(args.older_than, "--older-than") if args.older_than else None
         removed = 0
         for e in list(entries.iter_entries()):
-            if args.host and e.meta.get("host") != args.host and f"|{args.host}" not in e.key:
-                continue
-            if args.repo and f"/{args.repo}" not in (e.meta.get("reference") or "") and \
-                    f"/{args.repo}:" not in e.key:
+            if not purge_selects(e, args.host, args.repo):
                 continue
             if cutoff is not None and e.validated_at > cutoff:
                 continue
@@ -82,6 +81,41 @@ def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
             print(d)
         return 1 if bad else 0
     return 2
+
+
+def _oci_coordinates(entry: Entry) -> tuple[Optional[str], Optional[str]]:
+    """(registry, repository) of an OCI entry from its ``registry/repository:tag|@digest``
+    reference (a registry may carry a port; a repository never holds ``:`` or ``@``)."""
+    reference = entry.meta.get("reference") if entry.meta else None
+    if not reference or "/" not in reference:
+        return None, None
+    registry, _, rest = reference.partition("/")
+    return registry, re.split(r"[:@]", rest, maxsplit=1)[0]
+
+
+def _key_host(key: str) -> Optional[str]:
+    """The host of the URL in a ``kind|scheme://host/…`` key, if it has one."""
+    _, _, rest = key.partition("|")
+    _, sep, after = rest.partition("://")
+    return re.split(r"[/|?]", after, maxsplit=1)[0] if sep else None
+
+
+def purge_selects(entry: Entry, host: Optional[str], repo: Optional[str]) -> bool:
+    """Does ``cache purge --host H --repo R`` select this entry? Exact matches only.
+
+    ``--host``: the host the entry was requested from or served by. ``--repo``: an OCI
+    repository, exactly (``aquasec/trivy-db`` on any registry, or ``mirror.gcr.io/aquasec/trivy-db``
+    on that one): ``trivy-db`` alone selects nothing, and never ``aquasec/trivy-db-extra``."""
+    registry, repository = _oci_coordinates(entry)
+    if host:
+        hosts = {entry.meta.get("host") if entry.meta else None, registry, _key_host(entry.key)}
+        if host.lower() not in hosts:
+            return False
+    if repo:
+        if repository is None:
+            return False
+        return repo in (repository, f"{registry}/{repository}")
+    return True
 
 
 def _delete_sync(entries: EntryStore, key: str) -> None:

@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from aiocache import Cache as AioCache
 from aiocache.serializers import BaseSerializer
@@ -52,16 +52,21 @@ class Entry:
     negative: bool = False
     #: free-form facts for the status page (reference, docker digest, upstream url …)
     meta: dict = field(default_factory=dict)
+    #: ``Vary``: the nominated request fields and the values the stored response's request had
+    #: (None: the response does not vary); only a request with the same values may reuse it
+    vary: Optional[dict[str, Optional[str]]] = None
 
+    # Freshness takes ``now`` from the caller's clock (the pipeline's injected clock); wall
+    # time when omitted (operator commands).
     def is_fresh(self, now: Optional[float] = None) -> bool:
-        return (now or time.time()) < self.fresh_until
+        return (time.time() if now is None else now) < self.fresh_until
 
     def staleness(self, now: Optional[float] = None) -> float:
         """Seconds past expiry (0 while fresh)."""
-        return max(0.0, (now or time.time()) - self.fresh_until)
+        return max(0.0, (time.time() if now is None else now) - self.fresh_until)
 
     def ttl_left(self, now: Optional[float] = None) -> float:
-        return self.fresh_until - (now or time.time())
+        return self.fresh_until - (time.time() if now is None else now)
 
     def header(self, name: str) -> Optional[str]:
         lname = name.lower()
@@ -142,8 +147,11 @@ class _MemoryFront:
       (:meth:`EntryStore.get`).
     """
 
-    def __init__(self, settings: MemoryFrontSettings) -> None:
+    def __init__(self, settings: MemoryFrontSettings,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        #: clock of the shared hot window (injected: tests move it instead of sleeping)
+        self.monotonic = monotonic
         self.shared = settings.backend == "redis"
         if self.shared:
             from urllib.parse import urlparse  # noqa: PLC0415 - only needed for redis
@@ -173,7 +181,7 @@ class _MemoryFront:
             entry = value[0]
             if entry.fresh_until != float("inf") or entry.negative:
                 return
-            until = time.monotonic() + SHARED_HOT_SECONDS
+            until = self.monotonic() + SHARED_HOT_SECONDS
         else:
             until = float("inf")
         self._hot_pop(key)
@@ -191,7 +199,7 @@ class _MemoryFront:
     async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
         hot = self._hot.get(key)
         if hot is not None:
-            if hot[2] == float("inf") or hot[2] > time.monotonic():
+            if hot[2] == float("inf") or hot[2] > self.monotonic():
                 self._hot.move_to_end(key)
                 if key in self._sizes:
                     self._sizes.move_to_end(key)
@@ -253,11 +261,13 @@ class _MemoryFront:
 
 
 class EntryStore:
-    def __init__(self, root: Path, blobs, memory: MemoryFrontSettings, metrics: Metrics) -> None:
+    def __init__(self, root: Path, blobs, memory: MemoryFrontSettings, metrics: Metrics,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.dir = Path(root) / "entries"
         self.blobs = blobs
         self.metrics = metrics
-        self.front = _MemoryFront(memory)
+        self.monotonic = monotonic
+        self.front = _MemoryFront(memory, monotonic)
         self.small_limit = memory.max_item_size
         self._count = 0
         #: touched by ``trivy-gateway cache purge|verify`` (another process): a running gateway
@@ -289,7 +299,7 @@ class EntryStore:
         self._count = count
         self.metrics.cache_entries.labels("response").set(count)
         self._marker_mtime = self._marker_stamp()
-        self._marker_checked = time.monotonic()
+        self._marker_checked = self.monotonic()
 
     def _path(self, key: str) -> Path:
         return self.dir / (_file_name(key) + ".json")
@@ -303,7 +313,7 @@ class EntryStore:
     async def _check_purge_marker(self) -> None:
         """(At most once per :data:`PURGE_CHECK_INTERVAL`.) Has an operator command changed the
         cache behind this process's back? Then forget what memory holds (disk is the truth)."""
-        self._marker_checked = time.monotonic()
+        self._marker_checked = self.monotonic()
         stamp = self._marker_stamp()
         if stamp != self._marker_mtime:
             self._marker_mtime = stamp
@@ -321,7 +331,7 @@ class EntryStore:
 
     async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
         """The entry and, when small enough to be in memory, its body."""
-        if time.monotonic() - self._marker_checked >= PURGE_CHECK_INTERVAL:
+        if self.monotonic() - self._marker_checked >= PURGE_CHECK_INTERVAL:
             await self._check_purge_marker()
         cached = await self.front.get(key)
         if cached is not None:

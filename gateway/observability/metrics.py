@@ -10,6 +10,7 @@ any host not named in the configuration into ``"other"``; no URL, path or digest
 """
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -18,8 +19,24 @@ PREFIX = "trivy_gateway_"
 
 #: artifacts whose served age is exported (trivy_gateway_artifact_age_seconds{artifact=...})
 ARTIFACTS = ("vulnerability_db", "java_db", "checks_bundle", "vex_hub")
+
+
+class CacheResult(StrEnum):
+    """What the cache did for one request: the ``result`` label of
+    trivy_gateway_cache_requests_total and the ``cache`` field of the access log."""
+
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+    COALESCED = "coalesced"
+    NEGATIVE = "negative"
+    REVALIDATED = "revalidated"
+    BYPASS = "bypass"
+    ERROR = "error"
+
+
 #: values of the ``result`` label of trivy_gateway_cache_requests_total
-CACHE_RESULTS = ("hit", "miss", "stale", "coalesced", "negative", "revalidated", "bypass", "error")
+CACHE_RESULTS = tuple(r.value for r in CacheResult)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 # Label values known in advance, exported at 0 from the start. Prometheus's rate() and increase()

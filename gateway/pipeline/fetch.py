@@ -13,14 +13,17 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Awaitable, Callable, Optional
 
 from multidict import CIMultiDict
 
-from ..cache import BlobStore, DigestMismatch, Entry, EntryStore, Fill, FillFailed, StoreFull
+from ..cache import (BlobStore, DigestMismatch, Entry, EntryStore, Fill, FillFailed, FillState,
+                     StoreFull)
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
-from ..resources import IMMUTABLE, Resource, response_ttl
+from ..resources import (IMMUTABLE, Resource, fold_fields, github_ttl, response_ttl,
+                         selected_fields, unshareable, vary_names)
 from ..upstream.types import UpstreamError, UpstreamRequest, UpstreamResponse
 from .serve import storable_headers
 
@@ -29,18 +32,30 @@ log = get_logger("gateway.pipeline")
 #: uncacheable answers (errors) up to this size are read and shared with every waiter
 SHARE_LIMIT = 1024 * 1024
 RETRYABLE_ON_FAILOVER = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
+#: kinds whose responses follow RFC 9111 (Vary, private, no-store, Set-Cookie) for every client
+RFC9111_KINDS = frozenset({"generic", "github"})
+
+Clock = Callable[[], float]
+
+
+class OutcomeKind(StrEnum):
+    #: stream from ``Outcome.fill`` (being stored)
+    FILL = "fill"
+    #: serve ``Outcome.entry`` (revalidated)
+    ENTRY = "entry"
+    #: an uncached answer read whole (errors), shareable with every waiter
+    BYTES = "bytes"
+    #: an uncached large answer only the first taker can stream
+    STREAM = "stream"
+    #: no response; ``Outcome.error`` says why
+    ERROR = "error"
 
 
 @dataclass
 class Outcome:
-    """What a fetch produced, as soon as the response head is known.
+    """What a fetch produced, as soon as the response head is known (see :class:`OutcomeKind`)."""
 
-    kind: ``fill`` (stream from ``fill``), ``entry`` (serve ``entry``: revalidated/negative),
-    ``bytes`` (an uncached answer read whole), ``stream`` (an uncached large answer only the
-    first taker can stream), ``error`` (no response; ``error`` says why).
-    """
-
-    kind: str
+    kind: OutcomeKind
     status: int = 0
     headers: CIMultiDict = field(default_factory=CIMultiDict)
     fill: Optional[Fill] = None
@@ -52,6 +67,11 @@ class Outcome:
     #: the upstream host that finally answered (differs after failover)
     served_by: Optional[str] = None
     taken: bool = False
+    #: the upstream's response may be handed to other clients than the one whose request was
+    #: sent (RFC 9111 kinds: not private/no-store/Set-Cookie/Vary: *)
+    shareable: bool = True
+    #: the request fields the response varies on, with the sent request's values
+    vary: Optional[dict[str, Optional[str]]] = None
 
 
 Fetcher = Callable[[UpstreamRequest], Awaitable[UpstreamResponse]]
@@ -63,7 +83,7 @@ class FetchJob:
                  request: Fetcher, equivalents: list[tuple[str, str]], metrics: Metrics,
                  record_failover: Callable[[str, str], None], host: str,
                  on_stored: Optional[Callable[[Entry], None]] = None,
-                 deadline: Optional[float] = None) -> None:
+                 deadline: Optional[float] = None, clock: Clock = time.time) -> None:
         self.key = key
         self.res = res
         self.url = url
@@ -80,6 +100,10 @@ class FetchJob:
         #: one deadline (loop time) for the whole job, failover attempts included, so a client
         #: is answered within upstream.retry.deadline even when every source stalls
         self.deadline = deadline
+        #: wall clock for freshness (injected: tests move it instead of sleeping)
+        self.clock = clock
+        self._shareable = True
+        self._vary: Optional[dict[str, Optional[str]]] = None
         self.outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.done = asyncio.Event()
         self.waiters = 0
@@ -90,12 +114,12 @@ class FetchJob:
         try:
             await self._run()
         except asyncio.CancelledError:
-            self._publish(Outcome("error", error=UpstreamError(
+            self._publish(Outcome(OutcomeKind.ERROR, error=UpstreamError(
                 "cancelled", self.host, "the gateway is shutting down", status=503)))
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, never a hang
             log.exception("fetch_failed", key=self.key)
-            self._publish(Outcome("error", error=UpstreamError(
+            self._publish(Outcome(OutcomeKind.ERROR, error=UpstreamError(
                 "protocol", self.host, f"internal error while fetching: {exc}", status=502)))
         finally:
             self.done.set()
@@ -103,6 +127,20 @@ class FetchJob:
     def _publish(self, outcome: Outcome) -> None:
         if not self.outcome.done():
             self.outcome.set_result(outcome)
+
+    def _note_sharing(self, resp: UpstreamResponse) -> None:
+        """Record, for the clients coalesced on this job, whether the response may be handed to
+        them (RFC 9111 kinds only: OCI and Maven keys already carry what content depends on)."""
+        if self.res.kind not in RFC9111_KINDS:
+            return
+        folded = fold_fields(resp.headers.items())
+        self._shareable = not unshareable(folded)
+        names = vary_names(folded)
+        self._vary = selected_fields(names, fold_fields(self.headers.items())) if names else None
+
+    def _publish_response(self, outcome: Outcome) -> None:
+        outcome.shareable, outcome.vary = self._shareable, self._vary
+        self._publish(outcome)
 
     def _build_request(self, url: str, registry_auth: Optional[tuple[str, str]],
                        conditional: bool) -> UpstreamRequest:
@@ -167,12 +205,14 @@ class FetchJob:
                 if alt is not None:
                     await alt.release()
         if resp is None:
-            self._publish(Outcome("error", error=err))
+            self._publish(Outcome(OutcomeKind.ERROR, error=err))
             return
+        self._note_sharing(resp)
         if resp.status == 304 and self.stale is not None:
             await resp.release()
             entry = await self._revalidated(resp)
-            self._publish(Outcome("entry", entry=entry, fwd_status=304, served_by=served_by))
+            self._publish(Outcome(OutcomeKind.ENTRY, entry=entry, fwd_status=304,
+                                  served_by=served_by, vary=entry.vary))
             return
         if self._usable(resp):
             await self._store(resp, served_by)
@@ -185,15 +225,16 @@ class FetchJob:
             try:
                 body = await resp.read(SHARE_LIMIT)
             except UpstreamError as exc:
-                self._publish(Outcome("error", error=exc))
+                self._publish(Outcome(OutcomeKind.ERROR, error=exc))
                 return
             finally:
                 await resp.release()
-            self._publish(Outcome("bytes", resp.status, headers, body=body,
-                                  fwd_status=resp.status, served_by=served_by))
+            self._publish_response(Outcome(OutcomeKind.BYTES, resp.status, headers, body=body,
+                                           fwd_status=resp.status, served_by=served_by))
         else:
-            self._publish(Outcome("stream", resp.status, headers, response=resp,
-                                  fwd_status=resp.status, served_by=served_by))
+            self._publish_response(Outcome(OutcomeKind.STREAM, resp.status, headers,
+                                           response=resp, fwd_status=resp.status,
+                                           served_by=served_by))
 
     def _equivalent_url(self, registry: str, repository: str) -> str:
         res = self.res
@@ -206,8 +247,10 @@ class FetchJob:
         if resp.status == 404 and res.negative_ttl is not None:
             return res.negative_ttl
         if res.kind == "generic":
-            return response_ttl(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                                "Authorization" in self.headers)
+            return response_ttl(resp.status, fold_fields(resp.headers.items()),
+                                "Authorization" in self.headers, now=self.clock())
+        if res.kind == "github":
+            return github_ttl(fold_fields(resp.headers.items()), res.ttl)
         return res.ttl
 
     async def _store(self, resp: UpstreamResponse, served_by: str) -> None:
@@ -235,16 +278,21 @@ class FetchJob:
                 log.warning("cache_bypass_store_full", key=self.key, reason=str(exc))
         if fill is None:
             # Cannot store (not cacheable after all, or no room): stream it once, uncached.
-            self._publish(Outcome("stream", resp.status, headers, response=resp,
-                                  fwd_status=resp.status, served_by=served_by))
+            self._publish_response(Outcome(OutcomeKind.STREAM, resp.status, headers,
+                                           response=resp, fwd_status=resp.status,
+                                           served_by=served_by))
             return
         self.metrics.cache_fills_in_flight.inc()
-        self._publish(Outcome("fill", resp.status, headers, fill=fill, fwd_status=resp.status,
-                              served_by=served_by))
+        self._publish_response(Outcome(OutcomeKind.FILL, resp.status, headers, fill=fill,
+                                       fwd_status=resp.status, served_by=served_by))
         try:
             try:
                 async for chunk in resp.iter_chunks():
-                    fill.write(chunk)
+                    if not fill.write(chunk):
+                        await fill.relay(chunk)   # too large to store: passed through
+                if fill.state == FillState.RELAYING:
+                    fill.finish_relay()
+                    return
                 digest = fill.commit()
             except DigestMismatch as exc:
                 self.metrics.cache_digest_mismatches.labels(self.metrics.host_label(served_by)).inc()
@@ -260,14 +308,14 @@ class FetchJob:
         finally:
             self.metrics.cache_fills_in_flight.dec()
             await resp.release()
-        now = time.time()
+        now = self.clock()
         entry = Entry(
             key=self.key, kind=res.kind, status=resp.status, headers=list(headers.items()),
             body_digest=digest if fill.written else None, body_size=fill.written,
             validated_at=now, fresh_until=now + ttl if ttl != IMMUTABLE else IMMUTABLE,
             etag=resp.headers.get("ETag") if res.kind != "oci_blob" else f'"{res.digest}"',
             last_modified=resp.headers.get("Last-Modified"), negative=resp.status == 404,
-            meta=self._meta(resp, digest, served_by))
+            meta=self._meta(resp, digest, served_by), stored_at=now, vary=self._vary)
         if res.kind == "oci_manifest" and entry.etag is None:
             entry.etag = f'"{digest}"'
         small = self.blobs.read_small(digest, self.entries.small_limit) if fill.written else b""
@@ -283,7 +331,7 @@ class FetchJob:
     async def _revalidated(self, resp: UpstreamResponse) -> Entry:
         entry = self.stale
         assert entry is not None
-        now = time.time()
+        now = self.clock()
         ttl = self._ttl_for(resp) or 0.0
         entry.validated_at = now
         entry.fresh_until = now + ttl if ttl != IMMUTABLE else IMMUTABLE

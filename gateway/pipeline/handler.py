@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Mapping, Optional
 
 from multidict import CIMultiDict
 
-from ..cache import BlobStore, Entry, EntryStore, Fill, FillFailed, StoreFull
+from ..cache import (BlobStore, Entry, EntryStore, Fill, FillFailed, FillReader, PassThroughGap,
+                     StoreFull)
 from ..exchange import BytesBody, EmptyBody, Exchange, Response, StreamBody, error_response
 from ..observability.logging import get_logger
-from ..observability.metrics import Metrics
-from ..resources import IMMUTABLE, Resource, classify
+from ..observability.metrics import CacheResult, Metrics
+from ..resources import IMMUTABLE, Resource, classify, fold_fields, variant_matches
 from ..settings import Settings
 from ..upstream.types import UpstreamError, UpstreamRequest
-from .fetch import FetchJob, Outcome
+from .fetch import RFC9111_KINDS, Clock, FetchJob, Outcome, OutcomeKind
 from .offline import offline_auth_response, public_token_response
 from .serve import (HeadBody, cache_status, response_from_entry, response_from_fill,
                     storable_headers)
@@ -42,7 +43,7 @@ class Pipeline:
     """Implements :class:`gateway.exchange.Handler`."""
 
     def __init__(self, settings: Settings, blobs: BlobStore, entries: EntryStore, upstream,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, clock: Clock = time.time) -> None:
         self.settings = settings
         self.cfg = settings.cache
         self.blobs = blobs
@@ -50,6 +51,8 @@ class Pipeline:
         self.upstream = upstream
         self.metrics = metrics
         self.chunk_size = settings.proxy.chunk_size
+        #: wall clock for every freshness decision (injected: tests move it instead of sleeping)
+        self.clock = clock
         self._jobs: dict[str, FetchJob] = {}
         self._background: set[asyncio.Task] = set()
         #: artifact name → facts about the last tag manifest served (status page)
@@ -61,25 +64,31 @@ class Pipeline:
 
     # -- entry point ----------------------------------------------------------------------------
     async def handle(self, ex: Exchange) -> Response:
-        lower = {k.lower(): v for k, v in ex.headers.items()}
-        # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries)
-        res = classify(ex.method, ex.authority, ex.path, ex.query, lower, self.cfg)
+        lower = fold_fields(ex.headers.items())
+        # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries);
+        # the upstream URL's scheme (ex.url), not necessarily the client connection's
+        res = classify(ex.method, ex.authority, ex.path, ex.query, lower, self.cfg,
+                       scheme=ex.scheme)
         ex.notes["kind"] = res.kind
         if res.kind == "oci_auth" and res.cache_key and res.cache_key.startswith("oci-token|"):
             token = public_token_response(ex, self.cfg)
             if token is not None:
-                self._count(ex, res, "hit")
+                self._count(ex, res, CacheResult.HIT)
                 return token
         if not res.cacheable or ex.method not in ("GET", "HEAD") or (
                 res.kind == "oci_blob" and ex.method == "HEAD"
                 and not self.blobs.has(res.digest or "")):
             return await self._forward(ex, res)
         found = await self.entries.get(res.cache_key)
-        now = time.time()
+        now = self.clock()
+        if found is not None and found[0].vary and not variant_matches(found[0].vary,
+                                                                       _sent_fields(lower)):
+            # another variant (RFC 9111 §4.1): neither served, nor revalidated, nor served stale
+            found = None
         if found is not None:
             entry, body = found
             if entry.is_fresh(now):
-                result = "negative" if entry.negative else "hit"
+                result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
                 self._maybe_refresh(ex, res, entry, now)
                 return self._serve(ex, res, entry, body, result,
                                    cache_status(result, ttl=entry.ttl_left(now)))
@@ -87,15 +96,20 @@ class Pipeline:
             entry, body = None, None
         job, leader = self._job_for(ex, res, entry)
         outcome = await asyncio.shield(job.outcome)
+        if not leader and not _reusable_for(res, outcome, lower):
+            # RFC 9111: what the leader's request got is not this client's (private, Set-Cookie,
+            # another Vary variant): fetch its own
+            return await self._forward(ex, res)
         return await self._answer(ex, res, outcome, entry, body, collapsed=not leader, job=job)
 
     # -- the cache's answers -------------------------------------------------------------------
     def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],
-               result: str, status_value: str) -> Response:
+               result: CacheResult, status_value: str) -> Response:
         self._count(ex, res, result)
-        self._note_artifact(res, entry, stale=result == "stale")
+        self._note_artifact(res, entry, stale=result == CacheResult.STALE)
         try:
-            return response_from_entry(ex, entry, body, self.blobs, status_value, self.chunk_size)
+            return response_from_entry(ex, entry, body, self.blobs, status_value, self.chunk_size,
+                                       now=self.clock())
         except LookupError:
             # the blob went away between lookup and pin: answer as a miss next time
             asyncio.get_running_loop().create_task(self.entries.delete(entry.key))
@@ -104,57 +118,65 @@ class Pipeline:
     async def _answer(self, ex: Exchange, res: Resource, outcome: Outcome, stale: Optional[Entry],
                       stale_body: Optional[bytes], collapsed: bool,
                       job: Optional[FetchJob] = None) -> Response:
-        if outcome.kind == "fill":
-            self._count(ex, res, "coalesced" if collapsed else "miss")
+        now = self.clock()
+        if outcome.kind == OutcomeKind.FILL:
+            self._count(ex, res, CacheResult.COALESCED if collapsed else CacheResult.MISS)
             ex.notes["upstream_status"] = outcome.fwd_status
-            value = cache_status("miss", fwd_status=outcome.fwd_status, stored=True,
+            value = cache_status(CacheResult.MISS, fwd_status=outcome.fwd_status, stored=True,
                                  collapsed=collapsed)
-            chunks = self._follow_or_finish_upstream(job, outcome.fill) if job else None
+            # the reader follows the fill from now on (a pass-through waits for it), closed by
+            # the body even if the proxy never starts sending it
+            reader = outcome.fill.follow() if ex.method != "HEAD" and job else None
+            chunks = self._follow_or_finish_upstream(job, outcome.fill, reader) if reader else None
             return response_from_fill(ex, outcome.status, outcome.headers, outcome.fill, value,
-                                      chunks)
-        if outcome.kind == "entry":
+                                      chunks, on_close=reader.aclose if reader else None)
+        if outcome.kind == OutcomeKind.ENTRY:
             entry = outcome.entry
             body = stale_body if stale is entry else None
-            return self._serve(ex, res, entry, body, "revalidated",
-                               cache_status("revalidated", fwd_status=304,
-                                            ttl=entry.ttl_left(), collapsed=collapsed))
+            return self._serve(ex, res, entry, body, CacheResult.REVALIDATED,
+                               cache_status(CacheResult.REVALIDATED, fwd_status=304,
+                                            ttl=entry.ttl_left(now), collapsed=collapsed))
         # The upstream gave no storable answer: serve stale if allowed.
-        failed_status = outcome.status if outcome.kind in ("bytes", "stream") else None
-        upstream_failed = outcome.kind == "error" or failed_status in _STALE_ON_STATUS or (
+        failed_status = (outcome.status if outcome.kind in (OutcomeKind.BYTES, OutcomeKind.STREAM)
+                         else None)
+        upstream_failed = (outcome.kind == OutcomeKind.ERROR
+                           or failed_status in _STALE_ON_STATUS) or (
             # GitHub's rate limits: 403 with X-RateLimit-Remaining: 0 (primary) or with
             # Retry-After (secondary; 429s are covered above)
             failed_status == 403 and (outcome.headers.get("X-RateLimit-Remaining") == "0"
                                       or "Retry-After" in outcome.headers))
-        if stale is not None and upstream_failed and stale.staleness() <= res.max_stale:
-            if outcome.kind == "stream" and outcome.response is not None and not outcome.taken:
+        if stale is not None and upstream_failed and stale.staleness(now) <= res.max_stale:
+            if (outcome.kind == OutcomeKind.STREAM and outcome.response is not None
+                    and not outcome.taken):
                 outcome.taken = True
                 await outcome.response.release()
             why = outcome.error.reason if outcome.error else f"upstream {failed_status}"
             log.warning("serving_stale", key=res.cache_key, host=ex.host, why=why,
-                        stale_for=round(stale.staleness()))
-            return self._serve(ex, res, stale, stale_body, "stale",
-                               cache_status("stale", ttl=stale.ttl_left(), detail="stale",
+                        stale_for=round(stale.staleness(now)))
+            return self._serve(ex, res, stale, stale_body, CacheResult.STALE,
+                               cache_status(CacheResult.STALE, ttl=stale.ttl_left(now),
+                                            detail="stale",
                                             fwd_status=failed_status))
         if upstream_failed and res.kind == "oci_auth":
             offline = offline_auth_response(ex, res, self.cfg)
             if offline is not None:
-                self._count(ex, res, "error")
+                self._count(ex, res, CacheResult.ERROR)
                 return offline
-        if outcome.kind == "error":
-            self._count(ex, res, "error")
+        if outcome.kind == OutcomeKind.ERROR:
+            self._count(ex, res, CacheResult.ERROR)
             err = outcome.error
-            headers = {"Cache-Status": cache_status("miss", detail=err.reason)}
+            headers = {"Cache-Status": cache_status(CacheResult.MISS, detail=err.reason)}
             if err.retry_after:
                 headers["Retry-After"] = str(max(1, int(round(err.retry_after))))
             ex.notes["upstream_error"] = err.reason
             return error_response(err.status, f"trivy-gateway: {err.message}",
                                   reason=_reason_phrase(err), headers=headers)
-        self._count(ex, res, "coalesced" if collapsed else "miss")
+        self._count(ex, res, CacheResult.COALESCED if collapsed else CacheResult.MISS)
         headers = CIMultiDict(outcome.headers)
-        headers["Cache-Status"] = cache_status("miss", fwd_status=outcome.status,
+        headers["Cache-Status"] = cache_status(CacheResult.MISS, fwd_status=outcome.status,
                                                collapsed=collapsed)
         ex.notes["upstream_status"] = outcome.status
-        if outcome.kind == "bytes":
+        if outcome.kind == OutcomeKind.BYTES:
             body = BytesBody(outcome.body) if ex.method != "HEAD" else BytesBody(b"")
             return Response(outcome.status, headers, body, source="upstream")
         if not outcome.taken and outcome.response is not None:
@@ -164,20 +186,22 @@ class Pipeline:
                             source="upstream")
         return await self._forward(ex, res)  # the single stream was taken: fetch our own
 
-    async def _follow_or_finish_upstream(self, job: FetchJob, fill: Fill) -> AsyncIterator[bytes]:
+    async def _follow_or_finish_upstream(self, job: FetchJob, fill: Fill,
+                                         reader: FillReader) -> AsyncIterator[bytes]:
         """Stream a fill; if the *disk* fails mid-way, fetch the rest from the upstream.
 
         A full disk must not fail a client while the upstream is healthy: each follower asks
-        for the remaining bytes with ``Range`` (nothing is stored; clients verify digests).
+        for the remaining bytes with ``Range`` (nothing is stored; clients verify digests). The
+        same for a follower that fell behind a pass-through (a body too large to store).
         """
         pos = 0
         try:
-            async for chunk in fill.follow():
+            async for chunk in reader:
                 pos += len(chunk)
                 yield chunk
             return
-        except FillFailed:
-            if not isinstance(fill.error, StoreFull):
+        except FillFailed as exc:
+            if not isinstance(fill.error, StoreFull) and not isinstance(exc, PassThroughGap):
                 raise
         log.warning("cache_store_failed_finishing_from_upstream", key=job.key, offset=pos)
         req = job.request_for_remainder(pos)
@@ -214,7 +238,7 @@ class Pipeline:
                        self.upstream.record_failover, ex.authority,
                        on_stored=lambda entry: self._note_artifact(res, entry, stale=False),
                        deadline=asyncio.get_running_loop().time()
-                       + self.settings.upstream.retry.deadline)
+                       + self.settings.upstream.retry.deadline, clock=self.clock)
         self._jobs[res.cache_key] = job
         task = asyncio.get_running_loop().create_task(job.run(), name=f"fetch {res.cache_key}")
         job.task = task
@@ -248,24 +272,24 @@ class Pipeline:
             headers.popall("Authorization", None)
         req = UpstreamRequest(ex.method, ex.url, headers, body=ex.body, kind=res.kind,
                               registry_auth=registry_auth)
-        self._count(ex, res, "bypass")
+        self._count(ex, res, CacheResult.BYPASS)
         try:
             resp = await self.upstream.request(req)
         except UpstreamError as err:
             ex.notes["upstream_error"] = err.reason
-            extra = {"Cache-Status": cache_status("bypass", detail=err.reason)}
+            extra = {"Cache-Status": cache_status(CacheResult.BYPASS, detail=err.reason)}
             if err.retry_after:
                 extra["Retry-After"] = str(max(1, int(round(err.retry_after))))
             return error_response(err.status, f"trivy-gateway: {err.message}",
                                   reason=_reason_phrase(err), headers=extra)
         ex.notes["upstream_status"] = resp.status
         out = CIMultiDict(storable_headers(resp.headers))
-        out["Cache-Status"] = cache_status("bypass", fwd_status=resp.status)
+        out["Cache-Status"] = cache_status(CacheResult.BYPASS, fwd_status=resp.status)
         return Response(resp.status, out, _upstream_body(resp, ex.method), reason=resp.reason,
                         source="upstream")
 
     # -- helpers ----------------------------------------------------------------------------
-    def _count(self, ex: Exchange, res: Resource, result: str) -> None:
+    def _count(self, ex: Exchange, res: Resource, result: CacheResult) -> None:
         ex.notes["cache"] = result
         self.results[result] = self.results.get(result, 0) + 1
         key = (self.metrics.host_label(ex.authority), res.kind, result)
@@ -280,7 +304,8 @@ class Pipeline:
                             and not res.reference.startswith("sha256:")
                             or res.kind == "github" and entry.status == 200):
             return
-        age = max(0.0, time.time() - entry.validated_at)
+        now = self.clock()
+        age = max(0.0, now - entry.validated_at)
         self.metrics.artifact_age.labels(name).set(age)
         self.artifacts[name] = {
             "artifact": name,
@@ -290,7 +315,7 @@ class Pipeline:
             "size": entry.meta.get("layer_size") or entry.body_size,
             "fetched_at": entry.validated_at,
             "age_seconds": age,
-            "stale": stale or not entry.is_fresh(),
+            "stale": stale or not entry.is_fresh(now),
         }
 
     async def close(self) -> None:
@@ -298,6 +323,21 @@ class Pipeline:
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _sent_fields(lower: Mapping[str, str]) -> dict[str, str]:
+    """The client's request fields as a cacheable fetch sends them upstream (the fields the
+    gateway sets itself, e.g. Accept-Encoding, are the same for every client)."""
+    return {k: v for k, v in lower.items() if k not in _OWN_FIELDS}
+
+
+def _reusable_for(res: Resource, outcome: Outcome, lower: Mapping[str, str]) -> bool:
+    """May a coalesced client be given the answer to the leader's request?"""
+    if res.kind not in RFC9111_KINDS or outcome.kind == OutcomeKind.ERROR:
+        return True
+    if not outcome.shareable:
+        return False
+    return not outcome.vary or variant_matches(outcome.vary, _sent_fields(lower))
 
 
 def _reason_phrase(err: UpstreamError) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from multidict import CIMultiDict
 
 from ..exchange import BytesBody, Exchange, Response
+from ..observability.metrics import CacheResult
 from ..resources import Resource
 from ..settings import CacheSettings
 from .serve import cache_status
@@ -32,7 +33,7 @@ def offline_auth_response(ex: Exchange, res: Resource, cfg: CacheSettings) -> Op
     registry = ex.authority
     if registry not in cfg.oci.registries or ex.method not in ("GET", "HEAD"):
         return None
-    status_value = cache_status("miss", detail="offline-auth")
+    status_value = cache_status(CacheResult.MISS, detail="offline-auth")
     if ex.path in ("/v2/", "/v2"):
         challenge = (f'Bearer realm="https://{registry}{OFFLINE_TOKEN_PATH}",'
                      f'service="{registry}"')
@@ -64,5 +65,6 @@ def public_token_response(ex: Exchange, cfg: CacheSettings,
     body = json.dumps({"token": GATEWAY_TOKEN, "access_token": GATEWAY_TOKEN,
                        "expires_in": 300}).encode()
     headers = CIMultiDict({"Content-Type": "application/json", "Cache-Control": "no-store",
-                           "Cache-Status": status_value or cache_status("hit", detail="gateway-token")})
+                           "Cache-Status": status_value
+                           or cache_status(CacheResult.HIT, detail="gateway-token")})
     return Response(200, headers, BytesBody(body), source="gateway")

@@ -8,13 +8,14 @@ with ``If-Range``), HEAD, and for OCI blobs the registry headers (``Docker-Conte
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from multidict import CIMultiDict
 
 from ..cache import BlobStore, Entry, Fill
 from ..exchange import (Body, BytesBody, EmptyBody, Exchange, FileBody, InvalidHeader, Response,
                         StreamBody, header_line)
+from ..observability.metrics import CacheResult
 
 CACHE_NAME = "trivy-gateway"
 
@@ -26,16 +27,16 @@ NOT_STORED = frozenset({
 })
 
 
-def cache_status(kind: str, *, ttl: Optional[float] = None, fwd_status: Optional[int] = None,
-                 detail: Optional[str] = None, stored: bool = False,
-                 collapsed: bool = False) -> str:
+def cache_status(kind: CacheResult, *, ttl: Optional[float] = None,
+                 fwd_status: Optional[int] = None, detail: Optional[str] = None,
+                 stored: bool = False, collapsed: bool = False) -> str:
     """An RFC 9211 Cache-Status member for this gateway."""
     parts = [CACHE_NAME]
-    if kind in ("hit", "stale", "negative"):
+    if kind in (CacheResult.HIT, CacheResult.STALE, CacheResult.NEGATIVE):
         parts.append("hit")
-    elif kind == "revalidated":
+    elif kind == CacheResult.REVALIDATED:
         parts.append("fwd=stale")
-    elif kind == "bypass":
+    elif kind == CacheResult.BYPASS:
         parts.append("fwd=bypass")
     else:
         parts.append("fwd=uri-miss")
@@ -116,9 +117,11 @@ def entry_headers(entry: Entry, now: float) -> CIMultiDict:
 
 
 def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs: BlobStore,
-                        status_value: str, chunk_size: int = 256 * 1024) -> Response:
-    """Answer ``ex`` from a stored entry (hit, stale, negative, revalidated)."""
-    now = time.time()
+                        status_value: str, chunk_size: int = 256 * 1024,
+                        now: Optional[float] = None) -> Response:
+    """Answer ``ex`` from a stored entry (hit, stale, negative, revalidated); ``now``: the
+    pipeline's clock (for ``Age``)."""
+    now = time.time() if now is None else now
     headers = entry_headers(entry, now)
     headers["Cache-Status"] = status_value
     status = entry.status
@@ -191,15 +194,17 @@ def _entry_body(entry: Entry, body: Optional[bytes], blobs: BlobStore, start: in
 
 
 def response_from_fill(ex: Exchange, status: int, headers: CIMultiDict, fill: Fill,
-                       status_value: str, chunks: Optional[AsyncIterator[bytes]] = None) -> Response:
+                       status_value: str, chunks: Optional[AsyncIterator[bytes]] = None,
+                       on_close: Optional[Callable[[], Awaitable[None]]] = None) -> Response:
     """Answer from a fill still being written (the miss leader and coalesced followers).
 
     ``chunks`` replaces ``fill.follow()`` when the caller wraps it (e.g. to finish from the
-    upstream if the disk fails mid-fill)."""
+    upstream if the disk fails mid-fill); ``on_close`` then releases what it wraps."""
     h = CIMultiDict(headers)
     h["Cache-Status"] = status_value
     length = fill.expected_size
     if ex.method == "HEAD":
         return Response(status, h, HeadBody(length) if length is not None else EmptyBody(),
                         source="upstream")
-    return Response(status, h, StreamBody(chunks or fill.follow(), length), source="upstream")
+    return Response(status, h, StreamBody(chunks or fill.follow(), length, on_close=on_close),
+                    source="upstream")

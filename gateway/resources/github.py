@@ -5,6 +5,9 @@ github.com to codeload.github.com) is cached as the redirect itself, so Trivy fo
 the gateway and the archive bytes are cached under codeload's URL. api.github.com answers vary
 by ``Accept`` and API version, which are part of the key. Requests carrying their own
 credentials are passed through (a token's view of a private repository is not shareable).
+Responses are held to RFC 9111 like any other host (``private``, ``no-store``, ``Set-Cookie``
+and ``Vary``: :func:`~gateway.resources.generic.github_ttl`), only the lifetime is the
+operator's.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from ..settings import CacheSettings
 from .model import Resource
 
 
-def classify_github(method: str, host: str, path: str, query: str, headers: Mapping[str, str],
-                    cfg: CacheSettings) -> Optional[Resource]:
+def classify_github(method: str, scheme: str, host: str, path: str, query: str,
+                    headers: Mapping[str, str], cfg: CacheSettings) -> Optional[Resource]:
     gh = cfg.github
     if host not in gh.hosts:
         return None
@@ -29,6 +32,6 @@ def classify_github(method: str, host: str, path: str, query: str, headers: Mapp
     target = path + ("?" + query if query else "")
     artifact = "vex_hub" if "vexhub" in path and (host == "codeload.github.com"
                                                    or "/archive/" in path) else None
-    return Resource("github", cache_key=f"github|{host}{target}{vary}", ttl=gh.ttl,
+    return Resource("github", cache_key=f"github|{scheme}://{host}{target}{vary}", ttl=gh.ttl,
                     max_stale=cfg.stale_limit("github"), artifact=artifact,
                     cacheable_statuses=(200, 301, 302, 307, 308))

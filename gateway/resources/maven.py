@@ -25,7 +25,7 @@ def _repositories(repositories: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 @lru_cache(maxsize=4096)
-def _file_resource(host: str, path: str, metadata_ttl: float, snapshot_ttl: float,
+def _file_resource(scheme: str, host: str, path: str, metadata_ttl: float, snapshot_ttl: float,
                    negative_ttl: Optional[float], max_stale: float) -> Resource:
     """The Resource of a plain GET/HEAD of one repository file. Memoised: a scan asks for the
     same POMs again and again, and building the frozen dataclass was most of classify's cost on
@@ -37,12 +37,12 @@ def _file_resource(host: str, path: str, metadata_ttl: float, snapshot_ttl: floa
         ttl = snapshot_ttl
     else:
         ttl = IMMUTABLE
-    return Resource("maven", cache_key=f"maven|{host}{path}", ttl=ttl, negative_ttl=negative_ttl,
-                    max_stale=max_stale, cacheable_statuses=(200,))
+    return Resource("maven", cache_key=f"maven|{scheme}://{host}{path}", ttl=ttl,
+                    negative_ttl=negative_ttl, max_stale=max_stale, cacheable_statuses=(200,))
 
 
-def classify_maven(method: str, host: str, path: str, query: str, headers: Mapping[str, str],
-                   cfg: CacheSettings) -> Optional[Resource]:
+def classify_maven(method: str, scheme: str, host: str, path: str, query: str,
+                   headers: Mapping[str, str], cfg: CacheSettings) -> Optional[Resource]:
     mv = cfg.maven
     for rhost, prefix in _repositories(mv.repositories):
         if host != rhost or not path.startswith(prefix):
@@ -51,6 +51,6 @@ def classify_maven(method: str, host: str, path: str, query: str, headers: Mappi
             return Resource("maven", note="not a plain file GET")
         if "authorization" in headers:
             return Resource("maven", note="request carries credentials")
-        return _file_resource(host, path, mv.metadata_ttl, mv.snapshot_ttl, mv.negative_ttl,
+        return _file_resource(scheme, host, path, mv.metadata_ttl, mv.snapshot_ttl, mv.negative_ttl,
                               cfg.stale_limit("maven"))
     return None

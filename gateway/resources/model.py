@@ -8,9 +8,36 @@ tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from enum import StrEnum
+from typing import Iterable, Mapping, Optional
 
 IMMUTABLE = float("inf")
+
+
+class Scheme(StrEnum):
+    """The scheme the gateway *fetches* the resource with, part of every cache key.
+
+    Why: content fetched over plain HTTP (which anyone on the path can forge) must never answer
+    a request the gateway fetches over HTTPS. The mirror front door serves plain-HTTP clients but
+    fetches upstream over HTTPS, so the key follows the upstream URL, not the client connection.
+    """
+
+    HTTPS = "https"
+    HTTP = "http"
+
+
+def fold_fields(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header fields → {lower-case name: value}, repeated lines combined with ", ".
+
+    RFC 9110 §5.3: a recipient may combine repeated field lines into one comma-separated value;
+    reading only the last line lets ``Cache-Control: no-store`` followed by
+    ``Cache-Control: max-age=600`` be stored. (``Set-Cookie`` is not a list, but only its
+    presence matters here.)"""
+    out: dict[str, str] = {}
+    for k, v in items:
+        name = k.lower()
+        out[name] = f"{out[name]}, {v}" if name in out else v
+    return out
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,14 @@ class Settings:
         return Path(self.server.data_dir)
 
     def validate(self, path: str) -> None:
-        """Cross-section checks: the mirror door only names upstreams the cache understands."""
-        if self.server.mirror_listen and not self.cache.enabled:
+        """Cross-section checks: the mirror door only names upstreams the cache understands.
+
+        Checked only when the door is on: the embedded ``mirror`` routes must not turn an
+        operator's own ``cache.oci.public_repositories`` list (lists replace) into an error
+        about a door they never opened."""
+        if not self.server.mirror_listen:
+            return
+        if not self.cache.enabled:
             raise ConfigError("server.mirror_listen", "the mirror door needs cache.enabled: it "
                               "serves what the cache fetches with the gateway's own credentials")
         oci = self.cache.oci

@@ -79,6 +79,10 @@ class CacheSettings:
     max_size: ByteSize = ByteSize(20 * 1024**3)
     #: keep at least this much free on the filesystem; below it new fills are not stored
     min_free_space: ByteSize = ByteSize(512 * 1024**2)
+    #: the largest body stored, as a share of max_size (0 < share <= 1): a larger one is served
+    #: without being stored, and a fill of unknown length stops being stored when it passes it,
+    #: so one object never evicts (nearly) everything else
+    max_object_share: float = 0.5
     #: how long past expiry content may still be served when the upstream fails, per kind
     max_stale: dict[str, Duration] = field(default_factory=dict)
     memory: MemoryFrontSettings = MemoryFrontSettings()
@@ -87,6 +91,15 @@ class CacheSettings:
     github: GitHubSettings = GitHubSettings()
     #: RFC 9111 caching for other intercepted hosts (shared cache; private/no-store respected)
     generic: bool = True
+
+    def validate(self, path: str) -> None:
+        if not 0 < self.max_object_share <= 1:
+            raise ConfigError(f"{path}.max_object_share",
+                              f"must be a share of max_size in (0, 1], got {self.max_object_share}")
+
+    @property
+    def max_object_size(self) -> int:
+        return int(self.max_size * self.max_object_share)
 
     def stale_limit(self, kind: str) -> float:
         return float(self.max_stale.get(kind) or self.max_stale.get("default") or 7 * 86400)

@@ -40,5 +40,8 @@ class RuleSettings:
 class PolicySettings:
     #: first matching rule wins; no match → deny
     rules: tuple[RuleSettings, ...] = ()
-    #: allow plain-HTTP absolute-form requests (HTTP_PROXY) to hosts an intercept rule allows on port 80
-    allow_plain_http: bool = True
+    #: allow plain-HTTP absolute-form requests (HTTP_PROXY) to hosts an intercept rule allows on
+    #: port 80. Off: Trivy never uses plain HTTP, and anyone on the path to port 80 can forge what
+    #: comes back (the cache keeps it apart from HTTPS content either way: the scheme is in every
+    #: key). A rule that lists port 80 in ``ports`` allows it for that host regardless.
+    allow_plain_http: bool = False
