@@ -30,7 +30,7 @@ import re
 import ssl
 import time
 from dataclasses import replace
-from typing import AsyncIterator, Optional
+from typing import AsyncIterable, AsyncIterator, Optional
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -43,13 +43,14 @@ from ..settings import UpstreamSettings
 from .circuit import CircuitBreaker, CircuitOpen
 from .credentials import CredentialStore
 from .failover import Failover
+from .failure import AttemptFailed, classify, client_body_error, describe
 from .limiter import HostLimiter, LimiterFull, LimiterTimeout
 from .registry_auth import RegistryTokens, TokenFailed
 from .resolver import AddressGuard, GuardRefused, OverrideResolver, is_ip
 from .retry_after import (parse_retry_after_body, parse_retry_after_header,
                           rate_limit_reset_in)
 from .tunnel import open_tunnel
-from .types import UpstreamError, UpstreamRequest, UpstreamResponse
+from .types import Reason, UpstreamError, UpstreamRequest, UpstreamResponse
 
 log = get_logger("gateway.upstream")
 
@@ -60,12 +61,22 @@ RATE_LIMIT_STATUSES = frozenset({403, 429})
 #: a redirect target (another host) answering one of these makes the origin be asked once more
 REASK_STATUSES = frozenset({401, 403, 404, 410})
 MAX_REDIRECTS = 5
+#: per-host state kept for hosts not named in the configuration (idle ones beyond are forgotten)
+MAX_TRACKED_HOSTS = 256
+#: the /api/status entry that stands for every host not named in the configuration
+OTHER = "other"
+_STATE_RANK = {"closed": 0, "half_open": 1, "open": 2}
+_SUMMED = ("queue_depth", "in_flight", "requests", "responses", "errors", "retries", "resumed",
+           "queue_rejected", "queue_timeouts", "opened_count")
 #: error bodies of retryable statuses are read up front (Retry-After hints, retries) up to this
 ERROR_BODY_LIMIT = 64 * 1024
-#: request headers never passed on (the session computes them, or they are hop-by-hop)
+#: request headers never passed on (the session computes them, or they are hop-by-hop).
+#: ``Expect: 100-continue`` is answered by the proxy towards the client; passed on, aiohttp would
+#: hold the body back until the upstream sends 100, and one that never does hangs to the deadline
 _DROP_REQUEST_HEADERS = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive",
     "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade",
+    "expect",
 })
 #: aiohttp would add these itself; the gateway passes the client's own (or none)
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -109,16 +120,79 @@ class _HostState:
         self.retries = 0
         self.resumes = 0
 
+    def idle(self) -> bool:
+        """Nothing here is worth keeping: no request in flight or waiting, a quiet circuit."""
+        lim, br = self.limiter, self.breaker
+        return (lim.in_flight == 0 and lim.queue_depth == 0 and br.state == "closed"
+                and br.failures == 0)
+
+    def health(self) -> dict:
+        info = self.breaker.snapshot()
+        lim = self.limiter
+        info.update({
+            "rate": round(lim.current_rate(), 4),
+            "configured_rate": lim.cfg.rate,
+            "queue_depth": lim.queue_depth,
+            "in_flight": lim.in_flight,
+            "max_concurrency": lim.cfg.max_concurrency,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "last_seconds_ago": (round(time.monotonic() - self.last_at, 1)
+                                 if self.last_at else None),
+            "requests": self.requests, "responses": self.responses, "errors": self.errors,
+            "retries": self.retries, "resumed": self.resumes,
+            "queue_rejected": lim.rejected_full, "queue_timeouts": lim.timed_out,
+        })
+        return info
+
+
+def fold_health(entries: list[dict]) -> dict:
+    """One health record for many unconfigured hosts: counters summed, the worst circuit, the
+    most recent status and error; ``hosts`` and ``open_circuits`` say how many stand behind it."""
+    worst = max(entries, key=lambda e: (_STATE_RANK.get(e["state"], 0),
+                                        e["remaining_seconds"] or 0.0))
+    recent = min(entries, key=lambda e: (e["last_seconds_ago"] is None,
+                                         e["last_seconds_ago"] or 0.0))
+    out = {k: worst[k] for k in ("state", "remaining_seconds", "open_until", "why")}
+    out.update({k: sum(e[k] for e in entries) for k in _SUMMED})
+    out.update({
+        "consecutive_failures": max(e["consecutive_failures"] for e in entries),
+        "rate": None, "configured_rate": None, "max_concurrency": None,
+        "last_status": recent["last_status"], "last_error": recent["last_error"],
+        "last_seconds_ago": recent["last_seconds_ago"],
+        "hosts": len(entries),
+        "open_circuits": sum(1 for e in entries if e["state"] != "closed"),
+    })
+    return out
+
+
+class _UploadBody:
+    """A request body passed through to aiohttp, remembering whether the client finished it."""
+
+    def __init__(self, source: AsyncIterable[bytes]) -> None:
+        self._it = source.__aiter__()
+        self.finished = False
+
+    def __aiter__(self) -> "_UploadBody":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            self.finished = True
+            raise
+
 
 class _Response(UpstreamResponse):
     """What :meth:`UpstreamClient.request` returns: head + body stream (buffered or live)."""
 
     def __init__(self, client: "UpstreamClient", st: _HostState, resp: aiohttp.ClientResponse,
-                 url: URL, hop_headers: CIMultiDict) -> None:
+                 url: URL, hop_headers: CIMultiDict, *, slot_held: bool = True) -> None:
         self._client = client
         self._st = st
         self._resp: Optional[aiohttp.ClientResponse] = resp
-        self._slot_held = True
+        self._slot_held = slot_held
         self.status = resp.status
         self.reason = resp.reason or ""
         self.headers = resp.headers
@@ -286,19 +360,15 @@ class UpstreamClient:
         ctx.set_alpn_protocols(["http/1.1"])
         return ctx
 
-    def _per_host_cap(self) -> int:
-        caps = [lim.max_concurrency for lim in self.settings.limits.values()]
-        if "default" not in self.settings.limits:
-            caps.append(self.settings.limit_for("\0").max_concurrency)
-        return max(caps or [16])
-
     async def start(self) -> None:
         if self._session is not None:
             return
         s = self.settings
         self._ssl = self._ssl_context()
         connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=self._per_host_cap(), ssl=self._ssl, resolver=self.resolver,
+            # per-host concurrency of fetches is the limiter's; uploads take no limiter slot and
+            # must not queue in the connector behind (or in front of) fetches either
+            limit=0, limit_per_host=0, ssl=self._ssl, resolver=self.resolver,
             use_dns_cache=float(s.dns_cache_ttl) > 0,
             ttl_dns_cache=float(s.dns_cache_ttl) if float(s.dns_cache_ttl) > 0 else None,
             keepalive_timeout=float(s.keepalive_timeout))
@@ -324,35 +394,43 @@ class UpstreamClient:
     # -- status ---------------------------------------------------------------------------------
     def _host(self, host: str) -> _HostState:
         host = host.lower()
-        st = self._hosts.get(host)
+        st = self._hosts.pop(host, None)
         if st is None:
-            st = self._hosts[host] = _HostState(host, self)
+            st = _HostState(host, self)
+        self._hosts[host] = st          # most recently used last
+        if len(self._hosts) > MAX_TRACKED_HOSTS:
+            self._evict_idle()
         return st
+
+    def _evict_idle(self) -> None:
+        """Forget the least recently used hosts that are not configured and have nothing to
+        remember: no request in flight or queued, circuit closed without failures. A wildcard
+        rule (``*.suffix``) would otherwise keep a limiter and a breaker per name forever."""
+        excess = len(self._hosts) - MAX_TRACKED_HOSTS
+        for host in list(self._hosts):      # oldest first; bounded by the number of hosts
+            if excess <= 0:
+                return
+            st = self._hosts[host]
+            if st.label == host or not st.idle():
+                continue
+            del self._hosts[host]
+            excess -= 1
 
     def circuit_remaining(self, host: str) -> Optional[float]:
         st = self._hosts.get(host.lower())
         return st.breaker.remaining() if st else None
 
     def health(self) -> dict[str, dict]:
-        out = {}
+        """Per configured host; every other host (wildcard rules) folded into ``"other"``."""
+        out: dict[str, dict] = {}
+        others: list[_HostState] = []
         for host, st in sorted(self._hosts.items()):
-            info = st.breaker.snapshot()
-            lim = st.limiter
-            info.update({
-                "rate": round(lim.current_rate(), 4),
-                "configured_rate": lim.cfg.rate,
-                "queue_depth": lim.queue_depth,
-                "in_flight": lim.in_flight,
-                "max_concurrency": lim.cfg.max_concurrency,
-                "last_status": st.last_status,
-                "last_error": st.last_error,
-                "last_seconds_ago": (round(time.monotonic() - st.last_at, 1)
-                                     if st.last_at else None),
-                "requests": st.requests, "responses": st.responses, "errors": st.errors,
-                "retries": st.retries, "resumed": st.resumes,
-                "queue_rejected": lim.rejected_full, "queue_timeouts": lim.timed_out,
-            })
-            out[host] = info
+            if st.label == host:
+                out[host] = st.health()
+            else:
+                others.append(st)
+        if others:
+            out[OTHER] = fold_health([st.health() for st in others])
         return out
 
     # -- failover helpers (for the cache layer) -------------------------------------------------
@@ -448,6 +526,12 @@ class UpstreamClient:
                 break
             if new.scheme not in ("http", "https") or not new.host:
                 break
+            if url.scheme == "https" and new.scheme == "http":
+                await resp.release()
+                raise UpstreamError(
+                    Reason.INSECURE_REDIRECT, url.host or "",
+                    f"{_safe_url(url)} redirected to plain http ({_safe_url(new)}); the gateway "
+                    "does not follow a redirect from https to http", status=502)
             if resp.status in (307, 308) and body is not None:
                 break  # a streamed body cannot be sent twice: hand the redirect to the caller
             await resp.release()
@@ -491,10 +575,15 @@ class UpstreamClient:
         hop_headers = CIMultiDict(headers)
         if "User-Agent" not in hop_headers and self.settings.user_agent_suffix:
             hop_headers["User-Agent"] = self.settings.user_agent_suffix
-        if inject and "Authorization" not in hop_headers:
+        if url.scheme != "https":
+            # credentials never travel in cleartext: neither the configured ones nor a client's
+            if hop_headers.popall("Authorization", None):
+                log.info("upstream_plain_http_authorization_dropped", host=host)
+        elif inject and "Authorization" not in hop_headers:
             cred = self.credentials.authorization(host)
             if cred:
                 hop_headers["Authorization"] = cred
+        upload = _UploadBody(body) if body is not None else None
         if is_ip(host):
             why = self.resolver.check_literal(host)
             if why:
@@ -510,8 +599,8 @@ class UpstreamClient:
                 raise UpstreamError("circuit_open", host, co.message, status=co.status,
                                     retry_after=max(1.0, co.remaining)) from None
             try:
-                resp = await self._attempt(st, method, url, hop_headers, body, deadline)
-            except _AttemptFailed as af:
+                resp = await self._attempt(st, method, url, hop_headers, upload, deadline)
+            except AttemptFailed as af:
                 final = (af.reason == "deadline" or not af.retryable or probe
                          or attempt + 1 >= attempts)
                 cut_by_deadline = af.reason == "deadline"
@@ -550,7 +639,7 @@ class UpstreamClient:
                 raise
 
             # a response head arrived
-            r = _Response(self, st, resp, url, hop_headers)
+            r = _Response(self, st, resp, url, hop_headers, slot_held=upload is None)
             try:
                 outcome = await self._judge(st, r, attempt, attempts, idempotent, probe,
                                             deadline, kind)
@@ -644,33 +733,24 @@ class UpstreamClient:
         log.info("upstream_retry", host=st.host, reason=reason, attempt=attempt + 1,
                  delay=round(delay, 3), retry_after=retry_after, url=_safe_url(url))
 
-    async def _attempt(self, st: _HostState, method: str, url: URL, headers: CIMultiDict, body,
-                       deadline: float) -> aiohttp.ClientResponse:
-        """One try: limiter slot, then the request; returns the live response (slot held)."""
+    async def _attempt(self, st: _HostState, method: str, url: URL, headers: CIMultiDict,
+                       body: Optional["_UploadBody"], deadline: float) -> aiohttp.ClientResponse:
+        """One try: limiter slot, then the request; returns the live response (slot held).
+
+        A request with a body (an upload passed through for a client; Trivy never uploads to
+        its hosts) takes no slot of the host's limiter: a client trickling its body must not
+        hold the fetch slots every scanner depends on. Uploads are bounded by the proxy's
+        connection limits instead."""
         assert self._session is not None
         loop = asyncio.get_running_loop()
         host = st.host
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise _AttemptFailed("deadline", f"deadline passed before a request to {host} "
-                                 "could be sent", 504, False, upstream_fault=False)
-        qt = float(st.limiter.cfg.queue_timeout)
-        try:
-            waited = await st.limiter.acquire(min(qt, remaining))
-        except LimiterFull:
-            raise UpstreamError(
-                "queue_full", host, f"too many requests waiting for {host} "
-                f"({st.limiter.cfg.queue_size} queued); try again shortly", status=503,
-                retry_after=1.0) from None
-        except LimiterTimeout:
-            if qt < remaining:
-                raise UpstreamError(
-                    "queue_timeout", host, f"waited {qt:.1f}s for a free slot to {host} "
-                    f"(rate {st.limiter.rate:.2f}/s, {st.limiter.cfg.max_concurrency} at a time)",
-                    status=503, retry_after=1.0) from None
-            raise _AttemptFailed("deadline", f"deadline reached while queued for {host}",
-                                 504, False, upstream_fault=False) from None
-        self.metrics.upstream_queue_wait.labels(host=st.label).observe(waited)
+            raise AttemptFailed(Reason.DEADLINE, f"deadline passed before a request to {host} "
+                                "could be sent", 504, False, upstream_fault=False)
+        if body is None:
+            waited = await self._acquire_slot(st, remaining)
+            self.metrics.upstream_queue_wait.labels(host=st.label).observe(waited)
         use_proxy = (self._proxy and self.resolver.override_for(host, url.port) is None
                      and not self.settings.parent_proxy.bypasses(host))
         t0 = loop.time()
@@ -682,10 +762,19 @@ class UpstreamClient:
                     proxy=self._proxy if use_proxy else None,
                     proxy_headers=self._proxy_headers if use_proxy else None)
         except BaseException as exc:
-            st.limiter.release()
+            if body is None:
+                st.limiter.release()
             if isinstance(exc, asyncio.CancelledError) and not cm.expired():
                 raise
-            failed = _classify(exc, host, cm.expired(), deadline - t0)
+            failed = classify(exc, host, cm.expired(), deadline - t0)
+            if body is not None and not body.finished and failed.reason in (
+                    Reason.DEADLINE, Reason.TIMEOUT):
+                # the client never finished sending: whose stall it was cannot be told
+                failed.upstream_fault = False
+            if not failed.upstream_fault:
+                log.info("upstream_request_abandoned", host=host, reason=failed.reason,
+                         error=failed.message, url=_safe_url(url))
+                raise failed from None
             st.errors += 1
             st.last_error = failed.message
             st.last_at = time.monotonic()
@@ -700,12 +789,36 @@ class UpstreamClient:
         st.last_at = time.monotonic()
         return resp
 
+    async def _acquire_slot(self, st: _HostState, remaining: float) -> float:
+        """A token and a concurrency slot of the host's limiter; the seconds waited."""
+        host = st.host
+        qt = float(st.limiter.cfg.queue_timeout)
+        try:
+            return await st.limiter.acquire(min(qt, remaining))
+        except LimiterFull:
+            raise UpstreamError(
+                Reason.QUEUE_FULL, host, f"too many requests waiting for {host} "
+                f"({st.limiter.cfg.queue_size} queued); try again shortly", status=503,
+                retry_after=1.0) from None
+        except LimiterTimeout:
+            if qt < remaining:
+                raise UpstreamError(
+                    Reason.QUEUE_TIMEOUT, host, f"waited {qt:.1f}s for a free slot to {host} "
+                    f"(rate {st.limiter.rate:.2f}/s, {st.limiter.cfg.max_concurrency} at a time)",
+                    status=503, retry_after=1.0) from None
+            raise AttemptFailed(Reason.DEADLINE, f"deadline reached while queued for {host}",
+                                504, False, upstream_fault=False) from None
+
     # -- resume ------------------------------------------------------------------------------
     async def _resume(self, r: _Response, exc: BaseException) -> None:
         """Continue a broken body with Range from the byte reached, or raise UpstreamError."""
         host = r._st.host
         reached = r._reached
-        what = f"{type(exc).__name__}: {exc}".strip(": ")
+        what = describe(exc)
+        if client_body_error(exc) is not None:
+            r._drop_connection(reuse=False)
+            raise UpstreamError(Reason.CLIENT_BODY, host, f"the client's request body failed "
+                                f"while {_safe_url(r.url)} was answering", status=400) from None
         if not r._resumable or r.resumes >= self.settings.retry.resume_attempts:
             r._drop_connection(reuse=False)
             why = "not resumable" if not r._resumable else \
@@ -775,43 +888,6 @@ def _check_partial(new: UpstreamResponse, reached: int, expected: Optional[int]
     if expected is not None and total != "*" and int(total) != expected:
         return False, f"206 says total {total} bytes, the original said {expected}"
     return True, ""
-
-
-class _AttemptFailed(Exception):
-    def __init__(self, reason: str, message: str, status: int, retryable: bool, *,
-                 upstream_fault: Optional[bool] = None) -> None:
-        super().__init__(message)
-        #: whether this counts against the host's circuit (our own queue does not, nor SSRF)
-        self.upstream_fault = reason != "ssrf" if upstream_fault is None else upstream_fault
-        self.reason = reason
-        self.message = message
-        self.status = status
-        self.retryable = retryable
-
-
-def _classify(exc: BaseException, host: str, deadline_hit: bool, budget: float
-              ) -> _AttemptFailed:
-    if deadline_hit:
-        return _AttemptFailed("deadline", f"no response from {host} within the deadline "
-                              f"({budget:.1f}s left when the attempt started)", 504, False)
-    if isinstance(exc, aiohttp.ClientConnectorDNSError) and isinstance(exc.os_error, GuardRefused):
-        return _AttemptFailed("ssrf", str(exc.os_error), 403, False)
-    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError,
-                        ssl.SSLError)):
-        return _AttemptFailed("tls", f"TLS with {host} failed: {exc}", 502, False)
-    if isinstance(exc, aiohttp.ClientHttpProxyError):
-        return _AttemptFailed("connect", f"parent proxy refused CONNECT to {host}: "
-                              f"{exc.status} {exc.message}", 502, True)
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return _AttemptFailed("timeout", f"timed out talking to {host}: "
-                              f"{type(exc).__name__} {exc}".strip(), 504, True)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return _AttemptFailed("protocol", f"bad response from {host}: {exc}", 502, True)
-    if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return _AttemptFailed("connect", f"cannot reach {host}: {type(exc).__name__}: {exc}",
-                              502, True)
-    return _AttemptFailed("protocol", f"request to {host} failed: {type(exc).__name__}: {exc}",
-                          502, False)
 
 
 def _clean_headers(headers) -> CIMultiDict:

@@ -1,0 +1,317 @@
+"""Issue 10 (upstream part): a client's broken upload never blames the upstream (D1), no
+credentials in cleartext (D4), uploads never hold fetch slots (D7), ``Expect: 100-continue`` is
+not passed on (D12), wildcard hosts do not grow state without bound (D9).
+
+The client-side cases run both against the upstream client alone and through the real gateway
+(subprocess, raw sockets through CONNECT + the intercepting TLS) against the emulated world.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver
+from multidict import CIMultiDict
+
+from gateway.exchange import ClientBodyError
+from gateway.settings import CredentialSettings
+from gateway.upstream import UpstreamError, UpstreamRequest
+from gateway.upstream.types import Reason
+from tests.emulated.world import GHCR, REPOSITORIES
+from upstream_support import GET, FakeServer, new_client, pki, settings, stop_all  # noqa: F401
+
+HOST = "reg.test"
+REPRS = ("ConnectionKey", "SSLContext object", "Connection<", " at 0x")
+
+
+def readable(text: str | None) -> bool:
+    return text is not None and not any(r in text for r in REPRS)
+
+
+async def echo(request, srv):
+    data = await request.read()
+    srv.state.setdefault("bodies", []).append(data)
+    return web.Response(body=b"ok")
+
+
+def POST(url: str, body, **headers) -> UpstreamRequest:
+    return UpstreamRequest("POST", url, headers=CIMultiDict(headers), body=body)
+
+
+# --------------------------------------------------------------------------------------------
+# D1 a client's broken upload is not an upstream failure
+# --------------------------------------------------------------------------------------------
+async def broken_upload(after: bytes):
+    yield after
+    raise ClientBodyError("request body: invalid chunk size")
+
+
+async def test_client_body_errors_never_open_the_circuit_nor_reach_health(pki):
+    srv = await FakeServer(pki, [HOST], echo).start()
+    client, metrics = new_client(settings({HOST: srv.addr}, pki.ca_file,
+                                          circuit=dict(failure_threshold=3)), [HOST])
+    await client.start()
+    try:
+        for i in range(6):
+            with pytest.raises(UpstreamError) as ei:
+                await client.request(POST(f"https://{HOST}/upload/{i}", broken_upload(b"x" * i)))
+            err = ei.value
+            assert err.reason == Reason.CLIENT_BODY and err.status == 400, err.message
+            assert readable(err.message), err.message
+        h = client.health()[HOST]
+        assert h["state"] == "closed" and h["consecutive_failures"] == 0, h
+        assert h["errors"] == 0 and h["last_error"] is None, h
+        resp = await client.request(GET(f"https://{HOST}/v2/"))
+        assert resp.status == 200 and await resp.read() == b"ok"
+    finally:
+        await client.close()
+        await stop_all(srv)
+
+
+async def test_connection_failure_messages_are_readable(pki):
+    with socket.socket() as s:                 # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    client, _ = new_client(settings({HOST: f"127.0.0.1:{dead}"}, pki.ca_file,
+                                    retry=dict(attempts=1)), [HOST])
+    await client.start()
+    try:
+        with pytest.raises(UpstreamError) as ei:
+            await client.request(GET(f"https://{HOST}/v2/"))
+        assert ei.value.reason == Reason.CONNECT
+        assert readable(ei.value.message) and "refused" in ei.value.message, ei.value.message
+        assert readable(client.health()[HOST]["last_error"])
+    finally:
+        await client.close()
+
+
+async def _through_gateway(gw, raw_request: bytes, host: str = GHCR) -> bytes:
+    """Send ``raw_request`` inside an intercepted TLS connection; the answer (or b"")."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+    try:
+        writer.write(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+        await writer.drain()
+        assert b" 200 " in await reader.readuntil(b"\r\n\r\n")
+        ctx = ssl.create_default_context(cafile=str(gw.ca_pem))
+        await writer.start_tls(ctx, server_hostname=host)
+        writer.write(raw_request)
+        await writer.drain()
+        if raw_request.endswith(b"\r\n\r\n") or b"chunked" in raw_request:
+            async with asyncio.timeout(30):
+                return await reader.read(65536)
+        return b""
+    finally:
+        writer.close()
+
+
+BAD_CHUNKED = (b"POST /x HTTP/1.1\r\nHost: ghcr.io\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"zz\r\nhello\r\n0\r\n\r\n")
+SHORT_BODY = (b"POST /x HTTP/1.1\r\nHost: ghcr.io\r\nContent-Length: 1000000\r\n\r\n"
+              + b"a" * 1000)
+
+
+@pytest.mark.parametrize("raw", [BAD_CHUNKED, SHORT_BODY], ids=["bad-chunk-framing", "hang-up"])
+async def test_broken_uploads_through_the_gateway_leave_the_circuit_closed(
+        clean_upstreams, make_gateway, raw):
+    world = clean_upstreams
+    gw = make_gateway(world, {"upstream": {"circuit": {"failure_threshold": 5,
+                                                       "open_for": "60s"}}})
+    for _ in range(6):
+        answer = await _through_gateway(gw, raw)
+        assert b"ConnectionKey" not in answer
+    ghcr_repo = REPOSITORIES["db"][1]
+    status = gw.status()["upstreams"].get(GHCR, {})
+    assert status.get("circuit", "closed") == "closed", status
+    assert status.get("last_error") is None or readable(status["last_error"]), status
+    answer = await _through_gateway(
+        gw, f"GET /v2/{ghcr_repo}/manifests/2 HTTP/1.1\r\nHost: ghcr.io\r\n"
+            "Accept: application/vnd.oci.image.manifest.v1+json\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# D4 credentials never in cleartext
+# --------------------------------------------------------------------------------------------
+async def test_no_authorization_over_plain_http(pki):
+    async def record(request, srv):
+        return web.Response(body=b"plain")
+
+    plain = await FakeServer(None, ["api.test"], record).start()
+    s = settings({"api.test": plain.addr}, pki.ca_file, credentials=(
+        CredentialSettings(host="api.test", type="bearer", secret="s3cret-token"),))
+    client, _ = new_client(s, ["api.test"])
+    await client.start()
+    try:
+        for headers in ({}, {"Authorization": "Basic Y2xpZW50OnB3"}):
+            resp = await client.request(GET("http://api.test/repos/x", headers=headers))
+            assert resp.status == 200 and await resp.read() == b"plain"
+        assert [s.headers.get("Authorization") for s in plain.log] == [None, None]
+    finally:
+        await client.close()
+        await stop_all(plain)
+
+
+async def test_https_to_http_redirect_is_refused_and_nothing_reaches_plain_http(pki):
+    async def redirect(request, srv):
+        raise web.HTTPTemporaryRedirect("http://cdn.test/blob")
+
+    async def record(request, srv):
+        return web.Response(body=b"blob")
+
+    tls = await FakeServer(pki, [HOST], redirect).start()
+    plain = await FakeServer(None, ["cdn.test"], record).start()
+    s = settings({HOST: tls.addr, "cdn.test": plain.addr}, pki.ca_file, credentials=(
+        CredentialSettings(host=HOST, type="bearer", secret="s3cret-token"),))
+    client, _ = new_client(s, [HOST, "cdn.test"])
+    await client.start()
+    try:
+        with pytest.raises(UpstreamError) as ei:
+            await client.request(GET(f"https://{HOST}/v2/r/blobs/sha256:1", follow_redirects=True,
+                                     headers={"Authorization": "Bearer client"}))
+        assert ei.value.reason == Reason.INSECURE_REDIRECT, ei.value.message
+        assert "http://cdn.test/blob" in ei.value.message
+        assert tls.log[0].headers["Authorization"] == "Bearer client"
+        assert plain.count == 0
+        assert client.health()[HOST]["state"] == "closed"
+    finally:
+        await client.close()
+        await stop_all(tls, plain)
+
+
+# --------------------------------------------------------------------------------------------
+# D7 uploads do not hold fetch slots
+# --------------------------------------------------------------------------------------------
+async def test_slow_uploads_do_not_starve_fetches(pki):
+    release = asyncio.Event()
+    started = asyncio.Semaphore(0)
+
+    async def trickle():
+        yield b"x"
+        started.release()
+        await release.wait()
+        yield b"y"
+
+    srv = await FakeServer(pki, [HOST], echo).start()
+    s = settings({HOST: srv.addr}, pki.ca_file,
+                 limits={"default": dict(max_concurrency=8, queue_timeout=2),
+                         HOST: dict(max_concurrency=8, queue_timeout=2)})
+    client, _ = new_client(s, [HOST])
+    await client.start()
+    uploads = [asyncio.create_task(client.request(POST(f"https://{HOST}/up/{i}", trickle())))
+               for i in range(8)]
+    try:
+        async with asyncio.timeout(10):
+            for _ in range(8):
+                await started.acquire()             # all 8 are mid-upload
+        resp = await client.request(GET(f"https://{HOST}/v2/"))
+        assert resp.status == 200 and await resp.read() == b"ok"
+        assert client.health()[HOST]["in_flight"] == 0
+        release.set()
+        for resp in await asyncio.gather(*uploads):
+            assert resp.status == 200
+            await resp.read()
+        assert sorted(srv.state["bodies"]) == [b""] + [b"xy"] * 8    # the GET, the uploads
+    finally:
+        release.set()
+        for t in uploads:
+            t.cancel()
+        await asyncio.gather(*uploads, return_exceptions=True)
+        await client.close()
+        await stop_all(srv)
+
+
+# --------------------------------------------------------------------------------------------
+# D12 Expect: 100-continue is the proxy's business, not the upstream's
+# --------------------------------------------------------------------------------------------
+async def test_expect_100_continue_is_not_forwarded(pki):
+    """The upstream never sends 100 and waits for the body (as many servers do)."""
+    heads: list[bytes] = []
+
+    async def serve(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            await reader.readuntil(b"0\r\n\r\n")          # the chunked body's end
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0,
+                                        ssl=pki.server_context([HOST]))
+    port = server.sockets[0].getsockname()[1]
+    client, _ = new_client(settings({HOST: f"127.0.0.1:{port}"}, pki.ca_file,
+                                    retry=dict(deadline=5)), [HOST])
+    await client.start()
+
+    async def body():
+        yield b"payload"
+
+    try:
+        resp = await client.request(POST(f"https://{HOST}/upload", body(),
+                                         Expect="100-continue"))
+        assert resp.status == 201 and await resp.read() == b"ok"
+        assert b"expect" not in heads[0].lower()
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+# --------------------------------------------------------------------------------------------
+# D9 wildcard hosts: bounded per-host state, folded into "other"
+# --------------------------------------------------------------------------------------------
+class LoopbackDNS(AbstractResolver):
+    """DNS pinned to loopback: every name resolves to the test server (like /etc/hosts)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        return [{"hostname": host, "host": "127.0.0.1", "port": self.port,
+                 "family": socket.AF_INET, "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_two_thousand_wildcard_hosts_keep_state_bounded(pki):
+    from gateway.upstream.client import MAX_TRACKED_HOSTS, OTHER
+
+    async def ok(request, srv):
+        return web.Response(body=b"ok", headers={"Connection": "close"})
+
+    srv = await FakeServer(None, ["wild.test"], ok).start()
+    client, _ = new_client(settings({HOST: srv.addr}, None), [HOST])
+    client.resolver._inner = LoopbackDNS(srv.port)   # noqa: SLF001 - DNS pinned to loopback
+    await client.start()
+    try:
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with sem:
+                resp = await client.request(GET(f"http://h{i}.wild.test/x"))
+                assert resp.status == 200
+                await resp.read()
+
+        await asyncio.gather(*(one(i) for i in range(2000)))
+        assert len(client._hosts) <= MAX_TRACKED_HOSTS + 1   # noqa: SLF001
+        health = client.health()
+        assert set(health) == {OTHER}
+        other = health[OTHER]
+        assert other["hosts"] <= MAX_TRACKED_HOSTS and other["state"] == "closed"
+        assert other["requests"] == other["hosts"]    # one request per remembered host
+        # a configured host keeps its own entry and is never forgotten
+        resp = await client.request(GET(f"http://{HOST}/x"))
+        await resp.read()
+        for i in range(2000, 2000 + MAX_TRACKED_HOSTS + 10):
+            client._host(f"h{i}.wild.test")          # noqa: SLF001
+        assert HOST in client.health() and len(client._hosts) <= MAX_TRACKED_HOSTS + 1
+    finally:
+        await client.close()
+        await stop_all(srv)
