@@ -281,7 +281,7 @@ class LoopbackDNS(AbstractResolver):
 
 
 async def test_two_thousand_wildcard_hosts_keep_state_bounded(pki):
-    from gateway.upstream.client import MAX_TRACKED_HOSTS, OTHER
+    from gateway.upstream.hosts import MAX_TRACKED_HOSTS, OTHER
 
     async def ok(request, srv):
         return web.Response(body=b"ok", headers={"Connection": "close"})
@@ -300,7 +300,7 @@ async def test_two_thousand_wildcard_hosts_keep_state_bounded(pki):
                 await resp.read()
 
         await asyncio.gather(*(one(i) for i in range(2000)))
-        assert len(client._hosts) <= MAX_TRACKED_HOSTS + 1   # noqa: SLF001
+        assert len(client.hosts) <= MAX_TRACKED_HOSTS + 1
         health = client.health()
         assert set(health) == {OTHER}
         other = health[OTHER]
@@ -310,8 +310,8 @@ async def test_two_thousand_wildcard_hosts_keep_state_bounded(pki):
         resp = await client.request(GET(f"http://{HOST}/x"))
         await resp.read()
         for i in range(2000, 2000 + MAX_TRACKED_HOSTS + 10):
-            client._host(f"h{i}.wild.test")          # noqa: SLF001
-        assert HOST in client.health() and len(client._hosts) <= MAX_TRACKED_HOSTS + 1
+            client.hosts.state(f"h{i}.wild.test")
+        assert HOST in client.health() and len(client.hosts) <= MAX_TRACKED_HOSTS + 1
     finally:
         await client.close()
         await stop_all(srv)
