@@ -20,6 +20,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -54,7 +55,10 @@ _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 class UpstreamClient:
     def __init__(self, settings: UpstreamSettings, metrics: Metrics, *,
-                 address_guard: Optional[AddressGuard] = None) -> None:
+                 address_guard: Optional[AddressGuard] = None,
+                 dns: Optional[AbstractResolver] = None) -> None:
+        """``address_guard``: the SSRF guard (``Policy.address_allowed``); ``dns``: the name
+        resolver behind overrides and guard (default: the system's)."""
         self.settings = settings
         self.metrics = metrics
         self._session: Optional[aiohttp.ClientSession] = None
@@ -64,7 +68,8 @@ class UpstreamClient:
         parent = settings.parent_proxy
         proxy_host = urlsplit(parent.url).hostname if parent.url else None
         self.resolver = OverrideResolver(settings.address_overrides, address_guard,
-                                         trusted_hosts=(proxy_host,) if proxy_host else ())
+                                         trusted_hosts=(proxy_host,) if proxy_host else (),
+                                         inner=dns)
         self.hosts = HostTable(settings, metrics)
         self._hop = HopSender(
             settings, metrics, self.hosts, self.credentials, self.resolver,

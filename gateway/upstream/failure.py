@@ -54,8 +54,7 @@ def _os_text(err: BaseException) -> str:
     if isinstance(err, socket.gaierror):
         return f"name lookup failed ({err.strerror or err})"
     if isinstance(err, OSError) and (err.errno or err.strerror):
-        text = os.strerror(err.errno) if err.errno and err.errno > 0 else str(err.strerror)
-        return text[0].lower() + text[1:]
+        return os.strerror(err.errno) if err.errno and err.errno > 0 else str(err.strerror)
     return str(err) or type(err).__name__
 
 

@@ -12,6 +12,7 @@ import socket
 from urllib.parse import urlsplit
 
 from ..settings import UpstreamSettings
+from .failure import describe
 from .resolver import GuardRefused, OverrideResolver, is_ip
 from .types import Reason, UpstreamError
 
@@ -48,15 +49,15 @@ async def open_tunnel(settings: UpstreamSettings, resolver: OverrideResolver, ho
                     last = exc
             raise last or OSError(f"{host} has no address")
     except GuardRefused as exc:
-        raise UpstreamError(Reason.SSRF, host, str(exc), status=403) from None
+        raise UpstreamError(Reason.SSRF, host, exc.reason, status=403) from None
     except TimeoutError:
         raise UpstreamError(Reason.TIMEOUT, host, f"connecting to {host}:{port} took longer than "
                             f"{timeout:.0f}s", status=504) from None
     except UpstreamError:
         raise
     except OSError as exc:
-        raise UpstreamError(Reason.CONNECT, host, f"cannot connect to {host}:{port}: {exc}",
-                            status=502) from None
+        raise UpstreamError(Reason.CONNECT, host, f"cannot connect to {host}:{port}: "
+                            f"{describe(exc)}", status=502) from None
 
 
 async def _via_parent(url: str, username: str, password: str, host: str, port: int
