@@ -21,7 +21,7 @@ from gateway.settings import CredentialSettings
 from gateway.upstream import UpstreamError, UpstreamRequest
 from gateway.upstream.types import Reason
 from tests.emulated.world import GHCR, REPOSITORIES
-from upstream_support import GET, FakeServer, new_client, pki, settings, stop_all  # noqa: F401
+from upstream_support import GET, FakeServer, pki, upstream  # noqa: F401
 
 HOST = "reg.test"
 REPRS = ("ConnectionKey", "SSLContext object", "Connection<", " at 0x")
@@ -50,11 +50,7 @@ async def broken_upload(after: bytes):
 
 
 async def test_client_body_errors_never_open_the_circuit_nor_reach_health(pki):
-    srv = await FakeServer(pki, [HOST], echo).start()
-    client, metrics = new_client(settings({HOST: srv.addr}, pki.ca_file,
-                                          circuit=dict(failure_threshold=3)), [HOST])
-    await client.start()
-    try:
+    async with upstream(pki, {HOST: echo}, circuit=dict(failure_threshold=3)) as (client, _, _):
         for i in range(6):
             with pytest.raises(UpstreamError) as ei:
                 await client.request(POST(f"https://{HOST}/upload/{i}", broken_upload(b"x" * i)))
@@ -66,27 +62,20 @@ async def test_client_body_errors_never_open_the_circuit_nor_reach_health(pki):
         assert h["errors"] == 0 and h["last_error"] is None, h
         resp = await client.request(GET(f"https://{HOST}/v2/"))
         assert resp.status == 200 and await resp.read() == b"ok"
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_connection_failure_messages_are_readable(pki):
     with socket.socket() as s:                 # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    client, _ = new_client(settings({HOST: f"127.0.0.1:{dead}"}, pki.ca_file,
-                                    retry=dict(attempts=1)), [HOST])
-    await client.start()
-    try:
+    async with upstream(pki, {}, overrides={HOST: f"127.0.0.1:{dead}"},
+                        retry=dict(attempts=1)) as (client, _, _):
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET(f"https://{HOST}/v2/"))
         assert ei.value.reason == Reason.CONNECT
         assert readable(ei.value.message) and "Connection refused" in ei.value.message, \
             ei.value.message
         assert readable(client.health()[HOST]["last_error"])
-    finally:
-        await client.close()
 
 
 async def _through_gateway(gw, raw_request: bytes, host: str = GHCR) -> bytes:
@@ -140,19 +129,13 @@ async def test_no_authorization_over_plain_http(pki):
     async def record(request, srv):
         return web.Response(body=b"plain")
 
-    plain = await FakeServer(None, ["api.test"], record).start()
-    s = settings({"api.test": plain.addr}, pki.ca_file, credentials=(
-        CredentialSettings(host="api.test", type="bearer", secret="s3cret-token"),))
-    client, _ = new_client(s, ["api.test"])
-    await client.start()
-    try:
+    cred = CredentialSettings(host="api.test", type="bearer", secret="s3cret-token")
+    async with upstream(pki, {"api.test": FakeServer(None, ["api.test"], record)},
+                        credentials=(cred,)) as (client, _, plain):
         for headers in ({}, {"Authorization": "Basic Y2xpZW50OnB3"}):
             resp = await client.request(GET("http://api.test/repos/x", headers=headers))
             assert resp.status == 200 and await resp.read() == b"plain"
         assert [s.headers.get("Authorization") for s in plain.log] == [None, None]
-    finally:
-        await client.close()
-        await stop_all(plain)
 
 
 async def test_https_to_http_redirect_is_refused_and_nothing_reaches_plain_http(pki):
@@ -162,13 +145,10 @@ async def test_https_to_http_redirect_is_refused_and_nothing_reaches_plain_http(
     async def record(request, srv):
         return web.Response(body=b"blob")
 
-    tls = await FakeServer(pki, [HOST], redirect).start()
-    plain = await FakeServer(None, ["cdn.test"], record).start()
-    s = settings({HOST: tls.addr, "cdn.test": plain.addr}, pki.ca_file, credentials=(
-        CredentialSettings(host=HOST, type="bearer", secret="s3cret-token"),))
-    client, _ = new_client(s, [HOST, "cdn.test"])
-    await client.start()
-    try:
+    cred = CredentialSettings(host=HOST, type="bearer", secret="s3cret-token")
+    async with upstream(pki, {HOST: redirect, "cdn.test": FakeServer(None, ["cdn.test"], record)},
+                        credentials=(cred,)) as rig:
+        client, (tls, plain) = rig.client, rig.servers.values()
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET(f"https://{HOST}/v2/r/blobs/sha256:1", follow_redirects=True,
                                      headers={"Authorization": "Bearer client"}))
@@ -177,9 +157,6 @@ async def test_https_to_http_redirect_is_refused_and_nothing_reaches_plain_http(
         assert tls.log[0].headers["Authorization"] == "Bearer client"
         assert plain.count == 0
         assert client.health()[HOST]["state"] == "closed"
-    finally:
-        await client.close()
-        await stop_all(tls, plain)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,33 +172,28 @@ async def test_slow_uploads_do_not_starve_fetches(pki):
         await release.wait()
         yield b"y"
 
-    srv = await FakeServer(pki, [HOST], echo).start()
-    s = settings({HOST: srv.addr}, pki.ca_file,
-                 limits={"default": dict(max_concurrency=8, queue_timeout=2),
-                         HOST: dict(max_concurrency=8, queue_timeout=2)})
-    client, _ = new_client(s, [HOST])
-    await client.start()
-    uploads = [asyncio.create_task(client.request(POST(f"https://{HOST}/up/{i}", trickle())))
-               for i in range(8)]
-    try:
-        async with asyncio.timeout(10):
-            for _ in range(8):
-                await started.acquire()             # all 8 are mid-upload
-        resp = await client.request(GET(f"https://{HOST}/v2/"))
-        assert resp.status == 200 and await resp.read() == b"ok"
-        assert client.health()[HOST]["in_flight"] == 0
-        release.set()
-        for resp in await asyncio.gather(*uploads):
-            assert resp.status == 200
-            await resp.read()
-        assert sorted(srv.state["bodies"]) == [b""] + [b"xy"] * 8    # the GET, the uploads
-    finally:
-        release.set()
-        for t in uploads:
-            t.cancel()
-        await asyncio.gather(*uploads, return_exceptions=True)
-        await client.close()
-        await stop_all(srv)
+    limits = {"default": dict(max_concurrency=8, queue_timeout=2),
+              HOST: dict(max_concurrency=8, queue_timeout=2)}
+    async with upstream(pki, {HOST: echo}, limits=limits) as (client, _, srv):
+        uploads = [asyncio.create_task(client.request(POST(f"https://{HOST}/up/{i}", trickle())))
+                   for i in range(8)]
+        try:
+            async with asyncio.timeout(10):
+                for _ in range(8):
+                    await started.acquire()             # all 8 are mid-upload
+            resp = await client.request(GET(f"https://{HOST}/v2/"))
+            assert resp.status == 200 and await resp.read() == b"ok"
+            assert client.health()[HOST]["in_flight"] == 0
+            release.set()
+            for resp in await asyncio.gather(*uploads):
+                assert resp.status == 200
+                await resp.read()
+            assert sorted(srv.state["bodies"]) == [b""] + [b"xy"] * 8    # the GET, the uploads
+        finally:
+            release.set()
+            for t in uploads:
+                t.cancel()
+            await asyncio.gather(*uploads, return_exceptions=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,20 +218,17 @@ async def test_expect_100_continue_is_not_forwarded(pki):
     server = await asyncio.start_server(serve, "127.0.0.1", 0,
                                         ssl=pki.server_context([HOST]))
     port = server.sockets[0].getsockname()[1]
-    client, _ = new_client(settings({HOST: f"127.0.0.1:{port}"}, pki.ca_file,
-                                    retry=dict(deadline=5)), [HOST])
-    await client.start()
-
     async def body():
         yield b"payload"
 
     try:
-        resp = await client.request(POST(f"https://{HOST}/upload", body(),
-                                         Expect="100-continue"))
-        assert resp.status == 201 and await resp.read() == b"ok"
-        assert b"expect" not in heads[0].lower()
+        async with upstream(pki, {}, overrides={HOST: f"127.0.0.1:{port}"},
+                            retry=dict(deadline=5)) as (client, _, _):
+            resp = await client.request(POST(f"https://{HOST}/upload", body(),
+                                             Expect="100-continue"))
+            assert resp.status == 201 and await resp.read() == b"ok"
+            assert b"expect" not in heads[0].lower()
     finally:
-        await client.close()
         server.close()
         await server.wait_closed()
 
@@ -288,9 +257,8 @@ async def test_two_thousand_wildcard_hosts_keep_state_bounded(pki):
         return web.Response(body=b"ok", headers={"Connection": "close"})
 
     srv = await FakeServer(None, ["wild.test"], ok).start()
-    client, _ = new_client(settings({HOST: srv.addr}, None), [HOST], dns=LoopbackDNS(srv.port))
-    await client.start()
-    try:
+    async with upstream(None, {HOST: srv},
+                        client_kw=dict(dns=LoopbackDNS(srv.port))) as (client, _, _):
         sem = asyncio.Semaphore(32)
 
         async def one(i: int) -> None:
@@ -312,6 +280,3 @@ async def test_two_thousand_wildcard_hosts_keep_state_bounded(pki):
         for i in range(2000, 2000 + MAX_TRACKED_HOSTS + 10):
             client.hosts.state(f"h{i}.wild.test")
         assert HOST in client.health() and len(client.hosts) <= MAX_TRACKED_HOSTS + 1
-    finally:
-        await client.close()
-        await stop_all(srv)
