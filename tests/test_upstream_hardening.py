@@ -280,3 +280,67 @@ async def test_two_thousand_wildcard_hosts_keep_state_bounded(pki):
         for i in range(2000, 2000 + MAX_TRACKED_HOSTS + 10):
             client.hosts.state(f"h{i}.wild.test")
         assert HOST in client.health() and len(client.hosts) <= MAX_TRACKED_HOSTS + 1
+
+
+# --------------------------------------------------------------------------------------------
+# issue 14 point 4: permanent errors fail fast; an outage is logged once, and its end
+# --------------------------------------------------------------------------------------------
+class NoSuchName(AbstractResolver):
+    """DNS that knows no name (as on a machine without network: NXDOMAIN)."""
+
+    def __init__(self) -> None:
+        self.lookups: list[str] = []
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        self.lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_unknown_name_is_not_retried(pki):
+    dns = NoSuchName()
+    async with upstream(pki, {}, known=["gone.test"], retry=dict(attempts=4),
+                        client_kw=dict(dns=dns)) as (client, _, _):
+        with pytest.raises(UpstreamError) as ei:
+            await client.request(GET("https://gone.test/v2/"))
+        assert ei.value.reason == Reason.DNS and ei.value.status == 502
+        assert "Name or service not known" in ei.value.message and readable(ei.value.message)
+        assert dns.lookups == ["gone.test"]              # one lookup: no retry
+        h = client.health()["gone.test"]
+        assert (h["errors"], h["failed_requests"], h["retries"]) == (1, 1, 0)
+
+
+async def test_outage_is_logged_once_with_counts_that_match_status(pki):
+    from structlog.testing import capture_logs
+
+    async def handler(request, srv):
+        if srv.state.get("up"):
+            return web.Response(body=b"ok")
+        return web.Response(status=503, text="down")
+
+    async with upstream(pki, {HOST: handler}, retry=dict(attempts=2),
+                        circuit=dict(failure_threshold=3, open_for=0.3)) as (client, _, srv):
+        with capture_logs() as logs:
+            for _ in range(3):                          # 3 requests × 2 attempts each
+                resp = await client.request(GET(f"https://{HOST}/x"))
+                assert resp.status == 503
+                await resp.release()
+            with pytest.raises(UpstreamError) as ei:
+                await client.request(GET(f"https://{HOST}/x"))
+            h = client.health()[HOST]
+            assert (h["failed_requests"], h["responses"]) == (3, 6)
+            assert "3 consecutive failed requests" in ei.value.message
+            await asyncio.sleep(0.35)                   # the open window (0.3 s) passes
+            resp = await client.request(GET(f"https://{HOST}/x"))   # the probe fails: reopen
+            await resp.release()
+            await asyncio.sleep(0.35)
+            srv.state["up"] = True
+            resp = await client.request(GET(f"https://{HOST}/x"))   # the probe succeeds
+            assert resp.status == 200 and await resp.read() == b"ok"
+        warnings = [e for e in logs if e["log_level"] == "warning"]
+        assert [e["event"] for e in warnings] == ["upstream_outage", "upstream_recovered"], logs
+        outage, recovered = warnings
+        assert (outage["failed_requests"], outage["errors"]) == (3, 0)   # 503s, no errors
+        assert recovered["probes_failed"] == 1

@@ -95,7 +95,7 @@ async def test_failed_probe_reopens_and_consecutive_failures_open(pki):
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET("https://flaky.test/x"))
         assert ei.value.reason == "circuit_open" and ei.value.status == 503
-        assert "3 consecutive failures" in ei.value.message
+        assert "3 consecutive failed requests" in ei.value.message
         assert srv.count == 3
         await asyncio.sleep(0.35)
         resp = await client.request(GET("https://flaky.test/x"))   # the probe

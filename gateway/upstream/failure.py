@@ -24,6 +24,11 @@ from .resolver import GuardRefused
 from .types import Reason
 
 
+#: getaddrinfo answers that are not worth a retry (EAI_AGAIN, a DNS server not answering, is)
+PERMANENT_DNS_ERRORS = frozenset(e for e in (socket.EAI_NONAME, socket.EAI_FAIL,
+                                             getattr(socket, "EAI_NODATA", None)) if e is not None)
+
+
 class AttemptFailed(Exception):
     """One try produced no response head; ``upstream_fault`` says whether the host is to blame."""
 
@@ -94,6 +99,12 @@ def classify(exc: BaseException, host: str, deadline_hit: bool, budget: float) -
                              f"({budget:.1f}s left when the attempt started)", 504, False)
     if isinstance(exc, aiohttp.ClientConnectorDNSError) and isinstance(exc.os_error, GuardRefused):
         return AttemptFailed(Reason.SSRF, str(exc.os_error), 403, False)
+    if (isinstance(exc, aiohttp.ClientConnectorDNSError)
+            and isinstance(exc.os_error, socket.gaierror)
+            and exc.os_error.errno in PERMANENT_DNS_ERRORS):
+        # the name does not exist: asking again in a second will not change that
+        return AttemptFailed(Reason.DNS, f"cannot resolve {host}: {_os_text(exc.os_error)}",
+                             502, False)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         err = exc.certificate_error
         why = getattr(err, "verify_message", None) or getattr(err, "reason", None) or str(err)

@@ -138,7 +138,7 @@ class HopSender:
                     attempt += 1
                     continue
                 if af.upstream_fault:
-                    st.breaker.failure(None, af.message, probe=probe)
+                    st.request_failed(None, af.message, probe=probe)
                 elif probe:
                     st.breaker.probe_abandoned()
                 if last is not None:
@@ -211,7 +211,7 @@ class HopSender:
         if v.action == Action.ACCEPT:
             st.breaker.success(probe=probe)
         elif v.action == Action.FAIL:
-            st.breaker.failure(status, f"status {status}", probe=probe)
+            st.request_failed(status, f"status {status}", probe=probe)
         elif v.action == Action.PUSHBACK:
             window = st.breaker.open_for_retry_after(v.wait, status)
             log.warning("upstream_pushback", host=st.host, status=status, retry_after=v.wait,

@@ -23,8 +23,8 @@ log = get_logger("gateway.upstream")
 MAX_TRACKED_HOSTS = 256
 #: the /api/status entry that stands for every host not named in the configuration
 OTHER = "other"
-_SUMMED = ("queue_depth", "in_flight", "requests", "responses", "errors", "retries", "resumed",
-           "queue_rejected", "queue_timeouts", "opened_count")
+_SUMMED = ("queue_depth", "in_flight", "requests", "responses", "errors", "failed_requests",
+           "retries", "resumed", "queue_rejected", "queue_timeouts", "opened_count")
 
 
 class HostState:
@@ -42,8 +42,7 @@ class HostState:
 
         def circuit_changed(br: CircuitBreaker, old: str, new: str) -> None:
             m.circuit_state.labels(host=label).set(CIRCUIT_STATES[new])
-            log.warning("circuit_transition", host=host, old=old, new=new, why=br.why or None,
-                        remaining_seconds=round(br.remaining() or 0.0, 3))
+            self._log_transition(br, old, new)
 
         self.limiter = HostLimiter(host, settings.limit_for(host), on_change=limiter_changed)
         self.breaker = CircuitBreaker(host, settings.circuit, on_change=circuit_changed)
@@ -57,6 +56,34 @@ class HostState:
         self.errors = 0
         self.retries = 0
         self.resumes = 0
+        #: requests that ended in failure (after their retries): what the circuit counts
+        self.failed_requests = 0
+        #: monotonic time the current outage began (the circuit left "closed"), and the counts then
+        self._outage: Optional[tuple[float, int, int]] = None
+
+    def request_failed(self, status: Optional[int], what: str, probe: bool = False) -> None:
+        """One request (after its retries) failed for a reason that is the host's."""
+        self.failed_requests += 1
+        self.breaker.failure(status, what, probe=probe)
+
+    def _log_transition(self, br: CircuitBreaker, old: str, new: str) -> None:
+        """An outage is logged once at warning when it begins and once when it ends; the
+        open / half-open steps in between are info (a probe every ``open_for`` is routine)."""
+        if old == CLOSED:
+            self._outage = (time.monotonic(), self.failed_requests, self.errors)
+            log.warning("upstream_outage", host=self.host, why=br.why or None,
+                        retry_in_seconds=round(br.remaining() or 0.0, 3),
+                        failed_requests=self.failed_requests, errors=self.errors)
+        elif new == CLOSED and self._outage is not None:
+            began, failed, errors = self._outage
+            self._outage = None
+            log.warning("upstream_recovered", host=self.host,
+                        outage_seconds=round(time.monotonic() - began, 3),
+                        probes_failed=self.failed_requests - failed,
+                        errors=self.errors - errors)
+        else:
+            log.info("circuit_transition", host=self.host, old=old, new=new, why=br.why or None,
+                     remaining_seconds=round(br.remaining() or 0.0, 3))
 
     @property
     def configured(self) -> bool:
@@ -83,6 +110,7 @@ class HostState:
             "last_seconds_ago": (round(time.monotonic() - self.last_at, 1)
                                  if self.last_at else None),
             "requests": self.requests, "responses": self.responses, "errors": self.errors,
+            "failed_requests": self.failed_requests,
             "retries": self.retries, "resumed": self.resumes,
             "queue_rejected": lim.rejected_full, "queue_timeouts": lim.timed_out,
         })
