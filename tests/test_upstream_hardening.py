@@ -65,6 +65,20 @@ async def test_client_body_errors_never_open_the_circuit_nor_reach_health(pki):
         assert resp.status == 200 and await resp.read() == b"ok"
 
 
+async def test_a_client_stalling_its_upload_past_the_deadline_does_not_blame_the_host(pki):
+    async def stall():
+        yield b"x"
+        await asyncio.Event().wait()                 # the client never sends the rest
+
+    async with upstream(pki, {HOST: echo}, retry=dict(deadline=1),
+                        circuit=dict(failure_threshold=1)) as (client, _, _):
+        with pytest.raises(UpstreamError) as ei:
+            await client.request(POST(f"https://{HOST}/upload", stall()))
+        assert ei.value.reason == Reason.DEADLINE
+        h = client.health()[HOST]
+        assert (h["state"], h["errors"], h["failed_requests"]) == ("closed", 0, 0), h
+
+
 async def test_connection_failure_messages_are_readable(pki):
     with socket.socket() as s:                 # a port with nothing listening
         s.bind(("127.0.0.1", 0))
