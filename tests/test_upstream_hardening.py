@@ -361,3 +361,20 @@ async def test_outage_is_logged_once_with_counts_that_match_status(pki):
         outage, recovered = warnings
         assert (outage["failed_requests"], outage["errors"]) == (3, 0)   # 503s, no errors
         assert recovered["probes_failed"] == 1
+
+
+async def test_a_failed_request_is_one_info_line_however_many_attempts(pki):
+    from structlog.testing import capture_logs
+
+    with socket.socket() as s:                 # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    async with upstream(pki, {}, overrides={HOST: f"127.0.0.1:{dead}"},
+                        retry=dict(attempts=4)) as (client, _, _):
+        with capture_logs() as logs:
+            with pytest.raises(UpstreamError):
+                await client.request(GET(f"https://{HOST}/v2/"))
+        assert client.health()[HOST]["errors"] == 4
+        info = [e for e in logs if e["log_level"] != "debug"]
+        assert [e["event"] for e in info] == ["upstream_error"], logs
+        assert info[0]["attempts"] == 4

@@ -133,11 +133,14 @@ class HopSender:
                     if loop.time() + delay >= deadline:
                         final = cut_by_deadline = True
                 if not final:
-                    self._count_retry(st, af.reason, attempt, delay, url)
+                    self._count_retry(st, af.reason, attempt, delay, url, quiet=True)
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
                 if af.upstream_fault:
+                    # one line per failed request (its attempts are debug lines)
+                    log.info("upstream_error", host=host, reason=af.reason, error=af.message,
+                             attempts=attempt + 1, url=safe_url(url))
                     st.request_failed(None, af.message, probe=probe)
                 elif probe:
                     st.breaker.probe_abandoned()
@@ -230,11 +233,14 @@ class HopSender:
         return random.uniform(0, min(float(r.max_delay), float(r.base_delay) * (2 ** attempt)))
 
     def _count_retry(self, st: HostState, reason: str, attempt: int, delay: float, url: URL,
-                     retry_after: Optional[float] = None) -> None:
+                     retry_after: Optional[float] = None, quiet: bool = False) -> None:
+        """Count a retry; log it at info for a status the host answered (429, 5xx), at debug
+        for an error (the request's final failure is logged once, at info)."""
         st.retries += 1
         self.metrics.upstream_retries.labels(host=st.label, reason=reason).inc()
-        log.info("upstream_retry", host=st.host, reason=reason, attempt=attempt + 1,
-                 delay=round(delay, 3), retry_after=retry_after, url=safe_url(url))
+        (log.debug if quiet else log.info)(
+            "upstream_retry", host=st.host, reason=reason, attempt=attempt + 1,
+            delay=round(delay, 3), retry_after=retry_after, url=safe_url(url))
 
     async def _attempt(self, st: HostState, method: str, url: URL, headers: CIMultiDict,
                        body: Optional[UploadBody], deadline: float) -> aiohttp.ClientResponse:
@@ -282,8 +288,8 @@ class HopSender:
             st.last_error = failed.message
             st.last_at = time.monotonic()
             self.metrics.upstream_responses.labels(host=st.label, status="error").inc()
-            log.info("upstream_error", host=host, reason=failed.reason, error=failed.message,
-                     url=safe_url(url))
+            log.debug("upstream_attempt_failed", host=host, reason=failed.reason,
+                      error=failed.message, url=safe_url(url))
             raise failed from None
         self.metrics.upstream_latency.labels(host=st.label).observe(loop.time() - t0)
         self.metrics.upstream_responses.labels(host=st.label, status=str(resp.status)).inc()
