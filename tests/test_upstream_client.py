@@ -8,7 +8,8 @@ import pytest
 from aiohttp import web
 
 from gateway.upstream import UpstreamError, UpstreamRequest
-from upstream_support import GET, FakeServer, other_pki, pki, sample, upstream  # noqa: F401
+from upstream_support import (GET, FakeServer, dead_port, other_pki, pki, sample,  # noqa: F401
+                              upstream)
 
 
 async def test_plain_get_through_override_with_other_port_keeps_host_and_sni(pki):
@@ -109,12 +110,7 @@ async def test_503_then_success_and_connection_errors_are_retried(pki):
 
 
 async def test_connection_refused_raises_connect_after_attempts(pki):
-    import socket
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()                                       # nothing listens there now
-    async with upstream(pki, {}, overrides={"down.test": f"127.0.0.1:{port}"},
+    async with upstream(pki, {}, overrides={"down.test": f"127.0.0.1:{dead_port()}"},
                         retry=dict(attempts=3)) as (client, metrics, _):
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET("https://down.test/x"))

@@ -22,7 +22,7 @@ from gateway.settings import CredentialSettings
 from gateway.upstream import UpstreamError, UpstreamRequest
 from gateway.upstream.types import Reason
 from tests.emulated.world import GHCR, REPOSITORIES
-from upstream_support import GET, FakeServer, pki, upstream  # noqa: F401
+from upstream_support import GET, FakeServer, dead_port, pki, upstream  # noqa: F401
 
 HOST = "reg.test"
 REPRS = ("ConnectionKey", "SSLContext object", "Connection<", " at 0x")
@@ -80,10 +80,7 @@ async def test_a_client_stalling_its_upload_past_the_deadline_does_not_blame_the
 
 
 async def test_connection_failure_messages_are_readable(pki):
-    with socket.socket() as s:                 # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    async with upstream(pki, {}, overrides={HOST: f"127.0.0.1:{dead}"},
+    async with upstream(pki, {}, overrides={HOST: f"127.0.0.1:{dead_port()}"},
                         retry=dict(attempts=1)) as (client, _, _):
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET(f"https://{HOST}/v2/"))
@@ -366,10 +363,7 @@ async def test_outage_is_logged_once_with_counts_that_match_status(pki):
 async def test_a_failed_request_is_one_info_line_however_many_attempts(pki):
     from structlog.testing import capture_logs
 
-    with socket.socket() as s:                 # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    async with upstream(pki, {}, overrides={HOST: f"127.0.0.1:{dead}"},
+    async with upstream(pki, {}, overrides={HOST: f"127.0.0.1:{dead_port()}"},
                         retry=dict(attempts=4)) as (client, _, _):
         with capture_logs() as logs:
             with pytest.raises(UpstreamError):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,13 @@ def new_client(s: UpstreamSettings, hosts: list[str], **kw) -> tuple[UpstreamCli
 def sample(metrics: Metrics, name: str, **labels) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return value or 0.0
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def stop_all(*servers: FakeServer) -> None:
