@@ -2,6 +2,10 @@
 
 Every command that needs configuration loads it the same way (embedded default → ``--config`` →
 env → flags) and reports a bad file with the key and the file name, exit code 2.
+
+Only ``serve`` creates state (the data dir, the CA, the cache). Commands that read it (``ca
+export``, ``ca bundle``, ``cache …``) fail with exit code 1 and a hint when it is missing: a CA
+silently created in the wrong directory is a CA no scanner trusts.
 """
 from __future__ import annotations
 
@@ -10,10 +14,15 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
 from .settings import ConfigError, Settings, load_settings, parse_duration
+
+
+class StateMissing(Exception):
+    """A read-only command found no gateway state where the configuration points."""
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -58,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("bundle", "print system roots + the gateway CA, for SSL_CERT_FILE")):
         p = ca_sub.add_parser(name, help=text)
         _add_config_flags(p)
+        p.add_argument("--from", dest="from_url", metavar="URL",
+                       help="fetch the CA from a running gateway's admin port "
+                            "(e.g. http://gateway:9128; reads URL/ca.pem) instead of the data dir")
 
     cache = sub.add_parser("cache", help="inspect and maintain the cache (gateway may be running)")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -65,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p = cache_sub.add_parser("ls", help="list cached responses")
     _add_config_flags(p)
-    p = cache_sub.add_parser("purge", help="remove entries (all, or by host/repository/age)")
+    p = cache_sub.add_parser("purge", help="remove entries (by host/repository/age, or --all)")
     _add_config_flags(p)
+    p.add_argument("--all", dest="purge_all", action="store_true",
+                   help="remove every entry (required when no filter is given)")
     p.add_argument("--host", help="only entries fetched from this host")
     p.add_argument("--repo", help="only OCI entries of this repository (e.g. aquasec/trivy-db)")
     p.add_argument("--older-than", dest="older_than", help="only entries validated longer ago (e.g. 7d)")
@@ -98,12 +112,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "ca":
             return _ca(settings, args)
         if args.command == "cache":
-            from .cache.admin import run_cache_command  # noqa: PLC0415 - only for this command
-
-            return run_cache_command(settings, args)
+            return _cache(settings, args)
     except ConfigError as exc:
         print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StateMissing as exc:
+        print(f"trivy-gateway: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     parser.print_help()
@@ -136,9 +151,9 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
         import dataclasses  # noqa: PLC0415
 
         def _plain(obj):
-            if dataclasses.is_dataclass(obj):
+            if dataclasses.is_dataclass(obj):  # secrets and loader fields are not settings
                 return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                        if f.name not in ("password", "secret")}
+                        if not f.metadata.get("internal")}
             if isinstance(obj, (tuple, list)):
                 return [_plain(x) for x in obj]
             if hasattr(obj, "items"):
@@ -152,16 +167,90 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ca(settings: Settings, args: argparse.Namespace) -> int:
-    from .tls.ca import CertificateAuthority, bundle_pem, export_pem  # noqa: PLC0415
+def _data_dir_hint(settings: Settings) -> str:
+    return (f"server.data_dir is {settings.server.data_dir!r} (from "
+            f"{settings.origin('server.data_dir')}, cwd {Path.cwd()}); pass the gateway's "
+            "--config or --data-dir")
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ca = CertificateAuthority.load_or_create(settings)
-    if args.ca_command == "export":
-        sys.stdout.write(export_pem(ca))
-    else:
-        sys.stdout.write(bundle_pem(ca))
+
+def _ca(settings: Settings, args: argparse.Namespace) -> int:
+    from .tls.ca import bundle_from_pem  # noqa: PLC0415
+
+    pem = _fetch_ca(args.from_url) if args.from_url else _read_ca(settings)
+    sys.stdout.write(pem.decode("ascii") if args.ca_command == "export" else bundle_from_pem(pem))
     return 0
+
+
+def _read_ca(settings: Settings) -> bytes:
+    """The CA certificate(s) the gateway uses, read without the key and never created."""
+    if settings.tls.ca_cert:
+        path, origin = Path(settings.tls.ca_cert), f"tls.ca_cert from {settings.origin('tls.ca_cert')}"
+    else:
+        from .tls.ca import CA_CERT_FILE, CA_DIR  # noqa: PLC0415
+
+        path, origin = settings.data_dir / CA_DIR / CA_CERT_FILE, _data_dir_hint(settings)
+    try:
+        return _checked_pem(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        raise StateMissing(f"no gateway CA at {path}: {origin}. The CA is created by "
+                           "`trivy-gateway serve`; on a scanner host use "
+                           "`trivy-gateway ca bundle --from http://GATEWAY:9128`") from None
+    except OSError as exc:
+        raise StateMissing(f"cannot read the gateway CA {path}: {exc.strerror}") from None
+
+
+def _fetch_ca(url: str) -> bytes:
+    """GET ``URL/ca.pem`` from a running gateway's admin port, bypassing any *_proxy variable
+    (the gateway is the proxy; asking it through itself would fail)."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    target = url.rstrip("/")
+    if not target.endswith("/ca.pem"):
+        target += "/ca.pem"
+    if "://" not in target:
+        target = "http://" + target
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(target, timeout=15) as response:
+            body = response.read(1024 * 1024)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise StateMissing(f"cannot fetch the CA from {target}: {reason}") from None
+    return _checked_pem(body, target)
+
+
+def _checked_pem(data: bytes, where: str) -> bytes:
+    """Only well-formed CA certificates go to stdout (a scanner would trust whatever we print)."""
+    from cryptography import x509  # noqa: PLC0415
+
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise StateMissing(f"{where} does not hold a PEM certificate") from None
+    try:
+        is_ca = certs[0].extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise StateMissing(f"{where}: the first certificate is not a CA certificate")
+    from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
+
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+def _cache(settings: Settings, args: argparse.Namespace) -> int:
+    root = settings.data_dir / "cache"
+    if not root.is_dir():
+        raise StateMissing(f"no gateway cache at {root}: {_data_dir_hint(settings)}")
+    if args.cache_command == "purge" and not (args.host or args.repo or args.older_than
+                                              or args.purge_all):
+        print("trivy-gateway: cache purge needs a filter (--host, --repo, --older-than) or "
+              "--all to remove every entry", file=sys.stderr)
+        return 2
+    from .cache.admin import run_cache_command  # noqa: PLC0415 - only for this command
+
+    return run_cache_command(settings, args)
 
 
 def parse_age(value: Optional[str]) -> Optional[float]:

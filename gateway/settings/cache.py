@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._parse import ByteSize, ConfigError, Duration
+from ._parse import ByteSize, ConfigError, Duration, at_least
+
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class MemoryFrontSettings:
     def validate(self, path: str) -> None:
         if self.backend not in ("memory", "redis"):
             raise ConfigError(f"{path}.backend", "must be memory or redis")
+        if self.max_item_size > self.max_size:
+            raise ConfigError(f"{path}.max_item_size", "cannot be larger than memory.max_size")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class CacheSettings:
     github: GitHubSettings = GitHubSettings()
     #: RFC 9111 caching for other intercepted hosts (shared cache; private/no-store respected)
     generic: bool = True
+
+    def validate(self, path: str) -> None:
+        # a budget below one MiB cannot hold a single Trivy manifest + DB layer; it is a typo
+        # ("10" for "10GiB"), not a choice
+        at_least(self.max_size, MIB, f"{path}.max_size", "1MiB (write e.g. '20GiB')")
 
     def stale_limit(self, kind: str) -> float:
         return float(self.max_stale.get(kind) or self.max_stale.get("default") or 7 * 86400)
