@@ -21,6 +21,7 @@ from .pipeline import Pipeline
 from .policy import Policy
 from .proxy import ProxyServer
 from .settings import Settings
+from .startup import DataDirLock, check_addresses, data_dir_error
 from .tls.ca import CertificateAuthority
 from .tls.leaf import LeafIssuer
 from .upstream import UpstreamClient
@@ -51,20 +52,39 @@ class Gateway:
         self.admin: Optional[AdminServer] = None
         self.upstream: Optional[UpstreamClient] = None
         self.pipeline: Optional[Pipeline] = None
+        self._lock = DataDirLock(settings)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        """Check the ports, take the data dir, then build bottom-up; on any failure close what
+        was opened (no "Unclosed client session", no lock left) and raise StartupError/OSError."""
+        check_addresses(self.settings)   # before any state exists: a taken port creates nothing
+        self._lock.acquire()
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_all()
+            self._lock.release()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         self.metrics.build_info.info({"version": __version__})
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ca = CertificateAuthority.load_or_create(s)
+        try:
+            self.ca = CertificateAuthority.load_or_create(s)
+        except OSError as exc:
+            raise data_dir_error(s, exc) from None
         leaf = LeafIssuer(self.ca, s.tls, self.metrics)
         policy = Policy(s.policy)
         cache_root = s.data_dir / "cache"
-        self.blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space, self.metrics)
-        self.blobs.open()
-        self.entries = EntryStore(cache_root, self.blobs, s.cache.memory, self.metrics)
-        self.entries.open()
+        try:
+            self.blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space,
+                                   self.metrics)
+            self.blobs.open()
+            self.entries = EntryStore(cache_root, self.blobs, s.cache.memory, self.metrics)
+            self.entries.open()
+        except OSError as exc:
+            raise data_dir_error(s, exc) from None
         self.upstream = UpstreamClient(s.upstream, self.metrics, address_guard=policy.address_allowed)
         await self.upstream.start()
         self.pipeline = Pipeline(s, self.blobs, self.entries, self.upstream, self.metrics)
@@ -92,6 +112,13 @@ class Gateway:
         if self.proxy:
             self.proxy.stop_accepting()
             await self.proxy.drain(self.settings.server.drain_grace)
+        await self._close_all()
+        self._lock.release()
+        log.info("gateway_stopped")
+        self._stopped.set()
+
+    async def _close_all(self) -> None:
+        if self.proxy:
             await self.proxy.close()
         if self.pipeline:
             await self.pipeline.close()
@@ -99,8 +126,6 @@ class Gateway:
             await self.upstream.close()
         if self.admin:
             await self.admin.close()
-        log.info("gateway_stopped")
-        self._stopped.set()
 
     async def run_forever(self) -> None:
         """Start, then run until SIGTERM/SIGINT; exit code 0 after a clean drain."""

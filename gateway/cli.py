@@ -127,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _serve(settings: Settings) -> int:
     from .app import Gateway  # noqa: PLC0415 - keep `ca export` and friends light
+    from .startup import StartupError  # noqa: PLC0415
 
     loop_factory = None
     if settings.server.event_loop == "uvloop":
@@ -140,7 +141,7 @@ def _serve(settings: Settings) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(Gateway(settings).run_forever())
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -45,11 +45,12 @@ def test_read_commands_never_create_state(bare_cwd, capsys, argv, says):
     assert _tree(bare_cwd) == []        # nothing created: no data dir, no CA, no cache
 
 
-def test_missing_ca_error_names_flag_origin_and_the_from_option(bare_cwd, capsys):
-    assert main(["ca", "bundle", "--data-dir", "/nonexistent/gw"]) == 1
+def test_missing_ca_error_names_flag_origin_and_the_from_option(bare_cwd, tmp_path, capsys):
+    missing = tmp_path / "absent" / "gw"
+    assert main(["ca", "bundle", "--data-dir", str(missing)]) == 1
     err = capsys.readouterr().err
     assert "flag --data-dir" in err and "--from http://" in err
-    assert not Path("/nonexistent/gw").exists()
+    assert not missing.parent.exists()
 
 
 def test_ca_from_running_gateway_and_from_its_data_dir(bare_cwd, make_gateway, capsys):
