@@ -7,6 +7,7 @@ other way: stop accepting, drain in-flight transfers within ``server.drain_grace
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import shutil
 import signal
 import time
@@ -94,8 +95,9 @@ class Gateway:
         host, port = self.proxy.address
         ahost, aport = s.server.admin_addr
         self.admin = AdminServer(self.metrics, self.status, self.ready, lambda: self.ca.cert_pem,
-                                 ahost, aport)
+                                 ahost, aport, token=s.server.admin_token)
         await self.admin.start()
+        _warn_if_exposed(s)
         log.info("gateway_started", version=__version__, listen=f"{host}:{port}",
                  admin=f"{ahost}:{self.admin.port}", data_dir=str(s.data_dir),
                  config=s.source, ca_sha256=self.ca.fingerprint_sha256)
@@ -177,6 +179,28 @@ class Gateway:
                    "not_after": ca.cert.not_valid_after_utc.isoformat()} if ca else None,
         }
 
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _warn_if_exposed(s: Settings) -> None:
+    """The defaults bind every interface (right for a gateway on a private network, where the
+    scanners are other hosts); say so once at start when nothing else restricts access."""
+    host, _ = s.server.listen_addr
+    if not s.proxy.auth.enabled and not _is_loopback(host):
+        log.warning("proxy_without_auth", listen=s.server.listen,
+                    hint="anyone who reaches this address may use the gateway for the allowed "
+                         "hosts; firewall it, bind a private address, or enable proxy.auth")
+    ahost, _ = s.server.admin_addr
+    if not s.server.admin_token and not _is_loopback(ahost):
+        log.warning("admin_without_token", admin_listen=s.server.admin_listen,
+                    hint="/metrics, /api/status and the status page are open; set "
+                         "TRIVY_GATEWAY_ADMIN_TOKEN or server.admin_token_file to protect them")
 
 
 def _upstream_view(health: dict) -> dict:

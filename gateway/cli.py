@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p = cache_sub.add_parser("ls", help="list cached responses")
     _add_config_flags(p)
+    p.add_argument("--keys", action="store_true", help="print raw cache keys (for scripts)")
     p = cache_sub.add_parser("purge", help="remove entries (by host/repository/age, or --all)")
     _add_config_flags(p)
     p.add_argument("--all", dest="purge_all", action="store_true",

@@ -86,3 +86,17 @@ def test_cache_purge_without_filter_requires_all(bare_cwd, make_gateway, capsys)
     assert "--all" in capsys.readouterr().err
     assert main(["cache", "purge", "--all", "--data-dir", data]) == 0
     assert os.path.isdir(gw.data_dir / "cache")
+
+
+def test_cache_ls_has_a_header_and_readable_keys(bare_cwd, make_gateway, capsys):
+    from gateway.cache.admin import readable_key
+
+    digest = "sha256:" + "ab" * 32
+    assert readable_key(f"tag|ghcr.io/aquasecurity/trivy-db:2|application/json|anonymous") == \
+        "ghcr.io/aquasecurity/trivy-db:2"
+    assert readable_key(f"blob|{digest}|public") == "sha256:abababababab…"
+    assert readable_key(f"blob|{digest}|{'f' * 32}").endswith("[private: fetched with credentials]")
+    gw = make_gateway()
+    assert main(["cache", "ls", "--data-dir", str(gw.data_dir)]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["KIND", "STATUS", "SIZE", "CHECKED", "STATE", "RESOURCE"]

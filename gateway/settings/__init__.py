@@ -188,6 +188,15 @@ def _read_secret(env_name: Optional[str], file_name: Optional[str], env: Mapping
 
 
 def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
+    server = settings.server
+    token = _read_secret(server.admin_token_env, server.admin_token_file, env,
+                         "server.admin_token_file")
+    if server.admin_token_file and not token:
+        raise ConfigError("server.admin_token_file", f"{server.admin_token_file} is empty",
+                          settings.origin("server.admin_token_file"))
+    if token:
+        settings = dataclasses.replace(settings, server=dataclasses.replace(
+            server, admin_token=token))
     auth = settings.proxy.auth
     if auth.enabled:
         password = _read_secret(auth.password_env, auth.password_file, env, "proxy.auth")
