@@ -191,6 +191,8 @@ def _is_loopback(host: str) -> bool:
 def _warn_if_exposed(s: Settings) -> None:
     """The defaults bind every interface (right for a gateway on a private network, where the
     scanners are other hosts); say so once at start when nothing else restricts access."""
+    for notice in s.overridden:
+        log.warning("config_overridden_by_env", detail=notice)
     host, _ = s.server.listen_addr
     if not s.proxy.auth.enabled and not _is_loopback(host):
         log.warning("proxy_without_auth", listen=s.server.listen,

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("ca", help="the gateway's certificate authority")
     ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    p = ca_sub.add_parser("init", help="create the CA in the data dir if there is none "
+                          "(what the first `serve` does); prints its fingerprint")
+    _add_config_flags(p)
     for name, text in (("export", "print the CA certificate (PEM)"),
                        ("bundle", "print system roots + the gateway CA, for SSL_CERT_FILE")):
         p = ca_sub.add_parser(name, help=text)
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from", dest="from_url", metavar="URL",
                        help="fetch the CA from a running gateway's admin port "
                             "(e.g. http://gateway:9128; reads URL/ca.pem) instead of the data dir")
+
+    p = sub.add_parser("healthcheck", help="exit 0 when the local gateway answers on its admin "
+                       "port (reads the same configuration; for container HEALTHCHECKs)")
+    _add_config_flags(p)
+    p.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
 
     cache = sub.add_parser("cache", help="inspect and maintain the cache (gateway may be running)")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -112,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _check_config(settings, args)
         if args.command == "ca":
             return _ca(settings, args)
+        if args.command == "healthcheck":
+            return _healthcheck(settings, args)
         if args.command == "cache":
             return _cache(settings, args)
     except ConfigError as exc:
@@ -176,8 +186,17 @@ def _data_dir_hint(settings: Settings) -> str:
 
 
 def _ca(settings: Settings, args: argparse.Namespace) -> int:
-    from .tls.ca import bundle_from_pem  # noqa: PLC0415
+    from .tls.ca import CertificateAuthority, bundle_from_pem  # noqa: PLC0415
 
+    if args.ca_command == "init":   # the one ca command that may create state, by its name
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            ca = CertificateAuthority.load_or_create(settings)
+        except OSError as exc:
+            raise StateMissing(f"cannot create the CA: {exc.strerror}: {exc.filename} "
+                               f"({_data_dir_hint(settings)})") from None
+        print(f"gateway CA {ca.cert_path} sha256={ca.fingerprint_sha256}", file=sys.stderr)
+        return 0
     pem = _fetch_ca(args.from_url) if args.from_url else _read_ca(settings)
     sys.stdout.write(pem.decode("ascii") if args.ca_command == "export" else bundle_from_pem(pem))
     return 0
@@ -239,6 +258,29 @@ def _checked_pem(data: bytes, where: str) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
 
     return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    """GET the admin port's /healthz (or /readyz) on this host, from the effective config, so a
+    YAML that moves the admin port does not break the container's HEALTHCHECK."""
+    import urllib.request  # noqa: PLC0415
+
+    host, port = settings.server.admin_addr
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via *_proxy
+    try:
+        with opener.open(url, timeout=4) as response:
+            response.read(1024)
+    except OSError as exc:
+        print(f"trivy-gateway: {url}: {getattr(exc, 'reason', None) or exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cache(settings: Settings, args: argparse.Namespace) -> int:

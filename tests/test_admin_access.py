@@ -79,3 +79,12 @@ def test_start_warns_when_proxy_and_admin_are_exposed_without_auth(make_gateway,
         assert events["proxy_without_auth"]["level"] == "warning"
     # the admin server logs through structlog like the rest of the gateway
     assert events["admin_listening"]["token_required"] is False
+
+
+def test_start_warns_when_env_overrides_the_config_file(make_gateway, monkeypatch, tmp_path):
+    other = tmp_path / "env-data"
+    monkeypatch.setenv("TRIVY_GATEWAY_DATA_DIR", str(other))
+    gw = make_gateway()
+    events = _events_after_start(gw)
+    assert str(gw.data_dir) in events["config_overridden_by_env"]["detail"]
+    assert (other / "ca" / "ca.pem").is_file()

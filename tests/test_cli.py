@@ -100,3 +100,13 @@ def test_cache_ls_has_a_header_and_readable_keys(bare_cwd, make_gateway, capsys)
     assert main(["cache", "ls", "--data-dir", str(gw.data_dir)]) == 0
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header == ["KIND", "STATUS", "SIZE", "CHECKED", "STATE", "RESOURCE"]
+
+
+def test_ca_init_creates_once_then_export_reads_it(bare_cwd, capsys):
+    assert main(["ca", "init", "--data-dir", "gw"]) == 0
+    first = capsys.readouterr().err.splitlines()[-1]
+    assert "sha256=" in first and (bare_cwd / "gw" / "ca" / "ca.pem").is_file()
+    assert main(["ca", "init", "--data-dir", "gw"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == first   # reused, not replaced
+    assert main(["ca", "export", "--data-dir", "gw"]) == 0
+    assert capsys.readouterr().out == (bare_cwd / "gw" / "ca" / "ca.pem").read_text()

@@ -156,3 +156,12 @@ def test_check_config_print_never_shows_a_secret(tmp_path, capsys):
     assert main(["check-config", "--print", "--config", str(f)]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and '"source"' not in out and '"password_file"' in out
+
+
+def test_env_overriding_a_file_value_is_recorded_for_a_warning(tmp_path):
+    f = tmp_path / "gw.yaml"
+    f.write_text("server:\n  data_dir: /srv/gw\n  listen: 127.0.0.1:1\n")
+    s = load_settings(str(f), env={"TRIVY_GATEWAY_DATA_DIR": "/data",
+                                   "TRIVY_GATEWAY_LISTEN": "127.0.0.1:1"})
+    assert s.overridden == (f"server.data_dir: env TRIVY_GATEWAY_DATA_DIR='/data' overrides "
+                            f"'/srv/gw' of {f} line 2",)   # same value: nothing to say

@@ -67,6 +67,9 @@ class Settings:
     #: "/etc/gw.yaml line 4"); set by the loader so start-up errors blame the right place
     origins: Mapping[str, str] = field(default_factory=dict, metadata=INTERNAL, compare=False,
                                        repr=False)
+    #: values of the config file that an env variable overrode with another value; the gateway
+    #: warns about each at start (a forgotten TRIVY_GATEWAY_DATA_DIR must not pass silently)
+    overridden: tuple[str, ...] = field(default=(), metadata=INTERNAL, compare=False)
 
     @property
     def data_dir(self) -> Path:
@@ -246,10 +249,16 @@ def load_settings(config_path: Optional[str] = None, *, env: Optional[Mapping[st
         source = config_path
         origins.update({p: f"{config_path} line {n}" for p, n in file_lines.items()})
     env_layer: dict[str, dict[str, Any]] = {}
+    overridden = []
     for name, (section, key) in ENV_OVERRIDES.items():
         if env.get(name):
             env_layer.setdefault(section, {})[key] = env[name]
-            origins[f"{section}.{key}"] = f"env {name}"
+            path = f"{section}.{key}"
+            file_value = (data.get(section) or {}).get(key)
+            if path in file_lines and str(file_value) != env[name]:
+                overridden.append(f"{path}: env {name}={env[name]!r} overrides {file_value!r} "
+                                  f"of {origins[path]}")
+            origins[path] = f"env {name}"
     data = _deep_merge(data, env_layer)
     if overrides:
         flags = {k: dict(v) for k, v in overrides.items() if v}
@@ -261,6 +270,6 @@ def load_settings(config_path: Optional[str] = None, *, env: Optional[Mapping[st
         settings = from_mapping(Settings, data)
     except ConfigError as exc:
         raise _locate(exc, origins, file_lines, source) from None
-    settings = dataclasses.replace(settings, source=source,
+    settings = dataclasses.replace(settings, source=source, overridden=tuple(overridden),
                                    origins=types.MappingProxyType(origins))
     return _resolve_secrets(settings, env)
