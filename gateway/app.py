@@ -19,7 +19,8 @@ from .cache import BlobStore, EntryStore
 from .observability.logging import get_logger
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
-from .policy import Policy
+from .health import DenialLog, RecordingPolicy, assess, recent_errors
+from .policy import ACTION_DENY
 from .proxy import ProxyServer
 from .settings import Settings
 from .startup import DataDirLock, check_addresses, data_dir_error
@@ -41,6 +42,13 @@ def known_hosts(settings: Settings) -> set[str]:
     return hosts
 
 
+def configured_upstreams(settings: Settings) -> set[str]:
+    """Hosts the configuration expects to reach: exact allow rules and address overrides."""
+    hosts = {r.host for r in settings.policy.rules
+             if "*" not in r.host and r.action != ACTION_DENY}
+    return hosts | set(settings.upstream.address_overrides)
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -54,6 +62,7 @@ class Gateway:
         self.upstream: Optional[UpstreamClient] = None
         self.pipeline: Optional[Pipeline] = None
         self._lock = DataDirLock(settings)
+        self.denials = DenialLog()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -76,7 +85,7 @@ class Gateway:
         except OSError as exc:
             raise data_dir_error(s, exc) from None
         leaf = LeafIssuer(self.ca, s.tls, self.metrics)
-        policy = Policy(s.policy)
+        policy = RecordingPolicy(s.policy, self.denials)
         cache_root = s.data_dir / "cache"
         try:
             self.blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space,
@@ -160,6 +169,8 @@ class Gateway:
             a["age_seconds"] = max(0.0, now - a["fetched_at"])
             artifacts.append(a)
         ca = self.ca
+        upstreams = {host: _upstream_view(h) for host, h in
+                     (self.upstream.health() if self.upstream else {}).items()}
         return {
             "version": __version__,
             "uptime_seconds": now - self.started_at,
@@ -169,8 +180,11 @@ class Gateway:
             "cache_results": results,
             "bytes_served": bytes_served,
             "artifacts": sorted(artifacts, key=lambda a: a["artifact"]),
-            "upstreams": {host: _upstream_view(h) for host, h in
-                          (self.upstream.health() if self.upstream else {}).items()},
+            "health": assess(upstreams, artifacts, self.draining),
+            "upstreams": upstreams,
+            "upstreams_not_contacted": sorted(configured_upstreams(self.settings) - set(upstreams)),
+            "recent_errors": recent_errors(upstreams),
+            "denied": self.denials.snapshot(),
             "cache": {"size_bytes": self.blobs.size, "max_size_bytes": self.blobs.max_size,
                       "blobs": self.blobs.count, "entries": self.entries.count,
                       "disk_free_bytes": disk_free},

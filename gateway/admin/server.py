@@ -4,7 +4,8 @@ Endpoints (GET and HEAD):
 
 ``/metrics``     Prometheus exposition of ``metrics.registry`` (OpenMetrics when asked for)
 ``/healthz``     200 ``ok`` as long as the process answers (liveness)
-``/readyz``      200 when ``ready()`` is true, else 503 (fails while draining; readiness)
+``/readyz``      200 when ``ready()`` is true, else 503 (fails while draining; readiness). Ready
+                 is not "upstreams healthy": that is ``health`` in /api/status (gateway.health)
 ``/ca.pem``      the gateway CA certificate, as a download
 ``/api/status``  ``status()`` as JSON
 ``/``            the HTML status page (:mod:`gateway.admin.page`)
