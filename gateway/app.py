@@ -11,7 +11,7 @@ import ipaddress
 import shutil
 import signal
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from . import __version__
 from .admin.server import AdminServer
@@ -22,7 +22,9 @@ from .pipeline import Pipeline
 from .health import DenialLog, RecordingPolicy, assess, recent_errors
 from .policy import ACTION_DENY
 from .proxy import ProxyServer
-from .settings import Settings
+from .proxy.auth import ProxyAuth
+from .reload import split_changes
+from .settings import ConfigError, Settings, settings_digest
 from .startup import DataDirLock, check_addresses, data_dir_error
 from .tls.ca import CertificateAuthority
 from .tls.leaf import LeafIssuer
@@ -50,8 +52,13 @@ def configured_upstreams(settings: Settings) -> set[str]:
 
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 loader: Optional[Callable[[], Settings]] = None) -> None:
         self.settings = settings
+        #: re-reads the configuration from the start-up sources (file, env, flags) for reload
+        self._loader = loader
+        self.config_digest = settings_digest(settings)
+        self.last_reload: Optional[dict] = None
         self.metrics = Metrics(known_hosts(settings))
         self.started_at = time.time()
         self.draining = False
@@ -80,12 +87,13 @@ class Gateway:
     async def _start(self) -> None:
         s = self.settings
         self.metrics.build_info.info({"version": __version__})
+        self.metrics.config_info.info({"digest": self.config_digest, "source": s.source})
         try:
             self.ca = CertificateAuthority.load_or_create(s)
         except OSError as exc:
             raise data_dir_error(s, exc) from None
         leaf = LeafIssuer(self.ca, s.tls, self.metrics)
-        policy = RecordingPolicy(s.policy, self.denials)
+        policy = self.policy = RecordingPolicy(s.policy, self.denials)
         cache_root = s.data_dir / "cache"
         try:
             self.blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space,
@@ -95,7 +103,9 @@ class Gateway:
             self.entries.open()
         except OSError as exc:
             raise data_dir_error(s, exc) from None
-        self.upstream = UpstreamClient(s.upstream, self.metrics, address_guard=policy.address_allowed)
+        # the guard asks the current policy, so a reload reaches the upstream layer too
+        self.upstream = UpstreamClient(s.upstream, self.metrics,
+                                       address_guard=lambda h, ip: self.policy.address_allowed(h, ip))
         await self.upstream.start()
         self.pipeline = Pipeline(s, self.blobs, self.entries, self.upstream, self.metrics)
         self.proxy = ProxyServer(s, policy, leaf, self.pipeline, self.metrics,
@@ -109,7 +119,8 @@ class Gateway:
         _warn_if_exposed(s)
         log.info("gateway_started", version=__version__, listen=f"{host}:{port}",
                  admin=f"{ahost}:{self.admin.port}", data_dir=str(s.data_dir),
-                 config=s.source, ca_sha256=self.ca.fingerprint_sha256)
+                 config=s.source, config_digest=self.config_digest,
+                 ca_sha256=self.ca.fingerprint_sha256)
 
     def ready(self) -> bool:
         return not self.draining and self.proxy is not None
@@ -145,8 +156,58 @@ class Gateway:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await stop.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
         await self.stop()
+
+    # -- live reload ----------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the configuration and apply what can change live (gateway.reload).
+
+        Synchronous on purpose: the swap happens between two steps of the event loop, so every
+        request sees either the old or the new configuration, never a mix. Returns False (and
+        keeps everything) when the new configuration is invalid.
+        """
+        if self._loader is None or self.draining:
+            return False
+        now = time.time()
+        try:
+            new = self._loader()
+        except ConfigError as exc:
+            errors = [e.describe() for e in exc.errors]
+            self.metrics.config_reloads.labels(result="refused").inc()
+            self.last_reload = {"at": now, "result": "refused", "errors": errors}
+            log.error("config_reload_refused", errors=errors, active_digest=self.config_digest,
+                      hint="fix the file and send SIGHUP again; the running configuration stays")
+            return False
+        effective, applied, restart = split_changes(self.settings, new)
+        self._apply(effective)
+        self.config_digest = settings_digest(effective)
+        self.metrics.config_info.info({"digest": self.config_digest, "source": effective.source})
+        self.metrics.config_reloads.labels(result="applied").inc()
+        self.last_reload = {"at": now, "result": "applied", "applied": applied,
+                            "restart_needed": restart, "loaded_digest": settings_digest(new)}
+        log.info("config_reloaded", digest=self.config_digest, source=effective.source,
+                 applied=applied, restart_needed=restart)
+        if restart:
+            log.warning("config_restart_needed", keys=restart,
+                        hint="these changes keep their running values until a restart")
+        return True
+
+    def _apply(self, s: Settings) -> None:
+        self.settings = s
+        self.policy = RecordingPolicy(s.policy, self.denials)
+        self.metrics.add_known_hosts(self.policy.hosts)
+        if self.proxy:
+            self.proxy.settings = s                    # read by each new connection
+            self.proxy.policy = self.policy
+            self.proxy.auth = ProxyAuth(s.proxy.auth)
+        if self.pipeline:
+            self.pipeline.settings = s
+            self.pipeline.cfg = s.cache                # TTLs, staleness, classification
+        if self.upstream:
+            self.upstream.reconfigure(s.upstream)
 
     # -- status for the admin page ----------------------------------------------------------
     def status(self) -> dict:
@@ -181,6 +242,8 @@ class Gateway:
             "bytes_served": bytes_served,
             "artifacts": sorted(artifacts, key=lambda a: a["artifact"]),
             "health": assess(upstreams, artifacts, self.draining),
+            "config": {"source": self.settings.source, "digest": self.config_digest,
+                       "last_reload": self.last_reload},
             "upstreams": upstreams,
             "upstreams_not_contacted": sorted(configured_upstreams(self.settings) - set(upstreams)),
             "recent_errors": recent_errors(upstreams),

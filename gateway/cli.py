@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
-from .settings import ConfigError, Settings, load_settings, parse_duration
+from .settings import (ConfigError, Settings, load_settings, parse_duration, settings_digest,
+                       settings_view)
 
 
 class StateMissing(Exception):
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the proxy and the admin endpoints")
     _add_config_flags(p, server=True)
+
+    p = sub.add_parser("reload", help="validate the configuration, then make the gateway on "
+                       "this data dir re-read it (SIGHUP) and report what it applied")
+    _add_config_flags(p)
 
     p = sub.add_parser("check-config", help="validate the configuration and exit")
     _add_config_flags(p)
@@ -115,7 +120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(settings.logging)
     try:
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, lambda: _settings(args))
+        if args.command == "reload":
+            return _reload(settings)
         if args.command == "check-config":
             return _check_config(settings, args)
         if args.command == "ca":
@@ -136,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, loader) -> int:
     from .app import Gateway  # noqa: PLC0415 - keep `ca export` and friends light
     from .startup import StartupError  # noqa: PLC0415
 
@@ -151,7 +158,7 @@ def _serve(settings: Settings) -> int:
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(Gateway(settings).run_forever())
+            runner.run(Gateway(settings, loader).run_forever())
     except (OSError, StartupError) as exc:
         print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -160,20 +167,9 @@ def _serve(settings: Settings) -> int:
 
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     if args.print:
-        import dataclasses  # noqa: PLC0415
-
-        def _plain(obj):
-            if dataclasses.is_dataclass(obj):  # secrets and loader fields are not settings
-                return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                        if not f.metadata.get("internal")}
-            if isinstance(obj, (tuple, list)):
-                return [_plain(x) for x in obj]
-            if hasattr(obj, "items"):
-                return {k: _plain(v) for k, v in obj.items()}
-            return obj
-
-        print(json.dumps(_plain(settings), indent=2, default=str))
-    print(f"configuration OK ({settings.source}): {len(settings.policy.rules)} policy rules, "
+        print(json.dumps(settings_view(settings), indent=2, default=str))
+    print(f"configuration OK ({settings.source}, digest {settings_digest(settings)}): "
+          f"{len(settings.policy.rules)} policy rules, "
           f"listen {settings.server.listen}, admin {settings.server.admin_listen}, "
           f"data dir {settings.server.data_dir}", file=sys.stderr)
     return 0
@@ -258,6 +254,68 @@ def _checked_pem(data: bytes, where: str) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
 
     return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+def _admin_status(settings: Settings) -> Optional[dict]:
+    """/api/status of the local gateway (with the admin token when one is configured)."""
+    import urllib.request  # noqa: PLC0415
+
+    host, port = settings.server.admin_addr
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = f"[{host}]" if ":" in host else host
+    headers = ({"Authorization": f"Bearer {settings.server.admin_token}"}
+               if settings.server.admin_token else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(f"http://{host}:{port}/api/status",
+                                                headers=headers), timeout=4) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _reload(settings: Settings) -> int:
+    """Signal the gateway holding this data dir's lock, then wait (bounded) for its report."""
+    import fcntl  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from .startup import LOCK_FILE  # noqa: PLC0415
+
+    lock = settings.data_dir / LOCK_FILE
+    try:
+        with open(lock, encoding="ascii") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                running = False                 # nobody holds it: no gateway
+            except BlockingIOError:
+                running = True
+            pid = int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        running, pid = False, 0
+    if not running or pid <= 0:
+        raise StateMissing(f"no gateway is running on {lock.parent}: {_data_dir_hint(settings)}")
+    before = (_admin_status(settings) or {}).get("config", {}).get("last_reload")
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        config = (_admin_status(settings) or {}).get("config") or {}
+        report = config.get("last_reload")
+        if report and report != before:
+            if report.get("result") != "applied":
+                print("trivy-gateway: the gateway refused the new configuration (the running "
+                      "one stays):\n  " + "\n  ".join(report.get("errors") or []), file=sys.stderr)
+                return 2
+            print(f"reloaded: config {config.get('digest')}; applied: "
+                  f"{', '.join(report.get('applied') or []) or 'nothing changed'}", file=sys.stderr)
+            if report.get("restart_needed"):
+                print("needs a restart to take effect: " + ", ".join(report["restart_needed"]),
+                      file=sys.stderr)
+            return 0
+        time.sleep(0.1)
+    print(f"trivy-gateway: sent SIGHUP to pid {pid}; no report on its admin port within 10s "
+          "(see its log: config_reloaded / config_reload_refused)", file=sys.stderr)
+    return 1
 
 
 def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:

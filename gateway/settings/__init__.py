@@ -11,6 +11,8 @@ read from env variables or files named in the config, never from the YAML itself
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import types
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ __all__ = [
     "PolicySettings", "RuleSettings", "UpstreamSettings", "RetrySettings", "HostLimitSettings",
     "CircuitSettings", "CredentialSettings", "ParentProxySettings", "CacheSettings",
     "MemoryFrontSettings", "OCISettings", "MavenSettings", "GitHubSettings", "LoggingSettings",
-    "split_hostport", "default_config_text",
+    "split_hostport", "default_config_text", "settings_view", "settings_digest",
 ]
 
 ENV_PREFIX = "TRIVY_GATEWAY_"
@@ -92,6 +94,25 @@ def _prefixes(path: str) -> list[str]:
             return out
         path = path[:cut]
         out.append(path)
+
+
+def settings_view(obj: Any) -> Any:
+    """Plain JSON-able data of the effective settings, without secrets and loader fields
+    (``check-config --print``, the config digest)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: settings_view(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("internal")}
+    if isinstance(obj, (tuple, list)):
+        return [settings_view(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {k: settings_view(v) for k, v in obj.items()}
+    return obj
+
+
+def settings_digest(settings: "Settings") -> str:
+    """A short digest naming a configuration (secrets excluded): which config is active."""
+    text = json.dumps(settings_view(settings), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def default_config_text() -> str:

@@ -321,6 +321,18 @@ class UpstreamClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def reconfigure(self, settings: UpstreamSettings) -> None:
+        """Live reload (gateway.reload): credentials, retries, circuit and per-host limits apply
+        to the next requests. The session (TLS trust, overrides, parent proxy) keeps its
+        start-up settings; those keys need a restart."""
+        self.settings = settings
+        self.credentials = CredentialStore(settings.credentials)
+        for host, st in self._hosts.items():
+            cfg = settings.limit_for(host)
+            st.limiter.cfg = cfg
+            st.limiter.rate = min(st.limiter.rate, float(cfg.rate))
+            st.breaker.cfg = settings.circuit
+
     # -- status ---------------------------------------------------------------------------------
     def _host(self, host: str) -> _HostState:
         host = host.lower()
