@@ -1,11 +1,10 @@
-"""Command line: ``trivy-gateway serve | ca export | ca bundle | check-config | cache …``.
+"""Command line: ``trivy-gateway serve | check-config | reload | healthcheck | ca … | cache …``.
 
 Every command that needs configuration loads it the same way (embedded default → ``--config`` →
 env → flags) and reports a bad file with the key and the file name, exit code 2.
 
-Only ``serve`` creates state (the data dir, the CA, the cache). Commands that read it (``ca
-export``, ``ca bundle``, ``cache …``) fail with exit code 1 and a hint when it is missing: a CA
-silently created in the wrong directory is a CA no scanner trusts.
+Only ``serve`` (and ``ca init``) create state; the commands on state are in
+:mod:`gateway.cli_state`, those that talk to a running gateway in :mod:`gateway.cli_running`.
 """
 from __future__ import annotations
 
@@ -14,16 +13,13 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
+from .cli_state import StateMissing, cache_command, ca_command
+from .cli_running import healthcheck_command, reload_command
 from .settings import (ConfigError, Settings, load_settings, parse_duration, settings_digest,
                        settings_view)
-
-
-class StateMissing(Exception):
-    """A read-only command found no gateway state where the configuration points."""
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -122,15 +118,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "serve":
             return _serve(settings, lambda: _settings(args))
         if args.command == "reload":
-            return _reload(settings)
+            return reload_command(settings)
         if args.command == "check-config":
             return _check_config(settings, args)
         if args.command == "ca":
-            return _ca(settings, args)
+            return ca_command(settings, args)
         if args.command == "healthcheck":
-            return _healthcheck(settings, args)
+            return healthcheck_command(settings, args)
         if args.command == "cache":
-            return _cache(settings, args)
+            return cache_command(settings, args)
     except ConfigError as exc:
         print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -173,186 +169,6 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
           f"listen {settings.server.listen}, admin {settings.server.admin_listen}, "
           f"data dir {settings.server.data_dir}", file=sys.stderr)
     return 0
-
-
-def _data_dir_hint(settings: Settings) -> str:
-    return (f"server.data_dir is {settings.server.data_dir!r} (from "
-            f"{settings.origin('server.data_dir')}, cwd {Path.cwd()}); pass the gateway's "
-            "--config or --data-dir")
-
-
-def _ca(settings: Settings, args: argparse.Namespace) -> int:
-    from .tls.ca import CertificateAuthority, bundle_from_pem  # noqa: PLC0415
-
-    if args.ca_command == "init":   # the one ca command that may create state, by its name
-        try:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-            ca = CertificateAuthority.load_or_create(settings)
-        except OSError as exc:
-            raise StateMissing(f"cannot create the CA: {exc.strerror}: {exc.filename} "
-                               f"({_data_dir_hint(settings)})") from None
-        print(f"gateway CA {ca.cert_path} sha256={ca.fingerprint_sha256}", file=sys.stderr)
-        return 0
-    pem = _fetch_ca(args.from_url) if args.from_url else _read_ca(settings)
-    sys.stdout.write(pem.decode("ascii") if args.ca_command == "export" else bundle_from_pem(pem))
-    return 0
-
-
-def _read_ca(settings: Settings) -> bytes:
-    """The CA certificate(s) the gateway uses, read without the key and never created."""
-    if settings.tls.ca_cert:
-        path, origin = Path(settings.tls.ca_cert), f"tls.ca_cert from {settings.origin('tls.ca_cert')}"
-    else:
-        from .tls.ca import CA_CERT_FILE, CA_DIR  # noqa: PLC0415
-
-        path, origin = settings.data_dir / CA_DIR / CA_CERT_FILE, _data_dir_hint(settings)
-    try:
-        return _checked_pem(path.read_bytes(), str(path))
-    except FileNotFoundError:
-        raise StateMissing(f"no gateway CA at {path}: {origin}. The CA is created by "
-                           "`trivy-gateway serve`; on a scanner host use "
-                           "`trivy-gateway ca bundle --from http://GATEWAY:9128`") from None
-    except OSError as exc:
-        raise StateMissing(f"cannot read the gateway CA {path}: {exc.strerror}") from None
-
-
-def _fetch_ca(url: str) -> bytes:
-    """GET ``URL/ca.pem`` from a running gateway's admin port, bypassing any *_proxy variable
-    (the gateway is the proxy; asking it through itself would fail)."""
-    import urllib.error  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
-
-    target = url.rstrip("/")
-    if not target.endswith("/ca.pem"):
-        target += "/ca.pem"
-    if "://" not in target:
-        target = "http://" + target
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(target, timeout=15) as response:
-            body = response.read(1024 * 1024)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise StateMissing(f"cannot fetch the CA from {target}: {reason}") from None
-    return _checked_pem(body, target)
-
-
-def _checked_pem(data: bytes, where: str) -> bytes:
-    """Only well-formed CA certificates go to stdout (a scanner would trust whatever we print)."""
-    from cryptography import x509  # noqa: PLC0415
-
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise StateMissing(f"{where} does not hold a PEM certificate") from None
-    try:
-        is_ca = certs[0].extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
-        raise StateMissing(f"{where}: the first certificate is not a CA certificate")
-    from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
-
-    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
-
-
-def _admin_status(settings: Settings) -> Optional[dict]:
-    """/api/status of the local gateway (with the admin token when one is configured)."""
-    import urllib.request  # noqa: PLC0415
-
-    host, port = settings.server.admin_addr
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    host = f"[{host}]" if ":" in host else host
-    headers = ({"Authorization": f"Bearer {settings.server.admin_token}"}
-               if settings.server.admin_token else {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(urllib.request.Request(f"http://{host}:{port}/api/status",
-                                                headers=headers), timeout=4) as response:
-            return json.loads(response.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _reload(settings: Settings) -> int:
-    """Signal the gateway holding this data dir's lock, then wait (bounded) for its report."""
-    import fcntl  # noqa: PLC0415
-    import os  # noqa: PLC0415
-    import signal  # noqa: PLC0415
-
-    from .startup import LOCK_FILE  # noqa: PLC0415
-
-    lock = settings.data_dir / LOCK_FILE
-    try:
-        with open(lock, encoding="ascii") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                running = False                 # nobody holds it: no gateway
-            except BlockingIOError:
-                running = True
-            pid = int(handle.read().strip() or 0)
-    except (OSError, ValueError):
-        running, pid = False, 0
-    if not running or pid <= 0:
-        raise StateMissing(f"no gateway is running on {lock.parent}: {_data_dir_hint(settings)}")
-    before = (_admin_status(settings) or {}).get("config", {}).get("last_reload")
-    os.kill(pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        config = (_admin_status(settings) or {}).get("config") or {}
-        report = config.get("last_reload")
-        if report and report != before:
-            if report.get("result") != "applied":
-                print("trivy-gateway: the gateway refused the new configuration (the running "
-                      "one stays):\n  " + "\n  ".join(report.get("errors") or []), file=sys.stderr)
-                return 2
-            print(f"reloaded: config {config.get('digest')}; applied: "
-                  f"{', '.join(report.get('applied') or []) or 'nothing changed'}", file=sys.stderr)
-            if report.get("restart_needed"):
-                print("needs a restart to take effect: " + ", ".join(report["restart_needed"]),
-                      file=sys.stderr)
-            return 0
-        time.sleep(0.1)
-    print(f"trivy-gateway: sent SIGHUP to pid {pid}; no report on its admin port within 10s "
-          "(see its log: config_reloaded / config_reload_refused)", file=sys.stderr)
-    return 1
-
-
-def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
-    """GET the admin port's /healthz (or /readyz) on this host, from the effective config, so a
-    YAML that moves the admin port does not break the container's HEALTHCHECK."""
-    import urllib.request  # noqa: PLC0415
-
-    host, port = settings.server.admin_addr
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    url = f"http://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via *_proxy
-    try:
-        with opener.open(url, timeout=4) as response:
-            response.read(1024)
-    except OSError as exc:
-        print(f"trivy-gateway: {url}: {getattr(exc, 'reason', None) or exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _cache(settings: Settings, args: argparse.Namespace) -> int:
-    root = settings.data_dir / "cache"
-    if not root.is_dir():
-        raise StateMissing(f"no gateway cache at {root}: {_data_dir_hint(settings)}")
-    if args.cache_command == "purge" and not (args.host or args.repo or args.older_than
-                                              or args.purge_all):
-        print("trivy-gateway: cache purge needs a filter (--host, --repo, --older-than) or "
-              "--all to remove every entry", file=sys.stderr)
-        return 2
-    from .cache.admin import run_cache_command  # noqa: PLC0415 - only for this command
-
-    return run_cache_command(settings, args)
 
 
 def parse_age(value: Optional[str]) -> Optional[float]:

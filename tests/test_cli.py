@@ -92,7 +92,7 @@ def test_cache_ls_has_a_header_and_readable_keys(bare_cwd, make_gateway, capsys)
     from gateway.cache.admin import readable_key
 
     digest = "sha256:" + "ab" * 32
-    assert readable_key(f"tag|ghcr.io/aquasecurity/trivy-db:2|application/json|anonymous") == \
+    assert readable_key("tag|ghcr.io/aquasecurity/trivy-db:2|application/json|anonymous") == \
         "ghcr.io/aquasecurity/trivy-db:2"
     assert readable_key(f"blob|{digest}|public") == "sha256:abababababab…"
     assert readable_key(f"blob|{digest}|{'f' * 32}").endswith("[private: fetched with credentials]")

@@ -134,45 +134,50 @@ def _health(status: Mapping) -> str:
             f'<ul id="health-reasons">\n{items}\n</ul>{note}</section>')
 
 
-def _denied(status: Mapping) -> str:
-    items = status.get("denied")
+def _ago(value: Any) -> str:
+    return esc(human_duration(value)) + " ago"
+
+
+def _list_section(items: Any, *, section_id: str, title: str, table_id: str, row_class: str,
+                  headers: str, cells: Any) -> str:
+    """A table of status list items (one row per mapping), or nothing when the list is empty:
+    problems appear on the page only while there are some."""
     rows = []
     for item in items if isinstance(items, list) else []:
         item = _mapping(item)
-        rows.append(
-            f'<tr class="denied" data-host="{esc(item.get("host") or "")}">'
-            + _cell(f"<code>{esc(item.get('host') or DASH)}:{esc(item.get('port') or DASH)}</code>")
-            + _cell(_val(item.get("count")), "num")
-            + _cell(esc(human_duration(item.get("seconds_ago"))) + " ago", "num")
-            + _cell(esc(item.get("reason") or DASH))
-            + _cell(f"<code>{esc(item.get('allow') or DASH)}</code>", "allow")
-            + "</tr>")
+        rows.append(f'<tr class="{row_class}" data-host="{esc(item.get("host") or "")}">'
+                    + "".join(cells(item)) + "</tr>")
     if not rows:
         return ""
-    return ('<section id="denied-section"><h2>Recently refused by policy</h2>'
-            '<table id="denied"><thead><tr><th>Target</th><th class="num">Count</th>'
-            '<th class="num">Last</th><th>Reason</th><th>To allow it</th></tr></thead><tbody>\n'
-            + "\n".join(rows) + "\n</tbody></table></section>")
+    return (f'<section id="{section_id}"><h2>{esc(title)}</h2><table id="{table_id}"><thead><tr>'
+            f"{headers}</tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table></section>")
+
+
+def _denied(status: Mapping) -> str:
+    return _list_section(
+        status.get("denied"), section_id="denied-section", title="Recently refused by policy",
+        table_id="denied", row_class="denied",
+        headers=('<th>Target</th><th class="num">Count</th><th class="num">Last</th>'
+                 "<th>Reason</th><th>To allow it</th>"),
+        cells=lambda item: [
+            _cell(f"<code>{esc(item.get('host') or DASH)}:{esc(item.get('port') or DASH)}</code>"),
+            _cell(_val(item.get("count")), "num"),
+            _cell(_ago(item.get("seconds_ago")), "num"),
+            _cell(esc(item.get("reason") or DASH)),
+            _cell(f"<code>{esc(item.get('allow') or DASH)}</code>", "allow")])
 
 
 def _errors(status: Mapping) -> str:
-    items = status.get("recent_errors")
-    rows = []
-    for item in items if isinstance(items, list) else []:
-        item = _mapping(item)
-        rows.append(
-            f'<tr class="recent-error" data-host="{esc(item.get("host") or "")}">'
-            + _cell(f"<code>{esc(item.get('host') or DASH)}</code>")
-            + _cell(_val(item.get("consecutive_failures")), "num")
-            + _cell(esc(human_duration(item.get("seconds_ago"))) + " ago", "num")
-            + _cell(esc(item.get("error") or DASH), "error")
-            + "</tr>")
-    if not rows:
-        return ""
-    return ('<section id="errors-section"><h2>Recent upstream errors</h2>'
-            '<table id="recent-errors"><thead><tr><th>Host</th><th class="num">Failures in a row'
-            '</th><th class="num">Last</th><th>Error</th></tr></thead><tbody>\n'
-            + "\n".join(rows) + "\n</tbody></table></section>")
+    return _list_section(
+        status.get("recent_errors"), section_id="errors-section", title="Recent upstream errors",
+        table_id="recent-errors", row_class="recent-error",
+        headers=('<th>Host</th><th class="num">Failures in a row</th><th class="num">Last</th>'
+                 "<th>Error</th>"),
+        cells=lambda item: [
+            _cell(f"<code>{esc(item.get('host') or DASH)}</code>"),
+            _cell(_val(item.get("consecutive_failures")), "num"),
+            _cell(_ago(item.get("seconds_ago")), "num"),
+            _cell(esc(item.get("error") or DASH), "error")])
 
 
 def _cell(text: str, cls: str = "", title: str = "") -> str:
