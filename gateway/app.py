@@ -228,6 +228,7 @@ class Gateway:
         for a in (self.pipeline.artifacts.values() if self.pipeline else []):
             a = dict(a)
             a["age_seconds"] = max(0.0, now - a["fetched_at"])
+            a["next_check_seconds"] = _next_check(self.settings, a, now)
             artifacts.append(a)
         ca = self.ca
         upstreams = {host: _upstream_view(h) for host, h in
@@ -256,6 +257,19 @@ class Gateway:
                    "not_after": ca.cert.not_valid_after_utc.isoformat()} if ca else None,
         }
 
+
+
+def _next_check(settings: Settings, artifact: dict, now: float) -> Optional[float]:
+    """Seconds until the tag of ``artifact`` is due for a refresh: from then on, the next
+    request for it refreshes it in the background (cache.oci.refresh_ahead of its TTL)."""
+    ref = str(artifact.get("reference") or "")
+    registry, _, rest = ref.partition("/")
+    repository, sep, _tag = rest.rpartition(":")
+    if not sep or "@" in ref:
+        return None
+    oci = settings.cache.oci
+    due = artifact["fetched_at"] + oci.ttl_for(registry, repository) * oci.refresh_ahead
+    return due - now
 
 
 def _is_loopback(host: str) -> bool:

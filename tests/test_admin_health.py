@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import time
 import urllib.request
 
 from gateway.admin.page import render_status_page
@@ -20,12 +21,12 @@ except ImportError:  # pragma: no cover
     from tests.test_admin_status_page_browser import base_args, browser, run_chromium  # noqa: F401
 
 
-def _via_proxy(gw, host: str, path: str) -> int:
+def _via_proxy(gw, host: str, path: str, headers: dict | None = None) -> int:
     conn = http.client.HTTPSConnection("127.0.0.1", gw.proxy_port, context=gw.client_ssl(),
                                        timeout=30)
     conn.set_tunnel(host, 443)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         return conn.getresponse().status
     except OSError as exc:           # CONNECT refused: "Tunnel connection failed: 403 …"
         match = re.search(r"\b(\d{3})\b", str(exc))
@@ -114,3 +115,19 @@ def test_open_circuit_and_stale_artifact_are_reasons_and_shown_first_on_the_page
     assert "next try in 28s" in health["reasons"][0]
     page = render_status_page({"ready": True, "health": health})
     assert page.index('id="health-section"') < page.index('id="traffic"')
+
+
+def test_artifacts_show_when_their_tag_is_next_checked(clean_upstreams, make_gateway):
+    gw = make_gateway(clean_upstreams, {"cache": {"oci": {"tag_ttl": {"mirror.gcr.io/aquasec/trivy-db": "1h"},
+                                                          "refresh_ahead": 0.5}}})
+    oci = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    assert _via_proxy(gw, "mirror.gcr.io", "/v2/aquasec/trivy-db/manifests/2", oci) == 200
+    deadline = time.monotonic() + 10       # noted when the fill is committed, just after
+    while not (arts := [a for a in gw.status()["artifacts"]
+                        if a["artifact"] == "vulnerability_db"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (art,) = arts
+    assert 1700 < art["next_check_seconds"] <= 1800               # half of the 1h TTL
+    page = render_status_page({"artifacts": [dict(art, next_check_seconds=1800.0)]})
+    assert '<td class="num next-check"' in page and ">in 30m 0s<" in page
+    assert ">due<" in render_status_page({"artifacts": [dict(art, next_check_seconds=-5)]})

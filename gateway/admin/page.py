@@ -134,6 +134,13 @@ def _health(status: Mapping) -> str:
             f'<ul id="health-reasons">\n{items}\n</ul>{note}</section>')
 
 
+def _next_check(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return DASH
+    return "due" if n <= 0 else "in " + human_duration(n)
+
+
 def _ago(value: Any) -> str:
     return esc(human_duration(value)) + " ago"
 
@@ -238,6 +245,8 @@ def _artifacts(status: Mapping) -> str:
             + digest_cell
             + _cell(esc(human_bytes(item.get("size"))), "num size")
             + _cell(esc(human_duration(item.get("age_seconds"))), "num age", age_title)
+            + _cell(esc(_next_check(item.get("next_check_seconds"))), "num next-check",
+                    "after this, the next request for it refreshes the tag in the background")
             + _cell(marker, "stale")
             + "</tr>")
     if not rows:
@@ -246,7 +255,8 @@ def _artifacts(status: Mapping) -> str:
     else:
         body = ('<table id="artifacts"><thead><tr><th>Artifact</th><th>Reference</th>'
                 '<th>Digest</th><th class="num">Size</th><th class="num">Age</th>'
-                "<th>State</th></tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+                '<th class="num">Next check</th><th>State</th></tr></thead><tbody>\n'
+                + "\n".join(rows) + "\n</tbody></table>")
     return f'<section id="artifacts-section">\n<h2>Cached Trivy artifacts</h2>\n{body}\n</section>'
 
 
