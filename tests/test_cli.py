@@ -95,6 +95,8 @@ def test_cache_ls_has_a_header_and_readable_keys(bare_cwd, make_gateway, capsys)
     assert readable_key("tag|ghcr.io/aquasecurity/trivy-db:2|application/json|anonymous") == \
         "ghcr.io/aquasecurity/trivy-db:2"
     assert readable_key(f"blob|{digest}|public") == "sha256:abababababab…"
+    assert readable_key("maven|https://repo.maven.apache.org/maven2/a/b/1/b-1.pom|") == \
+        "repo.maven.apache.org/maven2/a/b/1/b-1.pom"
     assert readable_key(f"blob|{digest}|{'f' * 32}").endswith("[private: fetched with credentials]")
     gw = make_gateway()
     assert main(["cache", "ls", "--data-dir", str(gw.data_dir)]) == 0

@@ -55,7 +55,7 @@ def readable_key(key: str) -> str:
     parts = key.split("|")
     if len(parts) < 2:
         return key
-    kind, what = parts[0], parts[1]
+    kind, what = parts[0], re.sub(r"^https?://", "", parts[1])
     if kind == "oci-ping":
         what = f"{what} (registry ping)"
     elif kind == "oci-token":

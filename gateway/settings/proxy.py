@@ -51,7 +51,7 @@ class ProxySettings:
     def validate(self, path: str) -> None:
         at_least(self.max_header_bytes, 4096, f"{path}.max_header_bytes", "4096 bytes")
         at_least(self.chunk_size, 4096, f"{path}.chunk_size", "4096 bytes")
-        at_least(self.header_timeout, 1, f"{path}.header_timeout", "1s")
-        at_least(self.idle_timeout, 1, f"{path}.idle_timeout", "1s")
+        at_least(self.header_timeout, 0.1, f"{path}.header_timeout", "0.1s")
+        at_least(self.idle_timeout, 0.1, f"{path}.idle_timeout", "0.1s")
         if self.max_connections < 0:
             raise ConfigError(f"{path}.max_connections", "must be 0 (no cap) or positive")
