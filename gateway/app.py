@@ -23,7 +23,7 @@ from .health import DenialLog, RecordingPolicy, assess, recent_errors
 from .policy import ACTION_DENY
 from .proxy import ProxyServer
 from .proxy.auth import ProxyAuth
-from .reload import split_changes
+from .reload import ReloadResult, split_changes
 from .settings import ConfigError, Settings, settings_digest
 from .startup import DataDirLock, check_addresses, data_dir_error
 from .tls.ca import CertificateAuthority
@@ -176,8 +176,8 @@ class Gateway:
             new = self._loader()
         except ConfigError as exc:
             errors = [e.describe() for e in exc.errors]
-            self.metrics.config_reloads.labels(result="refused").inc()
-            self.last_reload = {"at": now, "result": "refused", "errors": errors}
+            self.metrics.config_reloads.labels(result=ReloadResult.REFUSED).inc()
+            self.last_reload = {"at": now, "result": str(ReloadResult.REFUSED), "errors": errors}
             log.error("config_reload_refused", errors=errors, active_digest=self.config_digest,
                       hint="fix the file and send SIGHUP again; the running configuration stays")
             return False
@@ -185,8 +185,8 @@ class Gateway:
         self._apply(effective)
         self.config_digest = settings_digest(effective)
         self.metrics.config_info.info({"digest": self.config_digest, "source": effective.source})
-        self.metrics.config_reloads.labels(result="applied").inc()
-        self.last_reload = {"at": now, "result": "applied", "applied": applied,
+        self.metrics.config_reloads.labels(result=ReloadResult.APPLIED).inc()
+        self.last_reload = {"at": now, "result": str(ReloadResult.APPLIED), "applied": applied,
                             "restart_needed": restart, "loaded_digest": settings_digest(new)}
         log.info("config_reloaded", digest=self.config_digest, source=effective.source,
                  applied=applied, restart_needed=restart)

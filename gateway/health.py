@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from enum import StrEnum
 from typing import Any, Iterable, Mapping, Optional
 
 from .policy import Policy
@@ -20,6 +21,12 @@ from .policy.rules import Decision
 
 #: refusals kept (distinct host:port pairs, most recent first)
 DENIAL_LIMIT = 20
+
+
+class HealthState(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    DRAINING = "draining"
 
 
 def allow_hint(decision: Decision) -> str:
@@ -105,5 +112,6 @@ def assess(upstreams: Mapping[str, Mapping], artifacts: Iterable[Mapping],
         if artifact.get("stale") is True:
             reasons.append(f"serving a stale {artifact.get('artifact')} "
                            f"({artifact.get('reference')}): its upstream could not refresh it")
-    state = "draining" if draining else ("degraded" if reasons else "ok")
-    return {"state": state, "reasons": reasons}
+    state = (HealthState.DRAINING if draining
+             else HealthState.DEGRADED if reasons else HealthState.OK)
+    return {"state": str(state), "reasons": reasons}

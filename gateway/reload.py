@@ -19,9 +19,15 @@ Every settled configuration has a short digest (:func:`gateway.settings.settings
 from __future__ import annotations
 
 import dataclasses
+from enum import StrEnum
 from typing import Any
 
 from .settings import Settings
+
+class ReloadResult(StrEnum):
+    APPLIED = "applied"
+    REFUSED = "refused"     # the new configuration was invalid; the running one stays
+
 
 #: key paths (a section, or section.key) applied live
 RELOADABLE = frozenset({

@@ -132,3 +132,27 @@ def test_cli_reload_reports_applied_and_restart_needed_keys(make_gateway):
     assert "needs a restart to take effect: cache.max_size" in r.stderr
     status = gw.status()
     assert status["cache"]["max_size_bytes"] != 2 * 1024**3     # the running value stays
+
+
+def test_split_changes_applies_live_keys_and_keeps_restart_keys(tmp_path):
+    from gateway.reload import split_changes
+
+    secret = tmp_path / "token"
+    secret.write_text("t1")
+    base = {"server": {"listen": "127.0.0.1:1"},
+            "upstream": {"credentials": [{"host": "ghcr.io", "type": "bearer",
+                                          "secret_file": str(secret)}]}}
+    old = load_settings(env={}, overrides=base)
+    secret.write_text("t2")                                    # a rotated credential
+    new = load_settings(env={}, overrides={
+        "server": {"listen": "127.0.0.1:2"},
+        "upstream": {"credentials": base["upstream"]["credentials"],
+                     "limits": {"ghcr.io": {"rate": 1.0}}},
+        "cache": {"oci": {"tag_ttl": {"default": "5m"}}, "max_size": "2GiB"}})
+    effective, applied, restart = split_changes(old, new)
+    assert sorted(applied) == ["cache.oci", "upstream.credentials", "upstream.limits"]
+    assert sorted(restart) == ["cache.max_size", "server.listen"]
+    assert effective.upstream.credentials[0].secret == "t2"
+    assert effective.upstream.limit_for("ghcr.io").rate == 1.0
+    assert effective.cache.oci.ttl_for("mirror.gcr.io", "x/y") == 300
+    assert effective.server.listen == "127.0.0.1:1" and effective.cache.max_size == old.cache.max_size
