@@ -68,6 +68,13 @@ class Metrics:
 
         # -- client-facing proxy ----------------------------------------------------------
         self.build_info = Info(p + "build", "Version of the running gateway.", registry=r)
+        self.config_info = Info(
+            p + "config", "The active configuration: digest (as in check-config and the "
+            "config_reloaded log line; secrets excluded) and source file.", registry=r)
+        self.config_reloads = Counter(
+            p + "config_reloads_total",
+            "Live reloads (SIGHUP, trivy-gateway reload), by result (applied, refused: the new "
+            "configuration was invalid and the running one stayed).", ["result"], registry=r)
         self.requests = Counter(
             p + "requests_total",
             "Client requests handled, by target host, policy decision, response status and "

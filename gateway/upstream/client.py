@@ -139,6 +139,19 @@ class UpstreamClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def reconfigure(self, settings: UpstreamSettings) -> None:
+        """Live reload (gateway.reload): credentials, retries, circuit and per-host limits apply
+        to the next requests. The session (TLS trust, overrides, parent proxy) keeps its
+        start-up settings; those keys need a restart."""
+        self.settings = settings
+        self.credentials = CredentialStore(settings.credentials)
+        # every part that holds the settings or the credentials gets the new ones
+        self._hop.settings = settings
+        self._hop.credentials = self.credentials
+        self._hop.resumer.retry = settings.retry  # type: ignore[union-attr]
+        self.tokens.credentials = self.credentials
+        self.hosts.reconfigure(settings)
+
     # -- status ---------------------------------------------------------------------------------
     def circuit_remaining(self, host: str) -> Optional[float]:
         st = self.hosts.get(host)

@@ -156,6 +156,16 @@ class HostTable:
     def get(self, host: str) -> Optional[HostState]:
         return self._hosts.get(host.lower())
 
+    def reconfigure(self, settings: UpstreamSettings) -> None:
+        """New limits and circuit settings for known hosts and those created from now on
+        (live reload); a limiter keeps its current rate when that is below the new ceiling."""
+        self._settings = settings
+        for st in self._hosts.values():
+            cfg = settings.limit_for(st.host)
+            st.limiter.cfg = cfg
+            st.limiter.rate = min(st.limiter.rate, float(cfg.rate))
+            st.breaker.cfg = settings.circuit
+
     def state(self, host: str) -> HostState:
         """The state of ``host``, created on first use; marks it most recently used."""
         host = host.lower()

@@ -53,7 +53,7 @@ def parse_challenge(value: str) -> tuple[str, dict[str, str]]:
 class RegistryTokens:
     def __init__(self, fetch: Fetch, credentials: CredentialStore) -> None:
         self._fetch = fetch
-        self._credentials = credentials
+        self.credentials = credentials
         #: registry → (scheme, params, fetched_at); scheme "" = no auth needed
         self._challenges: dict[str, tuple[str, dict[str, str], float]] = {}
         #: (registry, repository) → (Authorization value or None, valid_until)
@@ -120,7 +120,7 @@ class RegistryTokens:
     async def _obtain(self, registry: str, repository: str, deadline: float
                       ) -> tuple[Optional[str], float]:
         scheme, params = await self._challenge(registry, deadline)
-        creds = self._credentials
+        creds = self.credentials
         if scheme == "":
             return None, ANONYMOUS_TTL
         if scheme == "basic":

@@ -65,7 +65,7 @@ class BodyResumer:
 
     def __init__(self, retry: RetrySettings, metrics: Metrics, send_get: SendGet,
                  request: Request) -> None:
-        self._retry = retry
+        self.retry = retry
         self._metrics = metrics
         self._send_get = send_get
         self._request = request
@@ -79,7 +79,7 @@ class BodyResumer:
             r.drop_connection(reuse=False)
             raise UpstreamError(Reason.CLIENT_BODY, host, f"the client's request body failed "
                                 f"while {safe_url(r.url)} was answering", status=400) from None
-        if ctx is None or r.resumes >= self._retry.resume_attempts:
+        if ctx is None or r.resumes >= self.retry.resume_attempts:
             r.drop_connection(reuse=False)
             why = "not resumable" if ctx is None else f"{r.resumes} resume(s) already tried"
             raise UpstreamError(Reason.BODY, host, f"body of {safe_url(r.url)} broke after "
@@ -91,7 +91,7 @@ class BodyResumer:
         log.warning("upstream_resume", host=host, url=safe_url(r.url), reached=reached,
                     expected=ctx.expected, attempt=r.resumes, error=what)
         r.drop_connection(reuse=False)
-        deadline = asyncio.get_running_loop().time() + float(self._retry.deadline)
+        deadline = asyncio.get_running_loop().time() + float(self.retry.deadline)
         origin = ctx.origin
         extra = CIMultiDict({"Range": f"bytes={reached}-"})
         if ctx.validator:
