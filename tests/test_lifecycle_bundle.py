@@ -322,3 +322,36 @@ def test_detached_signature_openssl_and_cosign_format(tmp_path, signing, kind):
         and os.path.getsize(src / "cache" / p) < 100} | {
         p for p in cache_files(dst) if p.startswith("entries/")}
     assert len([p for p in cache_files(dst) if p.startswith("entries/")]) == 2
+
+
+_PEAK_RSS = ("import resource, subprocess, sys\n"
+             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+             "sys.stderr.write(r.stderr)\n"
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+             "sys.exit(r.returncode)\n")
+
+
+def peak_rss_mib(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """Run the CLI under a fresh parent whose only child it is: the child's peak RSS (VmHWM)."""
+    res = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "gateway",
+                          *args], cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    return int(res.stdout.strip() or 0) / 1024, res
+
+
+def test_big_bundle_export_and_import_use_bounded_memory(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    size = 200 * 1024 * 1024
+    facts = populate(src, layer_size=size)
+    out = tmp_path / "big.tar"
+    export_rss, res = peak_rss_mib("bundle", "export", "--data-dir", str(src), "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert out.stat().st_size > size
+    import_rss, res = peak_rss_mib("bundle", "import", "--data-dir", str(dst), str(out))
+    assert res.returncode == 0, res.stderr
+    assert "200.0 MiB" in res.stderr, res.stderr  # the big member is announced on its own line
+    print(f"peak RSS: export {export_rss:.1f} MiB, import {import_rss:.1f} MiB of a "
+          f"{out.stat().st_size / 2**20:.0f} MiB bundle")
+    assert import_rss <= 150, f"import peaked at {import_rss:.1f} MiB RSS"
+    assert export_rss <= 150, f"export peaked at {export_rss:.1f} MiB RSS"
+    assert (dst / "cache" / "blobs" / "sha256" / facts["layer"][7:9] / facts["layer"][7:]
+            ).stat().st_size == size
