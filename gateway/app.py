@@ -15,6 +15,8 @@ from typing import Optional
 from . import __version__
 from .admin.server import AdminServer
 from .cache import BlobStore, EntryStore
+from .lifecycle.freshness import Freshness
+from .lifecycle.prefetch import Prefetcher
 from .observability.logging import get_logger
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
@@ -51,6 +53,7 @@ class Gateway:
         self.admin: Optional[AdminServer] = None
         self.upstream: Optional[UpstreamClient] = None
         self.pipeline: Optional[Pipeline] = None
+        self.prefetcher: Optional[Prefetcher] = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -76,6 +79,12 @@ class Gateway:
         self.admin = AdminServer(self.metrics, self.status, self.ready, lambda: self.ca.cert_pem,
                                  ahost, aport)
         await self.admin.start()
+        if s.lifecycle.prefetch.enabled:
+            self.prefetcher = Prefetcher(
+                s.lifecycle.prefetch, s.cache, self.pipeline.handle, policy, self.entries,
+                self.blobs, self.metrics,
+                Freshness(s.data_dir / "lifecycle" / "prefetch.json", self.metrics))
+            self.prefetcher.start()
         log.info("gateway_started", version=__version__, listen=f"{host}:{port}",
                  admin=f"{ahost}:{self.admin.port}", data_dir=str(s.data_dir),
                  config=s.source, ca_sha256=self.ca.fingerprint_sha256)
@@ -89,6 +98,8 @@ class Gateway:
             return
         self.draining = True
         log.info("gateway_draining", grace=self.settings.server.drain_grace)
+        if self.prefetcher:
+            await self.prefetcher.stop()
         if self.proxy:
             self.proxy.stop_accepting()
             await self.proxy.drain(self.settings.server.drain_grace)
@@ -142,6 +153,8 @@ class Gateway:
             "cache_results": results,
             "bytes_served": bytes_served,
             "artifacts": sorted(artifacts, key=lambda a: a["artifact"]),
+            "lifecycle": self.prefetcher.status() if self.prefetcher else
+            {"prefetch_enabled": False, "artifacts": []},
             "upstreams": {host: _upstream_view(h) for host, h in
                           (self.upstream.health() if self.upstream else {}).items()},
             "cache": {"size_bytes": self.blobs.size, "max_size_bytes": self.blobs.max_size,

@@ -60,7 +60,10 @@ class Pipeline:
         self._request_counters: dict[tuple[str, str, str], object] = {}
 
     # -- entry point ----------------------------------------------------------------------------
-    async def handle(self, ex: Exchange) -> Response:
+    async def handle(self, ex: Exchange, revalidate: bool = False) -> Response:
+        """Answer one request. ``revalidate=True`` (the prefetcher: has the tag moved?) checks
+        even a fresh entry with the upstream (conditionally: a 304 keeps it); everything else —
+        single flight, circuit, rate limits, verification, stale on failure — as for a client."""
         lower = {k.lower(): v for k, v in ex.headers.items()}
         res = classify(ex.method, ex.host, ex.path, ex.query, lower, self.cfg)
         ex.notes["kind"] = res.kind
@@ -77,7 +80,7 @@ class Pipeline:
         now = time.time()
         if found is not None:
             entry, body = found
-            if entry.is_fresh(now):
+            if entry.is_fresh(now) and not revalidate:
                 result = "negative" if entry.negative else "hit"
                 self._maybe_refresh(ex, res, entry, now)
                 return self._serve(ex, res, entry, body, result,

@@ -21,6 +21,8 @@ import yaml
 
 from ._parse import ByteSize, ConfigError, Duration, from_mapping, parse_duration, parse_size
 from .cache import CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings
+from .lifecycle import (LifecycleSettings, PrefetchArtifactSettings, PrefetchSettings,
+                        PrefetchSource)
 from .logging import LoggingSettings
 from .policy import PolicySettings, RuleSettings
 from .proxy import ProxyAuthSettings, ProxySettings
@@ -35,7 +37,8 @@ __all__ = [
     "PolicySettings", "RuleSettings", "UpstreamSettings", "RetrySettings", "HostLimitSettings",
     "CircuitSettings", "CredentialSettings", "ParentProxySettings", "CacheSettings",
     "MemoryFrontSettings", "OCISettings", "MavenSettings", "GitHubSettings", "LoggingSettings",
-    "split_hostport", "default_config_text",
+    "split_hostport", "default_config_text", "LifecycleSettings", "PrefetchSettings",
+    "PrefetchArtifactSettings", "PrefetchSource",
 ]
 
 ENV_PREFIX = "TRIVY_GATEWAY_"
@@ -59,6 +62,7 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     cache: CacheSettings = CacheSettings()
     logging: LoggingSettings = LoggingSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
     #: where the operator's file came from ("<embedded default>" when none)
     source: str = "<embedded default>"
 
