@@ -148,3 +148,24 @@ def test_generations_beyond_keep_are_evicted_oldest_first(clean_upstreams, make_
     assert not blob_file(gw, gens[0].manifest_digest).exists()
     for kept in gens[1:]:
         assert blob_file(gw, kept.layer.digest).stat().st_size == kept.layer.size
+
+
+def test_prefetch_respects_open_circuits_and_adds_nothing_to_a_rate_limit(
+        clean_upstreams, make_gateway):
+    """Both registries answer 429 with a long Retry-After: one request each opens their circuits
+    (upstream.retry.retry_after_max is below it), and the checks that follow — one a second —
+    send nothing more until the circuits close; the cached generation stays served."""
+    world = clean_upstreams
+    gw = make_gateway(world, ONLY_DB)
+    first = world.published["db"]
+    wait_for(gw, lambda s: s["served_digest"] == first.manifest_digest, "the first generation")
+    world.clear_log()
+    for host in (MIRROR, GHCR):
+        world.too_many_requests(host, path="/manifests/", times=None, retry_after=600)
+    state = wait_for(gw, lambda s: s["consecutive_failures"] >= 5, "five failed checks")
+    assert state["served_digest"] == first.manifest_digest
+    assert "upstream unavailable" in state["last_error"], state
+    world.wait_idle(5)
+    sent = world.requests(path_contains="/manifests/")
+    assert sorted(e.host for e in sent) == [GHCR, MIRROR], diag(world, gw)
+    assert gw.status()["upstreams"][MIRROR]["circuit"] == "open"
