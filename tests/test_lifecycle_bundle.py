@@ -355,3 +355,24 @@ def test_big_bundle_export_and_import_use_bounded_memory(tmp_path):
     assert export_rss <= 150, f"export peaked at {export_rss:.1f} MiB RSS"
     assert (dst / "cache" / "blobs" / "sha256" / facts["layer"][7:9] / facts["layer"][7:]
             ).stat().st_size == size
+
+
+@pytest.mark.parametrize("command", ["cache-stats", "bundle-import"])
+def test_operator_commands_leave_a_running_gateways_fills_alone(tmp_path, command):
+    """A fill in progress (a gateway downloading the Java DB) survives an operator command run
+    beside it: the commands open the store without clearing ``tmp/``."""
+    src, data = tmp_path / "src", tmp_path / "data"
+    populate(src)
+    out = tmp_path / "b.tar"
+    export(src, out)
+    blobs, _ = open_stores(data)
+    body = b"layer being downloaded" * 1000
+    fill = blobs.begin_fill("sha256:" + hashlib.sha256(body).hexdigest(), len(body))
+    fill.write(body[:1000])
+    args = (["cache", "stats", "--data-dir", str(data)] if command == "cache-stats"
+            else ["bundle", "import", "--data-dir", str(data), str(out)])
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    fill.write(body[1000:])
+    digest = fill.commit()
+    assert blobs.path_of(digest).read_bytes() == body
