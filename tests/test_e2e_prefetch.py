@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from tests.e2e_support import (CDN, GHCR, MIRROR, TrivyClient, blob_requests, diag,
+from tests.e2e_support import (CDN, CODELOAD, GHCR, MIRROR, TrivyClient, blob_requests, diag,
                                require_trivy)
-from tests.test_e2e_trivy import assert_db_in, db_only, ok
+from tests.emulated import write_config_project
+from tests.emulated.services import vex_repository_manifest
+from tests.test_e2e_trivy import assert_db_in, config_scan, db_only, ok, vex_download
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +27,15 @@ ONLY_DB = {"lifecycle": {"prefetch": {
                   "vex_hub": {"enabled": False}}}}}
 
 
-def db_state(gw) -> dict:
-    return next(a for a in gw.status()["lifecycle"]["artifacts"]
-                if a["artifact"] == "vulnerability_db")
+def db_state(gw, artifact: str = "vulnerability_db") -> dict:
+    return next(a for a in gw.status()["lifecycle"]["artifacts"] if a["artifact"] == artifact)
 
 
-def wait_for(gw, pred, what: str, timeout: float = 60.0) -> dict:
+def wait_for(gw, pred, what: str, timeout: float = 60.0,
+             artifact: str = "vulnerability_db") -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        state = db_state(gw)
+        state = db_state(gw, artifact)
         if pred(state):
             return state
         assert time.monotonic() < deadline, f"timed out waiting for {what}: {state}\n" \
@@ -169,3 +171,42 @@ def test_prefetch_respects_open_circuits_and_adds_nothing_to_a_rate_limit(
     sent = world.requests(path_contains="/manifests/")
     assert sorted(e.host for e in sent) == [GHCR, MIRROR], diag(world, gw)
     assert gw.status()["upstreams"][MIRROR]["circuit"] == "open"
+
+
+EVERYTHING = {"lifecycle": {"prefetch": {"enabled": True, "jitter": 0, "artifacts": {
+    name: {"interval": "1s"} for name in ("vulnerability_db", "java_db", "checks_bundle",
+                                          "vex_hub")}}}}
+
+
+def test_every_default_artifact_is_prefetched_and_scanners_only_see_hits(
+        clean_upstreams, make_gateway, tmp_path):
+    require_trivy()
+    world = clean_upstreams
+    world.github.set_manifest(vex_repository_manifest())
+    archive = world.github.archive
+    gw = make_gateway(world, EVERYTHING)
+    t = TrivyClient(gw, tmp_path / "scanner")
+    try:
+        for artifact, kind in (("vulnerability_db", "db"), ("java_db", "javadb"),
+                               ("checks_bundle", "checks")):
+            wait_for(gw, lambda s, d=world.published[kind].manifest_digest:
+                     s["served_digest"] == d, artifact, artifact=artifact)
+        first_vex = wait_for(gw, lambda s: s["served_digest"] is not None, "vex", artifact="vex_hub")
+        world.publish_vex(7)
+        wait_for(gw, lambda s: s["served_digest"] not in (None, first_vex["served_digest"]),
+                 "the new VEX archive", artifact="vex_hub")
+
+        world.clear_log()
+        ok(db_only(t), world, gw)
+        ok(t.run("image", "--download-java-db-only", "--timeout", "80s"), world, gw)
+        proj = tmp_path / "cfg"
+        write_config_project(proj)
+        config_scan(t, world, gw, proj)
+        ok(t.run("vex", "repo", "init", "--timeout", "30s"), world, gw)
+        vex_download(t, world, gw, t.fresh_cache())
+        world.wait_idle(10)
+        assert blob_requests(world) == [] and world.requests(host=CDN) == [], diag(world, gw)
+        assert world.requests(host=CODELOAD, method="GET", status=200) == [], diag(world, gw)
+    finally:
+        t.close()
+        world.github.set_archive(archive)
