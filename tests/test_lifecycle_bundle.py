@@ -376,3 +376,17 @@ def test_operator_commands_leave_a_running_gateways_fills_alone(tmp_path, comman
     fill.write(body[1000:])
     digest = fill.commit()
     assert blobs.path_of(digest).read_bytes() == body
+
+
+def test_a_bundle_larger_than_the_cache_budget_is_refused(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    populate(src)
+    out = tmp_path / "b.tar"
+    export(src, out)
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(f"server: {{data_dir: {dst}}}\ncache: {{max_size: 100KiB, min_free_space: 0}}\n")
+    res = run_cli("bundle", "import", "--config", str(cfg), str(out))
+    refused(res, "more than the whole cache budget")
+    assert cache_files(dst) == set()
+    res = run_cli("bundle", "export", "--data-dir", str(src), "-o", str(tmp_path / "no" / "b.tar"))
+    assert res.returncode == 1 and "No such file or directory" in res.stderr, res.stderr

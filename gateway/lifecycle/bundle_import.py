@@ -84,6 +84,11 @@ def _check_manifest(doc: object) -> dict[str, dict]:
     return members
 
 
+def _printable(value: object) -> str:
+    """Text from the (not yet verified) manifest, safe to print on a terminal."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))[:200]
+
+
 def _read_all(f, size: int, limit: int, name: str) -> bytes:
     if size > limit:
         raise BundleError(f"member {name} is {size} bytes, more than the {limit} allowed")
@@ -154,12 +159,18 @@ def _stage(tar: tarfile.TarFile, staging: _Staging, stderr) -> tuple[dict, Progr
     except ValueError as exc:
         raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
     expected = _check_manifest(manifest)
-    print(f"bundle from trivy-gateway {manifest.get('gateway_version')}, created "
-          f"{manifest.get('created_at')}: {len(expected)} members, "
-          f"{human(manifest.get('total_bytes') or 0)}", file=stderr)
+    print(f"bundle from trivy-gateway {_printable(manifest.get('gateway_version'))}, created "
+          f"{_printable(manifest.get('created_at'))}: {len(expected)} members, "
+          f"{human(sum(m['size'] for m in expected.values()))}", file=stderr)
     for art in manifest.get("artifacts") or []:
-        print(f"artifact {art.get('artifact')}: {art.get('reference')} @ "
-              f"{art.get('manifest_digest')}", file=stderr)
+        if isinstance(art, dict):
+            print(f"artifact {_printable(art.get('artifact'))}: {_printable(art.get('reference'))}"
+                  f" @ {_printable(art.get('manifest_digest'))}", file=stderr)
+    new_bytes = sum(m["size"] for n, m in expected.items() if BLOB_MEMBER.match(n)
+                    and not staging.blobs.has("sha256:" + m["sha256"]))
+    if new_bytes > staging.blobs.max_size:
+        raise BundleError(f"the bundle adds {human(new_bytes)}, more than the whole cache budget "
+                          f"(cache.max_size {human(staging.blobs.max_size)})")
     progress = Progress("import", sum(m["size"] for m in expected.values()), stderr)
     seen: set[str] = set()
     manifest_verified = False

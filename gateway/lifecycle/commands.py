@@ -69,6 +69,10 @@ def run_bundle_command(settings: "Settings", args: argparse.Namespace) -> int:
             signature=Path(args.signature) if args.signature else None,
             public_key=Path(args.public_key) if args.public_key else None))
         return 0
+    except OSError as exc:
+        print(f"trivy-gateway: bundle {args.bundle_command}: {exc.filename or ''}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except (BundleError, SignatureError) as exc:
         verb = args.bundle_command
         tail = " Nothing was imported." if verb == "import" else ""

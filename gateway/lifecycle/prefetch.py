@@ -32,7 +32,7 @@ from typing import Awaitable, Callable, Optional
 
 from multidict import CIMultiDict
 
-from ..cache import EntryStore, FillFailed
+from ..cache import BlobStore, EntryStore, FillFailed
 from ..exchange import Exchange, Response
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
@@ -71,7 +71,7 @@ Handle = Callable[..., Awaitable[Response]]
 
 class Prefetcher:
     def __init__(self, settings: PrefetchSettings, cache: CacheSettings, handle: Handle,
-                 policy: Policy, entries: EntryStore, blobs, metrics: Metrics,
+                 policy: Policy, entries: EntryStore, blobs: BlobStore, metrics: Metrics,
                  freshness: Freshness, *, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
