@@ -390,3 +390,16 @@ def test_a_bundle_larger_than_the_cache_budget_is_refused(tmp_path):
     assert cache_files(dst) == set()
     res = run_cli("bundle", "export", "--data-dir", str(src), "-o", str(tmp_path / "no" / "b.tar"))
     assert res.returncode == 1 and "No such file or directory" in res.stderr, res.stderr
+
+
+def test_a_listed_but_malformed_entry_is_refused(tmp_path):
+    dst = tmp_path / "dst"
+    bad = json.dumps({"key": 42, "kind": "maven", "status": 200, "headers": [],
+                      "body_digest": None, "body_size": 0, "validated_at": 1.0,
+                      "fresh_until": "inf"}).encode()
+    hexd = hashlib.sha256(bad).hexdigest()
+    out = _tar_with(tmp_path, [(f"entries/{hexd}.json", bad)],
+                    [{"name": f"entries/{hexd}.json", "sha256": hexd, "size": len(bad)}])
+    res = run_cli("bundle", "import", "--data-dir", str(dst), str(out))
+    refused(res, "is not a cache entry")
+    assert cache_files(dst) == set()

@@ -89,6 +89,22 @@ def _printable(value: object) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(value))[:200]
 
 
+def _checked_entry(e: Entry) -> Entry:
+    """Field types of an entry from the bundle, checked before anything is published (an entry
+    that fails later, half-way through publishing, would leave part of the bundle behind)."""
+    numbers = (e.validated_at, e.fresh_until, e.stored_at)
+    if not (isinstance(e.key, str) and e.key and isinstance(e.kind, str)
+            and isinstance(e.status, int) and isinstance(e.body_size, int)
+            and all(isinstance(n, (int, float)) for n in numbers)
+            and all(len(h) == 2 and all(isinstance(x, str) for x in h) for h in e.headers)
+            and isinstance(e.meta, dict)
+            and (e.body_digest is None or isinstance(e.body_digest, str)
+                 and BLOB_MEMBER.match("blobs/sha256/" + e.body_digest.removeprefix("sha256:"))
+                 and e.body_digest.startswith("sha256:"))):
+        raise ValueError("a field has the wrong type")
+    return e
+
+
 def _read_all(f, size: int, limit: int, name: str) -> bytes:
     if size > limit:
         raise BundleError(f"member {name} is {size} bytes, more than the {limit} allowed")
@@ -203,7 +219,7 @@ def _stage(tar: tarfile.TarFile, staging: _Staging, stderr) -> tuple[dict, Progr
                 raise BundleError(f"member {name} does not match its digest (the bundle was "
                                   "changed or damaged in transit)")
             try:
-                staging.entries.append(Entry.from_json(data.decode()))
+                staging.entries.append(_checked_entry(Entry.from_json(data.decode())))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise BundleError(f"member {name} is not a cache entry: {exc}") from None
             progress.advance(len(data))
