@@ -141,16 +141,24 @@ def _summary(status: Mapping) -> str:
 </section>"""
 
 
+def _artifact_title(item: Mapping) -> tuple[Any, str]:
+    name = item.get("artifact")
+    return name, ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
+
+
+def _digest_cell(digest: Any, cls: str, note: str = "") -> str:
+    if not digest:
+        return _cell(DASH, cls)
+    return _cell(f"<code>{esc(short_digest(digest))}</code>{esc(note)}", cls, str(digest))
+
+
 def _artifacts(status: Mapping) -> str:
     items = status.get("artifacts")
     rows = []
     for item in items if isinstance(items, list) else []:
         item = _mapping(item)
-        name = item.get("artifact")
-        title = ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
-        digest = item.get("digest")
-        digest_cell = (_cell(f"<code>{esc(short_digest(digest))}</code>", "digest", str(digest))
-                       if digest else _cell(DASH))
+        name, title = _artifact_title(item)
+        digest_cell = _digest_cell(item.get("digest"), "digest")
         stale = item.get("stale")
         if stale is True:
             marker = _badge("stale", "state-warn")
@@ -181,12 +189,6 @@ def _artifacts(status: Mapping) -> str:
     return f'<section id="artifacts-section">\n<h2>Cached Trivy artifacts</h2>\n{body}\n</section>'
 
 
-def _digest_cell(digest: Any, cls: str, note: str = "") -> str:
-    if not digest:
-        return _cell(DASH, cls)
-    return _cell(f"<code>{esc(short_digest(digest))}</code>{esc(note)}", cls, str(digest))
-
-
 def _lifecycle(status: Mapping) -> str:
     """Prefetch and freshness per watched artifact (``status["lifecycle"]``)."""
     lc = _mapping(status.get("lifecycle"))
@@ -194,8 +196,7 @@ def _lifecycle(status: Mapping) -> str:
     rows = []
     for item in items if isinstance(items, list) else []:
         item = _mapping(item)
-        name = item.get("artifact")
-        title = ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
+        name, title = _artifact_title(item)
         failures = _num(item.get("consecutive_failures")) or 0
         if failures:
             state = _badge(f"failing ({int(failures)})", "state-bad")
