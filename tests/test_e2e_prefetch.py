@@ -8,6 +8,7 @@ every wait below is a bounded poll of ``/api/status`` for the state the test nee
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -61,6 +62,8 @@ def test_new_db_generation_is_fetched_before_any_client_and_served_as_hits(
     state = wait_for(gw, lambda s: s["served_digest"] == new.manifest_digest,
                      "the new generation")
     assert state["behind_upstream"] is False and state["last_result"] in ("fetched", "unchanged")
+    meta = json.loads(new.description)  # the DB's metadata.json, read from the cached layer
+    assert (state["updated_at"], state["next_update"]) == (meta["UpdatedAt"], meta["NextUpdate"])
     assert [g["digest"] for g in state["generations"]][:2] == [new.manifest_digest,
                                                                 first.manifest_digest]
     world.wait_idle(10)

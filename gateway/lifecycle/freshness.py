@@ -5,16 +5,18 @@ every check, so the age keeps growing even when no scanner asks) and the ``lifec
 ``/api/status``. The state is persisted (``<data_dir>/lifecycle/prefetch.json``) so the
 generations kept per artifact survive a restart.
 
-Why the manifest's ``org.opencontainers.image.created`` annotation for the DB's age and not its
-``metadata.json``: that file sits *after* the (large) database inside the compressed layer, so
-reading it means unpacking the whole layer; the annotation is set by the publisher at the same
-time as ``UpdatedAt``. ``NextUpdate`` is therefore only known when the manifest carries an
-annotation for it (``next_update`` stays null otherwise).
+Where ``UpdatedAt``/``NextUpdate`` come from: the DB's own ``metadata.json`` when it can be read
+without unpacking the whole layer (:func:`read_db_metadata` reads the cached layer as a stream and
+gives up once it is past :data:`METADATA_BUDGET` unpacked bytes — the file usually sits after
+the large database), else the manifest's ``org.opencontainers.image.created`` annotation, which
+the publisher sets at the same time as ``UpdatedAt``. ``next_update`` stays null when neither
+says.
 """
 from __future__ import annotations
 
 import json
 import os
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -29,6 +31,27 @@ log = get_logger("gateway.lifecycle")
 CREATED_ANNOTATION = "org.opencontainers.image.created"
 #: not a standard annotation; read when a publisher sets it
 NEXT_UPDATE_ANNOTATIONS = ("org.opencontainers.image.next-update", "NextUpdate")
+
+
+#: how far into an unpacked layer :func:`read_db_metadata` looks for ``metadata.json``
+METADATA_BUDGET = 16 * 1024 * 1024
+
+
+def read_db_metadata(path: Path, budget: int = METADATA_BUDGET) -> Optional[dict]:
+    """``metadata.json`` of a Trivy DB layer (tar.gz), or None when it is not within ``budget``
+    unpacked bytes (or the layer is not a tar.gz). Blocking: run it in a thread."""
+    try:
+        with tarfile.open(path, mode="r|gz") as tar:
+            for member in tar:
+                if member.name.removeprefix("./") == "metadata.json" and member.isfile() \
+                        and member.size <= 1024 * 1024:
+                    doc = json.loads(tar.extractfile(member).read())
+                    return doc if isinstance(doc, dict) else None
+                if member.offset_data + member.size > budget:
+                    return None
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return None
+    return None
 
 
 @dataclass

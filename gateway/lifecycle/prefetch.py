@@ -40,7 +40,7 @@ from ..policy import ACTION_INTERCEPT, Policy
 from ..resources import classify
 from ..settings import CacheSettings, PrefetchArtifactSettings, PrefetchSettings, PrefetchSource
 from .freshness import (CREATED_ANNOTATION, NEXT_UPDATE_ANNOTATIONS, ArtifactState, Freshness,
-                        Generation)
+                        Generation, read_db_metadata)
 
 log = get_logger("gateway.lifecycle")
 
@@ -231,14 +231,28 @@ class Prefetcher:
                                      f"with {n} bytes")
             fetched += n
         self.metrics.prefetch_bytes.labels(state.name).inc(fetched)
+        meta = await self._metadata(layers[0][0]) if layers else {}
         self._served(state, Generation(
             digest, [d for d, _ in layers], sum(s or 0 for _, s in layers), now,
-            annotations.get(CREATED_ANNOTATION),
-            next((annotations[k] for k in NEXT_UPDATE_ANNOTATIONS if k in annotations), None)))
+            meta.get("UpdatedAt") or annotations.get(CREATED_ANNOTATION),
+            meta.get("NextUpdate")
+            or next((annotations[k] for k in NEXT_UPDATE_ANNOTATIONS if k in annotations), None)))
         await self._evict_old(state)
         log.info("prefetch_fetched", artifact=state.name, reference=art.reference, digest=digest,
                  bytes=fetched)
         return "fetched"
+
+    async def _metadata(self, layer: str) -> dict:
+        """UpdatedAt/NextUpdate from the cached layer's metadata.json, when cheap to read."""
+        path = self.blobs.pin(layer)
+        if path is None:
+            return {}
+        try:
+            meta = await asyncio.to_thread(read_db_metadata, path) or {}
+        finally:
+            self.blobs.unpin(layer)
+        return {k: v for k, v in meta.items() if k in ("UpdatedAt", "NextUpdate")
+                and isinstance(v, str)}
 
     async def _layers(self, art: PrefetchArtifactSettings,
                       body: bytes) -> tuple[list[tuple[str, Optional[int]]], dict]:
