@@ -28,6 +28,7 @@ import hashlib
 import json
 import random
 import time
+from enum import StrEnum
 from typing import Awaitable, Callable, Optional
 
 from multidict import CIMultiDict
@@ -56,6 +57,15 @@ TRIVY_MANIFEST_ACCEPT = (
 USER_AGENT = "trivy-gateway-prefetch"
 MAX_MANIFEST = 4 * 1024 * 1024
 MAX_REDIRECTS = 3
+
+
+class CheckResult(StrEnum):
+    """Outcome of one check (the ``result`` label of trivy_gateway_prefetch_checks_total)."""
+
+    UNCHANGED = "unchanged"
+    FETCHED = "fetched"
+    FAILED = "failed"
+    DENIED = "denied"
 
 
 class PrefetchFailed(Exception):
@@ -136,7 +146,7 @@ class Prefetcher:
                 due = dict.fromkeys(due, 0.0)
 
     # -- one check ----------------------------------------------------------------------------
-    async def check(self, name: str) -> str:
+    async def check(self, name: str) -> CheckResult:
         """Check one artifact; returns the result label (never raises, except cancellation)."""
         art = self.watched[name]
         state = self.freshness.artifacts[name]
@@ -150,11 +160,11 @@ class Prefetcher:
             state.last_error = ""
             state.last_success = self.clock()
         except _Denied as exc:
-            result = "denied"
+            result = CheckResult.DENIED
             state.last_error = str(exc)
             log.warning("prefetch_denied", artifact=name, reason=str(exc))
         except (PrefetchFailed, FillFailed, OSError) as exc:
-            result = "failed"
+            result = CheckResult.FAILED
             state.consecutive_failures += 1
             state.last_error = str(exc) or type(exc).__name__
             log.warning("prefetch_failed", artifact=name, reference=art.reference,
@@ -202,7 +212,7 @@ class Prefetcher:
                                  "generation stays served")
         return resp, bytes(kept), total
 
-    async def _check_oci(self, art: PrefetchArtifactSettings, state: ArtifactState) -> str:
+    async def _check_oci(self, art: PrefetchArtifactSettings, state: ArtifactState) -> CheckResult:
         self._allowed(art.host)
         repo = art.repository
         ex = self._exchange(art.host, f"/v2/{repo}/manifests/{art.tag}", TRIVY_MANIFEST_ACCEPT)
@@ -218,7 +228,7 @@ class Prefetcher:
         layers, annotations = await self._layers(art, body)
         missing = [d for d, _ in layers if not await self._cached(art.host, repo, d)]
         if not missing and state.served_digest == digest:
-            return "unchanged"
+            return CheckResult.UNCHANGED
         fetched = 0
         for layer, size in layers:
             if layer not in missing:
@@ -240,7 +250,7 @@ class Prefetcher:
         await self._evict_old(state)
         log.info("prefetch_fetched", artifact=state.name, reference=art.reference, digest=digest,
                  bytes=fetched)
-        return "fetched"
+        return CheckResult.FETCHED
 
     async def _metadata(self, layer: str) -> dict:
         """UpdatedAt/NextUpdate from the cached layer's metadata.json, when cheap to read."""
@@ -280,7 +290,7 @@ class Prefetcher:
         res = classify("GET", host, f"/v2/{repo}/blobs/{digest}", "", {}, self.cache)
         return res.cache_key is not None and await self.entries.get(res.cache_key) is not None
 
-    async def _check_archive(self, art: PrefetchArtifactSettings, state: ArtifactState) -> str:
+    async def _check_archive(self, art: PrefetchArtifactSettings, state: ArtifactState) -> CheckResult:
         url = art.reference
         for _ in range(MAX_REDIRECTS + 1):
             _, _, host, rest = url.split("/", 3)
@@ -305,12 +315,12 @@ class Prefetcher:
             state.upstream_changed_at = now
         state.upstream_digest = digest
         if state.served_digest == digest:
-            return "unchanged"
+            return CheckResult.UNCHANGED
         self.metrics.prefetch_bytes.labels(state.name).inc(total)
         self._served(state, Generation(digest, [], total, now))
         log.info("prefetch_fetched", artifact=state.name, reference=url, digest=digest,
                  bytes=total)
-        return "fetched"
+        return CheckResult.FETCHED
 
     # -- generations --------------------------------------------------------------------------
     def _served(self, state: ArtifactState, gen: Generation) -> None:
