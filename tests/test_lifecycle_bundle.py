@@ -403,3 +403,24 @@ def test_a_listed_but_malformed_entry_is_refused(tmp_path):
     res = run_cli("bundle", "import", "--data-dir", str(dst), str(out))
     refused(res, "is not a cache entry")
     assert cache_files(dst) == set()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
+    from gateway.lifecycle.progress import Progress
+
+    tty, log = _Terminal(), io.StringIO()
+    for stream in (tty, log):
+        p = Progress("import", 10 * 2**20, stream)
+        for _ in range(10):
+            p.advance(2**20)
+        p.finish("imported")
+    assert "\r" in tty.getvalue() and "[##############################] 100%" in tty.getvalue()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and lines[-1].startswith("imported (10.0 MiB in")
+    assert lines[:-1] == [f"import: {pct}% ({mib}.0 MiB of 10.0 MiB)"
+                          for pct, mib in zip(range(10, 101, 10), range(1, 11))]
