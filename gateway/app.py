@@ -18,6 +18,8 @@ from .admin.server import AdminServer
 from .cache import BlobStore, EntryStore
 from .hostport import join_authority
 from .mirror import MirrorServer
+from .lifecycle.freshness import Freshness
+from .lifecycle.prefetch import Prefetcher
 from .observability.logging import get_logger
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
@@ -76,6 +78,7 @@ class Gateway:
         self.pipeline: Optional[Pipeline] = None
         self._lock = DataDirLock(settings)
         self.denials = DenialLog()
+        self.prefetcher: Optional[Prefetcher] = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,6 +129,12 @@ class Gateway:
                                  ahost, aport, token=s.server.admin_token)
         await self.admin.start()
         _warn_if_exposed(s)
+        if s.lifecycle.prefetch.enabled:
+            self.prefetcher = Prefetcher(
+                s.lifecycle.prefetch, s.cache, self.pipeline.handle, policy, self.entries,
+                self.blobs, self.metrics,
+                Freshness(s.data_dir / "lifecycle" / "prefetch.json", self.metrics))
+            self.prefetcher.start()
         log.info("gateway_started", version=__version__, listen=f"{host}:{port}",
                  admin=f"{ahost}:{self.admin.port}",
                  mirror="{}:{}".format(*self.mirror.address) if self.mirror else None,
@@ -142,6 +151,8 @@ class Gateway:
             return
         self.draining = True
         log.info("gateway_draining", grace=self.settings.server.drain_grace)
+        if self.prefetcher:
+            await self.prefetcher.stop()
         doors = self._doors()
         for door in doors:
             door.stop_accepting()
@@ -268,6 +279,8 @@ class Gateway:
             "upstreams_not_contacted": sorted(configured_upstreams(self.settings) - set(upstreams)),
             "recent_errors": recent_errors(upstreams),
             "denied": self.denials.snapshot(),
+            "lifecycle": self.prefetcher.status() if self.prefetcher else
+            {"prefetch_enabled": False, "artifacts": []},
             "cache": {"size_bytes": self.blobs.size, "max_size_bytes": self.blobs.max_size,
                       "blobs": self.blobs.count, "entries": self.entries.count,
                       "disk_free_bytes": disk_free},

@@ -1,4 +1,5 @@
-"""Command line: ``trivy-gateway serve | check-config | reload | healthcheck | ca … | cache …``.
+"""Command line: ``trivy-gateway serve | check-config | reload | healthcheck | ca … | cache … |
+bundle export|import``.
 
 Every command that needs configuration loads it the same way (embedded default → ``--config`` →
 env → flags) and reports a bad file with the key and the file name, exit code 2.
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", dest="older_than", help="only entries validated longer ago (e.g. 7d)")
     p = cache_sub.add_parser("verify", help="re-hash every blob; drop the ones that do not match")
     _add_config_flags(p)
+    from .lifecycle.commands import add_bundle_parser  # noqa: PLC0415 - argparse only
+
+    add_bundle_parser(sub, _add_config_flags)
     return parser
 
 
@@ -130,6 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return healthcheck_command(settings, args)
         if args.command == "cache":
             return cache_command(settings, args)
+        if args.command == "bundle":
+            from .lifecycle.commands import run_bundle_command  # noqa: PLC0415
+
+            return run_bundle_command(settings, args)
     except ConfigError as exc:
         print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
         return 2

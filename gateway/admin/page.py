@@ -217,16 +217,24 @@ def _summary(status: Mapping) -> str:
 </section>"""
 
 
+def _artifact_title(item: Mapping) -> tuple[Any, str]:
+    name = item.get("artifact")
+    return name, ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
+
+
+def _digest_cell(digest: Any, cls: str, note: str = "") -> str:
+    if not digest:
+        return _cell(DASH, cls)
+    return _cell(f"<code>{esc(short_digest(digest))}</code>{esc(note)}", cls, str(digest))
+
+
 def _artifacts(status: Mapping) -> str:
     items = status.get("artifacts")
     rows = []
     for item in items if isinstance(items, list) else []:
         item = _mapping(item)
-        name = item.get("artifact")
-        title = ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
-        digest = item.get("digest")
-        digest_cell = (_cell(f"<code>{esc(short_digest(digest))}</code>", "digest", str(digest))
-                       if digest else _cell(DASH))
+        name, title = _artifact_title(item)
+        digest_cell = _digest_cell(item.get("digest"), "digest")
         stale = item.get("stale")
         if stale is True:
             marker = _badge("stale", "state-warn")
@@ -258,6 +266,44 @@ def _artifacts(status: Mapping) -> str:
                 '<th class="num">Next check</th><th>State</th></tr></thead><tbody>\n'
                 + "\n".join(rows) + "\n</tbody></table>")
     return f'<section id="artifacts-section">\n<h2>Cached Trivy artifacts</h2>\n{body}\n</section>'
+
+
+def _lifecycle(status: Mapping) -> str:
+    """Prefetch and freshness per watched artifact (``status["lifecycle"]``)."""
+    lc = _mapping(status.get("lifecycle"))
+    items = lc.get("artifacts")
+    rows = []
+    for item in items if isinstance(items, list) else []:
+        item = _mapping(item)
+        name, title = _artifact_title(item)
+        failures = _num(item.get("consecutive_failures")) or 0
+        if failures:
+            state = _badge(f"failing ({int(failures)})", "state-bad")
+        elif item.get("behind_upstream") is True:
+            state = _badge("fetching newer", "state-warn")
+        elif item.get("served_digest"):
+            state = _badge("up to date", "state-ok")
+        else:
+            state = DASH
+        checked = _num(item.get("upstream_checked_ago_seconds"))
+        rows.append(
+            f'<tr class="lifecycle" data-artifact="{esc(name if name is not None else "")}">'
+            + _cell(esc(title))
+            + _digest_cell(item.get("served_digest"), "served")
+            + _cell(esc(human_duration(item.get("served_age_seconds"))), "num age",
+                    f"updated at {item.get('updated_at')}" if item.get("updated_at") else "")
+            + _digest_cell(item.get("upstream_digest"), "upstream",
+                           f" ({human_duration(checked)} ago)" if checked is not None else "")
+            + _cell(state, "state")
+            + _cell(esc(item.get("last_error") or ""), "error")
+            + "</tr>")
+    if not rows:
+        return ""
+    return ('<section id="lifecycle-section">\n<h2>Prefetch and freshness</h2>\n'
+            '<table id="lifecycle"><thead><tr><th>Artifact</th><th>Served</th>'
+            '<th class="num">Age</th><th>Upstream (checked)</th><th>State</th>'
+            "<th>Last error</th></tr></thead><tbody>\n" + "\n".join(rows)
+            + "\n</tbody></table>\n</section>")
 
 
 def _upstreams(status: Mapping) -> str:
@@ -373,8 +419,8 @@ def render_status_page(status: Mapping, *, refresh_seconds: int = 10, error: str
         sections.append(f'<section id="status-error" class="error"><h2>Status unavailable</h2>'
                         f"<p>{esc(error)}</p></section>")
     sections += [_health(status), _summary(status), _errors(status), _denied(status),
-                 _artifacts(status), _upstreams(status), _cache(status), _doors(status),
-                 _ca(status)]
+                 _artifacts(status), _lifecycle(status), _upstreams(status), _cache(status),
+                 _doors(status), _ca(status)]
     sections = [s for s in sections if s]
     refresh = (f'<meta http-equiv="refresh" content="{int(refresh_seconds)}">'
                if refresh_seconds > 0 else "")

@@ -24,7 +24,7 @@ def _open(settings: Settings) -> tuple[BlobStore, EntryStore]:
     root = settings.data_dir / "cache"
     metrics = Metrics()
     blobs = BlobStore(root, settings.cache.max_size, 0, metrics)
-    blobs.open()
+    blobs.open(clean_tmp=False)  # a running gateway's fills in tmp/ are alive
     entries = EntryStore(root, blobs, settings.cache.memory, metrics)
     entries.open()
     return blobs, entries

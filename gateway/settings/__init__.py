@@ -25,6 +25,8 @@ import yaml
 from ._parse import (INTERNAL, ByteSize, ConfigError, ConfigErrors, Duration, from_mapping,
                      parse_duration, parse_size)
 from .cache import CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings
+from .lifecycle import (LifecycleSettings, PrefetchArtifactSettings, PrefetchSettings,
+                        PrefetchSource)
 from .logging import LoggingSettings
 from .mirror import MirrorOCISettings, MirrorSettings, MirrorTLSSettings
 from .policy import PolicySettings, RuleSettings
@@ -41,7 +43,8 @@ __all__ = [
     "CircuitSettings", "CredentialSettings", "ParentProxySettings", "CacheSettings",
     "MemoryFrontSettings", "OCISettings", "MavenSettings", "GitHubSettings", "LoggingSettings",
     "split_hostport", "default_config_text", "MirrorSettings", "MirrorOCISettings",
-    "MirrorTLSSettings", "settings_view", "settings_digest",
+    "MirrorTLSSettings", "settings_view", "settings_digest", "LifecycleSettings",
+    "PrefetchSettings", "PrefetchArtifactSettings", "PrefetchSource",
 ]
 
 ENV_PREFIX = "TRIVY_GATEWAY_"
@@ -67,6 +70,7 @@ class Settings:
     cache: CacheSettings = CacheSettings()
     logging: LoggingSettings = LoggingSettings()
     mirror: MirrorSettings = MirrorSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
     #: where the operator's file came from ("<embedded default>" when none); set by the loader
     source: str = field(default="<embedded default>", metadata=INTERNAL)
     #: key path → where its value came from ("flag --data-dir", "env TRIVY_GATEWAY_DATA_DIR",

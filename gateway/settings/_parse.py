@@ -12,6 +12,7 @@ written ``1048576``, ``"512MiB"``, ``"20GiB"``, ``"1.5GB"``).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import types
 import typing
@@ -147,6 +148,12 @@ def convert(value: Any, tp: Any, path: str) -> Any:
         return convert(value, args[0], path)
     if tp is Any:
         return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in tp)
+            raise ConfigError(path, f"expected one of {allowed}, got {value!r}") from None
     if tp is Duration:
         return parse_duration(value, path)
     if tp is ByteSize:
