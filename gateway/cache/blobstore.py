@@ -441,6 +441,10 @@ class BlobStore:
         self._index.clear()
         self._size = 0
         self.adopt_published()
+        # the budget is exported once here (it changes only with a restart or reload of the
+        # store); without it the dashboard's "disk vs budget" divides by the 0 of metrics.py
+        self.metrics.cache_max_size_bytes.set(self.max_size)
+        log.info("cache_opened", root=str(self.root), blobs=len(self._index), bytes=self._size)
 
     def adopt_published(self) -> int:
         """Index blobs on disk this process does not know yet: at start-up all of them; later
@@ -465,8 +469,6 @@ class BlobStore:
                 added += 1
         self._update_gauges()
         return added
-        self.metrics.cache_max_size_bytes.set(self.max_size)
-        log.info("cache_opened", root=str(self.root), blobs=len(self._index), bytes=self._size)
 
     # -- lookups -------------------------------------------------------------------------------
     def path_of(self, digest: str) -> Path:
