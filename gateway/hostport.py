@@ -10,9 +10,12 @@ image references (``registry.test:5443/aquasec/trivy-db:2``).
 """
 from __future__ import annotations
 
-from typing import Optional
+import ipaddress
+from typing import Optional, Union
 
 from yarl import URL
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -84,3 +87,28 @@ def repository_problem(entry: str) -> Optional[str]:
     if not repository.strip("/") or "://" in entry:
         return f"{entry!r}: expected registry/repository, e.g. registry.corp:5000/team/trivy-db"
     return registry_problem(registry)
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, without a trailing dot or IPv6 brackets; IP literals in canonical form."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host.rstrip(".") if host != "." else host
+    ip = parse_ip(host)
+    return str(ip) if ip is not None else host
+
+
+def parse_ip(value: object) -> Optional[IPAddress]:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    text = text.split("%", 1)[0]  # a zone index does not change the category
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

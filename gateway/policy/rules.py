@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
+from ..hostport import IPAddress, normalize_host, parse_ip
 from ..settings import PolicySettings, RuleSettings
 
 ACTION_INTERCEPT = "intercept"
@@ -43,32 +44,6 @@ METADATA_ADDRESSES = frozenset({
 })
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-
-
-def normalize_host(host: str) -> str:
-    """Lower-case, without a trailing dot or IPv6 brackets; IP literals in canonical form."""
-    host = host.strip().lower()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    host = host.rstrip(".") if host != "." else host
-    ip = parse_ip(host)
-    return str(ip) if ip is not None else host
-
-
-def parse_ip(value: object) -> Optional[IPAddress]:
-    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return value
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    text = text.split("%", 1)[0]  # a zone index does not change the category
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 def _embedded_ipv4(ip: IPAddress) -> Optional[ipaddress.IPv4Address]:

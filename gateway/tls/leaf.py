@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..policy.rules import normalize_host, parse_ip
+from ..hostport import normalize_host, parse_ip
 from .ca import CertificateAuthority
 
 #: clocks of clients may lag; a leaf is valid from this long before it was minted
