@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from ._parse import ByteSize, ConfigError, Duration, from_mapping, parse_duration, parse_size
-from .cache import CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings
+from .cache import (CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings,
+                    S3Settings, SharedSettings)
 from .logging import LoggingSettings
 from .mirror import MirrorOCISettings, MirrorSettings, MirrorTLSSettings
 from .policy import PolicySettings, RuleSettings
@@ -37,7 +38,7 @@ __all__ = [
     "CircuitSettings", "CredentialSettings", "ParentProxySettings", "CacheSettings",
     "MemoryFrontSettings", "OCISettings", "MavenSettings", "GitHubSettings", "LoggingSettings",
     "split_hostport", "default_config_text", "MirrorSettings", "MirrorOCISettings",
-    "MirrorTLSSettings",
+    "MirrorTLSSettings", "SharedSettings", "S3Settings",
 ]
 
 ENV_PREFIX = "TRIVY_GATEWAY_"

@@ -25,6 +25,65 @@ class MemoryFrontSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """The shared blob tier: verified bodies in an S3-compatible bucket (docs/scale-out.md).
+    Credentials come from the AWS SDK's standard chain (env, IRSA, instance metadata)."""
+
+    #: "" = no S3 tier; e.g. https://s3.eu-west-1.amazonaws.com or http://seaweedfs:8333
+    endpoint: str = ""
+    bucket: str = "trivy-gateway"
+    #: key prefix inside the bucket (several gateways may share one bucket)
+    prefix: str = ""
+    region: str = "us-east-1"
+    #: send unsigned requests (test setups only; production S3 always needs credentials)
+    anonymous: bool = False
+    #: multipart upload part size (S3's minimum is 5 MiB)
+    part_size: ByteSize = ByteSize(8 * 1024 * 1024)
+
+    def validate(self, path: str) -> None:
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}.endpoint", "must be an http:// or https:// URL")
+        if self.endpoint and not 3 <= len(self.bucket) <= 63:
+            raise ConfigError(f"{path}.bucket", "must be 3 to 63 characters (S3 bucket name)")
+        if self.part_size < 5 * 1024 * 1024:
+            raise ConfigError(f"{path}.part_size", "must be at least 5MiB (S3 minimum part size)")
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """State shared by replicas (docs/scale-out.md); all empty = one process, today's behaviour."""
+
+    #: "" = in-process state; redis://[:password@]host:port/db = circuits, budget, fill leases
+    #: and entries shared through Redis (needs the ``scale`` extra)
+    redis_url: str = ""
+    #: a leader that died blocks other replicas' clients at most this long
+    lease_ttl: Duration = Duration(15)
+    #: host:port of this replica's peer endpoint (other replicas stream fills from it); "" = off
+    peer_listen: str = ""
+    #: host:port other replicas connect to (default: peer_listen; the pod IP in Kubernetes)
+    peer_advertise: str = ""
+    s3: S3Settings = S3Settings()
+
+    def validate(self, path: str) -> None:
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"{path}.redis_url", "must be a redis:// or rediss:// URL")
+        if self.lease_ttl < 1:
+            raise ConfigError(f"{path}.lease_ttl", "must be at least 1s")
+        for key in ("peer_listen", "peer_advertise"):
+            value = getattr(self, key)
+            host, _, port = value.rpartition(":")
+            if value and (not host or not port.isdigit()):
+                raise ConfigError(f"{path}.{key}", f"must be host:port, got {value!r}")
+        if (self.peer_listen or self.s3.endpoint) and not self.redis_url:
+            raise ConfigError(f"{path}.redis_url", "peer_listen and s3 need redis_url (leases "
+                              "and entries are shared through Redis)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
+@dataclass(frozen=True)
 class OCISettings:
     #: registries whose /v2/ API is understood (blobs by digest, manifests by tag/digest), as
     #: ``host`` or ``host:port`` (a registry on a non-default port: ``registry.corp:5000``)
@@ -86,6 +145,8 @@ class CacheSettings:
     #: how long past expiry content may still be served when the upstream fails, per kind
     max_stale: dict[str, Duration] = field(default_factory=dict)
     memory: MemoryFrontSettings = MemoryFrontSettings()
+    #: replicas acting as one cache (Redis + S3); empty = this process alone
+    shared: SharedSettings = SharedSettings()
     oci: OCISettings = OCISettings()
     maven: MavenSettings = MavenSettings()
     github: GitHubSettings = GitHubSettings()

@@ -30,7 +30,7 @@ import re
 import ssl
 import time
 from dataclasses import replace
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -95,6 +95,8 @@ class _HostState:
             m.circuit_state.labels(host=label).set(CIRCUIT_STATES[new])
             log.warning("circuit_transition", host=host, old=old, new=new, why=br.why or None,
                         remaining_seconds=round(br.remaining() or 0.0, 3))
+            if client.on_circuit_change is not None:
+                client.on_circuit_change(host, br, old, new)
 
         self.limiter = HostLimiter(host, client.settings.limit_for(host),
                                    on_change=limiter_changed)
@@ -250,6 +252,11 @@ class UpstreamClient:
         self._ssl: Optional[ssl.SSLContext] = None
         self.credentials = CredentialStore(settings.credentials)
         self.failover = Failover(settings.failover_groups, metrics)
+        #: seams for state shared by replicas (gateway/shared/, wired by the app; None: this
+        #: process alone): told of every circuit transition, and asked for a token of the
+        #: host's fleet budget (may wait up to the given seconds; raises LimiterTimeout)
+        self.on_circuit_change: Optional[Callable[[str, CircuitBreaker, str, str], None]] = None
+        self.fleet_budget: Optional[Callable[[str, float], Awaitable[None]]] = None
         self.tokens = RegistryTokens(self)
         parent = settings.parent_proxy
         self._proxy: Optional[str] = parent.url or None
@@ -329,6 +336,10 @@ class UpstreamClient:
         if st is None:
             st = self._hosts[host] = _HostState(host, self)
         return st
+
+    def breaker(self, host: str) -> CircuitBreaker:
+        """The host's circuit breaker (created on first use): shared state opens it remotely."""
+        return self._host(host).breaker
 
     def circuit_remaining(self, host: str) -> Optional[float]:
         st = self._hosts.get(host.lower())
@@ -657,6 +668,8 @@ class UpstreamClient:
                                  "could be sent", 504, False, upstream_fault=False)
         qt = float(st.limiter.cfg.queue_timeout)
         try:
+            if self.fleet_budget is not None:
+                await self.fleet_budget(host, min(qt, remaining))
             waited = await st.limiter.acquire(min(qt, remaining))
         except LimiterFull:
             raise UpstreamError(
