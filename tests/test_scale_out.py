@@ -280,3 +280,57 @@ async def test_kill_9_of_the_leading_replica_at_30_percent(clean_upstreams, make
     # the leader's GET, then one resume (Range) or one refetch by the replica that took over
     assert len(gets) == 2, world.log_summary()
     assert sum(g.metric("trivy_gateway_fleet_fills_total", role="takeover") for g in (b, c)) == 1
+
+
+# -- 4. Redis or S3 away: keep serving ---------------------------------------------------------
+async def test_redis_down_keeps_serving_and_recovers(clean_upstreams, make_gateway, redis_server):
+    world = clean_upstreams
+    a, = replicas(make_gateway, world, 1, redis_server)
+    redis_server.stop()
+    status, _, body = await get(a, f"https://{MIRROR}{blob_path(world, 'checks')}")
+    assert status == 200 and sha(body) == world.digest("checks", "layer")
+    status, _, _ = await get(a, f"https://{MAVEN}{POM}")
+    assert status == 200
+    down = [e for e in a.log_events() if e.get("event") == "shared_backend_unavailable"]
+    assert down and down[0]["backend"] == "redis" and "works alone" in down[0]["effect"]
+    assert a.metric("trivy_gateway_shared_backend_up", backend="redis") == 0
+    assert a.status()["fleet"]["redis_up"] is False
+    redis_server.start()  # same port
+    await asyncio.to_thread(wait_for, lambda: a.metric(
+        "trivy_gateway_shared_backend_up", backend="redis") == 1, 20, "Redis to be seen again")
+    assert any(e.get("event") == "shared_backend_recovered" for e in a.log_events())
+    world.clear_log()
+    world.too_many_requests(MAVEN, path="/maven2/", times=None, retry_after=1800)
+    b, = replicas(make_gateway, world, 1, redis_server)
+    status, _, _ = await get(b, f"https://{MAVEN}{POM.replace('1.2.3', '9.9.9')}")
+    assert status == 429
+    # circuits are shared again: a opens too
+    await asyncio.to_thread(wait_for, lambda: a.status()["upstreams"].get(MAVEN, {}).get(
+        "circuit") == "open", 10, "the circuit to reach the recovered replica")
+
+
+async def test_s3_down_keeps_serving_from_upstream_and_recovers(
+        clean_upstreams, make_gateway, redis_server, s3_server):
+    world = clean_upstreams
+    a, = replicas(make_gateway, world, 1, redis_server, s3_server)
+    s3_server.stop()
+    world.publish_db(revision=1301, size_mib=1)
+    status, _, body = await get(a, f"https://{MIRROR}{blob_path(world)}")
+    assert status == 200 and sha(body) == world.digest("db", "layer")
+    down = [e for e in a.log_events() if e.get("event") == "shared_backend_unavailable"]
+    assert down and down[0]["backend"] == "s3"
+    assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 0
+    s3_server.start()  # same ports, same data
+    world.publish_db(revision=1302, size_mib=1)
+    url = f"https://{MIRROR}{blob_path(world)}"
+    for i in range(100):  # bounded: the replica looks at S3 again at most every second
+        status, _, body = await get(a, url)
+        assert status == 200 and sha(body) == world.digest("db", "layer")
+        if a.metric("trivy_gateway_shared_backend_up", backend="s3") == 1:
+            break
+        await asyncio.sleep(0.3)
+        world.publish_db(revision=1303 + i, size_mib=0.1)  # a new cold blob: S3 is asked again
+        url = f"https://{MIRROR}{blob_path(world)}"
+    assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 1
+    assert any(e.get("event") == "shared_backend_recovered" and e.get("backend") == "s3"
+               for e in a.log_events())
