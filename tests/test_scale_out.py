@@ -334,3 +334,26 @@ async def test_s3_down_keeps_serving_from_upstream_and_recovers(
     assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 1
     assert any(e.get("event") == "shared_backend_recovered" and e.get("backend") == "s3"
                for e in a.log_events())
+
+
+# -- settings ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared, key, words", [
+    ({"peer_listen": "127.0.0.1:7000"}, "cache.shared.redis_url", "need redis_url"),
+    ({"redis_url": "http://x"}, "cache.shared.redis_url", "redis://"),
+    ({"redis_url": "redis://r:6379/0", "peer_listen": "7000"}, "cache.shared.peer_listen",
+     "host:port"),
+    ({"redis_url": "redis://r:6379/0", "s3": {"endpoint": "s3.local"}},
+     "cache.shared.s3.endpoint", "http"),
+    ({"redis_url": "redis://r:6379/0", "s3": {"endpoint": "http://s3", "part_size": "1MiB"}},
+     "cache.shared.s3.part_size", "5MiB"),
+])
+def test_shared_settings_are_validated_with_the_key_named(tmp_path, shared, key, words):
+    import yaml
+
+    from gateway.settings import ConfigError, load_settings
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"cache": {"shared": shared}}))
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(path), env={})
+    assert key in str(err.value) and words in str(err.value)
