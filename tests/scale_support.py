@@ -45,10 +45,11 @@ def _stop(proc: Optional[subprocess.Popen], timeout: float = 20.0) -> None:
 class RedisServer:
     """``redis-server`` on a free loopback port, no persistence; restartable on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: Optional[str] = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.password = password
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -61,7 +62,8 @@ class RedisServer:
         log = self.workdir / "redis.log"
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir)]
+            + (["--requirepass", self.password] if self.password else []),
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait_port(self.port, self.proc, 15, "redis-server", log)
         return self

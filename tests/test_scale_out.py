@@ -94,6 +94,26 @@ async def test_maven_429_retry_after_1800_on_one_replica_opens_the_circuit_on_al
              what="the late replica to load the open circuit")
 
 
+async def test_a_password_protected_redis_with_the_password_from_the_environment(
+        clean_upstreams, make_gateway, tmp_path, monkeypatch):
+    world = clean_upstreams
+    server = RedisServer(tmp_path / "redis-auth", password="s3cret-redis").start()
+    try:
+        monkeypatch.setenv("GW_TEST_REDIS_PASSWORD", "s3cret-redis")
+        cfg = shared_config(server)
+        cfg["cache"]["shared"]["redis_password_env"] = "GW_TEST_REDIS_PASSWORD"
+        a = make_gateway(world, cfg, name="auth-")
+        world.too_many_requests(MAVEN, path="/maven2/", times=None, retry_after=1800)
+        status, _, _ = await get(a, f"https://{MAVEN}{POM}")
+        assert status == 429
+        await asyncio.to_thread(wait_for, lambda: a.metric(
+            "trivy_gateway_fleet_circuit_events_total", direction="sent") == 1, 10, "the send")
+        assert a.metric("trivy_gateway_shared_backend_up", backend="redis") == 1
+        assert "s3cret-redis" not in a.log_path.read_text()
+    finally:
+        server.stop()
+
+
 async def test_the_upstream_budget_is_shared_by_the_replicas(
         clean_upstreams, make_gateway, redis_server):
     """rate 0.5/s with a burst of 2 for Maven, for the fleet: 2 replicas × 2 requests at once →

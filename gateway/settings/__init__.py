@@ -154,6 +154,14 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
     for i, cred in enumerate(settings.upstream.credentials):
         secret = _read_secret(cred.secret_env, cred.secret_file, env, f"upstream.credentials[{i}]")
         creds.append(dataclasses.replace(cred, secret=secret))
+    shared = settings.cache.shared
+    if shared.redis_password_env:
+        secret = env.get(shared.redis_password_env, "")
+        if not secret:
+            raise ConfigError("cache.shared.redis_password_env",
+                              f"{shared.redis_password_env} is empty", settings.source)
+        settings = dataclasses.replace(settings, cache=dataclasses.replace(
+            settings.cache, shared=dataclasses.replace(shared, redis_password=secret)))
     parent = settings.upstream.parent_proxy
     if parent.password_env:
         parent = dataclasses.replace(parent, password=env.get(parent.password_env, ""))

@@ -56,11 +56,16 @@ class SharedSettings:
     #: "" = in-process state; redis://[:password@]host:port/db = circuits, budget, fill leases
     #: and entries shared through Redis (needs the ``scale`` extra)
     redis_url: str = ""
+    #: environment variable holding the Redis password (kept out of the YAML and the URL; a
+    #: Kubernetes Secret); resolved into ``redis_password`` at load
+    redis_password_env: str = ""
+    redis_password: str = field(default="", repr=False)
     #: a leader that died blocks other replicas' clients at most this long
     lease_ttl: Duration = Duration(15)
     #: host:port of this replica's peer endpoint (other replicas stream fills from it); "" = off
     peer_listen: str = ""
-    #: host:port other replicas connect to (default: peer_listen; the pod IP in Kubernetes)
+    #: host:port other replicas connect to; default: peer_listen, and with a wildcard host
+    #: (0.0.0.0, ::) this host's address by its hostname (the pod IP in Kubernetes)
     peer_advertise: str = ""
     s3: S3Settings = S3Settings()
 
@@ -81,6 +86,17 @@ class SharedSettings:
     @property
     def enabled(self) -> bool:
         return bool(self.redis_url)
+
+    @property
+    def redis_url_with_password(self) -> str:
+        """``redis_url`` with ``redis_password`` in it (for clients that take only a URL)."""
+        if not self.redis_password:
+            return self.redis_url
+        from urllib.parse import quote  # noqa: PLC0415
+
+        scheme, _, rest = self.redis_url.partition("://")
+        rest = rest.rpartition("@")[2]
+        return f"{scheme}://:{quote(self.redis_password, safe='')}@{rest}"
 
 
 @dataclass(frozen=True)

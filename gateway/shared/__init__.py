@@ -26,7 +26,25 @@ def shared_memory_front(settings: Settings):
     cfg = settings.cache
     if not cfg.shared.enabled:
         return cfg.memory
-    return dataclasses.replace(cfg.memory, backend="redis", redis_url=cfg.shared.redis_url)
+    return dataclasses.replace(cfg.memory, backend="redis",
+                               redis_url=cfg.shared.redis_url_with_password)
+
+
+def peer_address(listen: str, advertise: str) -> str:
+    """Where other replicas reach this one: ``advertise``, else ``listen`` — with a wildcard
+    host replaced by this host's address (its hostname resolves to the pod IP in Kubernetes)."""
+    if advertise or not listen:
+        return advertise or listen
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") not in ("", "0.0.0.0", "::"):
+        return listen
+    import socket  # noqa: PLC0415
+
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = "127.0.0.1"
+    return f"{addr}:{port}"
 
 
 class Shared:
@@ -37,7 +55,7 @@ class Shared:
 
         cfg = settings.cache.shared
         self.cfg = cfg
-        advertise = cfg.peer_advertise or cfg.peer_listen
+        advertise = self.advertise = peer_address(cfg.peer_listen, cfg.peer_advertise)
         self.state: SharedState = RedisState(cfg, settings.upstream, metrics, advertise)
         self.s3 = S3Tier(cfg.s3, metrics) if cfg.s3.endpoint else None
         self.fleet = Fleet(self.state, self.s3, blobs, entries, metrics, float(cfg.lease_ttl))
@@ -57,7 +75,7 @@ class Shared:
             await self.peer.start()
         log.info("shared_state_started", replica=self.state.replica_id,
                  redis=self.state.available, s3=self.s3.cfg.endpoint if self.s3 else None,
-                 peer=self.cfg.peer_advertise or self.cfg.peer_listen or None)
+                 peer=self.advertise or None)
 
     async def close(self) -> None:
         if self.peer is not None:
@@ -71,7 +89,7 @@ class Shared:
         """This replica's part of the fleet, for the status page."""
         return {
             "replica": self.state.replica_id,
-            "peer": self.cfg.peer_advertise or self.cfg.peer_listen or None,
+            "peer": self.advertise or None,
             "redis_up": self.state.available,
             "s3_up": self.s3.avail.up if self.s3 else None,
             "fills_in_flight_here": len(self.fleet.jobs),

@@ -88,7 +88,7 @@ class RedisState(SharedState):
         self.me = Holder(self.replica_id, peer_address)
         self._me_raw = self.me.encode()
         self._wall = wall
-        self._redis = aioredis.from_url(cfg.redis_url, socket_timeout=2.0,
+        self._redis = aioredis.from_url(cfg.redis_url_with_password, socket_timeout=2.0,
                                         socket_connect_timeout=1.0, health_check_interval=5)
         self._take = self._redis.register_script(_TAKE)
         self._renew = self._redis.register_script(_RENEW)
