@@ -1,0 +1,112 @@
+"""The Helm chart (deploy/helm/trivy-gateway), rendered by tests/helm_render.py (``helm`` is not
+installable here): both modes produce the objects a cluster needs, and the gateway.yaml in the
+ConfigMap is a configuration the gateway itself accepts."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.settings import load_settings
+from tests.helm_render import Chart, TemplateError
+
+CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "trivy-gateway"
+
+
+def values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def shared_values() -> dict:
+    v = values()
+    v["replicaCount"] = 3
+    v["shared"]["enabled"] = True
+    v["shared"]["redis"]["existingSecret"] = "redis-auth"
+    v["shared"]["s3"].update({"endpoint": "http://seaweedfs-s3:8333", "existingSecret": "s3-keys"})
+    return v
+
+
+def objects(v: dict) -> dict[str, dict]:
+    out = {}
+    for docs in Chart(CHART, v).render_all().values():
+        for doc in docs:
+            assert doc["metadata"]["name"].startswith("rel-trivy-gateway")
+            out[doc["kind"]] = doc
+    return out
+
+
+def gateway_config(objs: dict, tmp_path: Path, env: dict):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(objs["ConfigMap"]["data"]["gateway.yaml"])
+    return load_settings(str(path), env=env)
+
+
+def container(objs: dict) -> dict:
+    return objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_chart_metadata():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "trivy-gateway"
+    assert chart["version"] and chart["appVersion"]
+
+
+def test_single_replica_mode_keeps_the_pvc(tmp_path):
+    objs = objects(values())
+    assert set(objs) == {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"}
+    dep = objs["Deployment"]["spec"]
+    assert dep["replicas"] == 1 and dep["strategy"]["type"] == "Recreate"
+    vols = {v["name"]: v for v in dep["template"]["spec"]["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == \
+        objs["PersistentVolumeClaim"]["metadata"]["name"]
+    settings = gateway_config(objs, tmp_path, {})
+    assert not settings.cache.shared.enabled
+    assert str(settings.server.data_dir) == "/data"
+
+
+def test_replicas_mode_redis_s3_from_existing_secrets_pdb_and_probes(tmp_path):
+    objs = objects(shared_values())
+    assert {"PodDisruptionBudget", "ConfigMap", "Deployment", "Service"} <= set(objs)
+    assert "PersistentVolumeClaim" not in objs
+    dep = objs["Deployment"]["spec"]
+    assert dep["replicas"] == 3 and dep["strategy"]["type"] == "RollingUpdate"
+    assert objs["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    assert objs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == \
+        dep["selector"]["matchLabels"]
+    c = container(objs)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth",
+                                                                  "key": "redis-password"}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "s3-keys"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    settings = gateway_config(objs, tmp_path, {"REDIS_PASSWORD": "pw"})
+    shared = settings.cache.shared
+    assert shared.enabled and shared.redis_password == "pw"
+    assert shared.s3.endpoint == "http://seaweedfs-s3:8333"
+    assert int(shared.peer_listen.rsplit(":", 1)[1]) == ports["peer"]
+    assert settings.server.admin_addr[1] == ports["admin"]
+    vols = {v["name"]: v for v in dep["template"]["spec"]["volumes"]}
+    assert "emptyDir" in vols["data"]
+
+
+def test_autoscaling_replaces_the_fixed_replica_count():
+    v = shared_values()
+    v["autoscaling"]["enabled"] = True
+    objs = objects(v)
+    assert "replicas" not in objs["Deployment"]["spec"]
+    hpa = objs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == objs["Deployment"]["metadata"]["name"]
+    assert hpa["minReplicas"] == 2
+
+
+def test_a_value_missing_from_values_yaml_is_an_error():
+    v = copy.deepcopy(values())
+    del v["ports"]["peer"]
+    v["shared"]["enabled"] = True
+    with pytest.raises(TemplateError, match="ports.peer"):
+        objects(v)
