@@ -110,3 +110,44 @@ def test_a_value_missing_from_values_yaml_is_an_error():
     v["shared"]["enabled"] = True
     with pytest.raises(TemplateError, match="ports.peer"):
         objects(v)
+
+
+# -- the Compose example: 2 replicas + Redis + SeaweedFS (deploy/scale-out) -------------------
+SCALE = CHART.parent.parent / "scale-out"
+
+
+def test_compose_two_replicas_redis_seaweedfs(tmp_path):
+    compose = yaml.safe_load((SCALE / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"gateway-a", "gateway-b", "redis", "seaweedfs", "gateway-ca"} <= set(services)
+    s3_ids = json_load(SCALE / "s3.json")["identities"][0]["credentials"][0]
+    published = set()
+    for name in ("gateway-a", "gateway-b"):
+        svc = services[name]
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svc["depends_on"]["gateway-ca"]["condition"] == "service_completed_successfully"
+        env = svc["environment"]
+        # the defaults of the compose file match the identity SeaweedFS is started with
+        assert env["AWS_ACCESS_KEY_ID"].endswith(f":-{s3_ids['accessKey']}}}")
+        assert env["AWS_SECRET_ACCESS_KEY"].endswith(f":-{s3_ids['secretKey']}}}")
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"]}
+        config = SCALE / mounts["/etc/trivy-gateway/gateway.yaml"]
+        assert config.is_file()
+        settings = load_settings(str(config), env={"REDIS_PASSWORD": "pw"})
+        shared = settings.cache.shared
+        assert shared.redis_url == "redis://redis:6379/0" and shared.redis_password == "pw"
+        assert shared.s3.endpoint == "http://seaweedfs:8333"
+        # the other replica reaches this one by its service name, on the peer port
+        assert shared.peer_advertise == f"{name}:{shared.peer_listen.rsplit(':', 1)[1]}"
+        assert settings.tls.ca_cert.startswith("/ca/") and "gateway-ca" in mounts.values()
+        published |= {p.split(":")[0] for p in svc["ports"]}
+    assert len(published) == 4  # no host port used twice
+    weed = services["seaweedfs"]
+    assert weed["entrypoint"] == ["weed"] and weed["command"][0] == "mini"
+    assert "-s3.config=/etc/seaweedfs/s3.json" in weed["command"]
+
+
+def json_load(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
