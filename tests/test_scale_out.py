@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import urllib.request
 
 import aiohttp
 import pytest
@@ -141,6 +142,8 @@ async def test_without_shared_settings_nothing_changes(clean_upstreams, make_gat
     world = clean_upstreams
     gw = make_gateway(world)
     assert gw.status()["fleet"] is None
+    with urllib.request.urlopen(gw.admin_url + "/", timeout=5) as page:
+        assert 'id="fleet-section"' not in page.read().decode()
     assert "trivy_gateway_shared_backend_up{" not in gw.metrics_text()
     status, _, body = await get(gw, f"https://{MIRROR}{blob_path(world, 'checks')}")
     assert status == 200 and sha(body) == world.digest("checks", "layer")
@@ -271,6 +274,13 @@ async def test_three_replicas_24_cold_clients_one_upstream_get(clean_upstreams, 
     roles = {role: sum(g.metric("trivy_gateway_fleet_fills_total", role=role) for g in gws)
              for role in ("led", "followed", "s3", "takeover")}
     assert roles["led"] == 1 and roles["followed"] == 2 and roles["takeover"] == 0, roles
+    # the status page of the last replica started lists the whole fleet, and its own fills
+    fleet = gws[2].status()["fleet"]
+    assert len(fleet["replicas"]) == 3 and fleet["redis_up"] and fleet["s3_up"]
+    assert sum(fleet["fills"][r] for r in ("led", "followed")) == 1
+    with urllib.request.urlopen(gws[2].admin_url + "/", timeout=5) as page:
+        html = page.read().decode()
+    assert 'id="fleet-section"' in html and html.count('class="replica"') == 3
 
 
 async def test_kill_9_of_the_leading_replica_at_30_percent(clean_upstreams, make_gateway,

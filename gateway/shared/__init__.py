@@ -8,7 +8,9 @@ Needs the ``scale`` extra (redis, aiobotocore).
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from typing import Optional
 
 from ..observability.logging import get_logger
@@ -17,6 +19,9 @@ from ..settings import Settings
 from .state import Holder, LocalState, SharedState
 
 log = get_logger("gateway.shared")
+
+#: seconds between a replica's heartbeats in Redis (it disappears from the fleet after 3 missed)
+HEARTBEAT = 5.0
 
 __all__ = ["Shared", "build", "shared_memory_front", "SharedState", "LocalState", "Holder"]
 
@@ -60,6 +65,10 @@ class Shared:
         self.s3 = S3Tier(cfg.s3, metrics) if cfg.s3.endpoint else None
         self.fleet = Fleet(self.state, self.s3, blobs, entries, metrics, float(cfg.lease_ttl))
         self.peer = None
+        self.started_at = time.time()
+        #: every live replica's last heartbeat (refreshed every HEARTBEAT seconds)
+        self.replicas: list[dict] = []
+        self._heart: Optional[asyncio.Task] = None
         if cfg.peer_listen:
             from .peer import PeerServer  # noqa: PLC0415
 
@@ -73,11 +82,28 @@ class Shared:
         await self.fleet.start()
         if self.peer is not None:
             await self.peer.start()
+        self.started_at = time.time()
+        await self._beat()
+        self._heart = asyncio.get_running_loop().create_task(self._heartbeat(),
+                                                            name="fleet heartbeat")
         log.info("shared_state_started", replica=self.state.replica_id,
                  redis=self.state.available, s3=self.s3.cfg.endpoint if self.s3 else None,
                  peer=self.advertise or None)
 
+    async def _beat(self) -> None:
+        fleet = await self.state.heartbeat(self.here(), 3 * HEARTBEAT)
+        if fleet is not None:
+            self.replicas = fleet
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            await self._beat()
+
     async def close(self) -> None:
+        if self._heart is not None:
+            self._heart.cancel()
+            await asyncio.gather(self._heart, return_exceptions=True)
         if self.peer is not None:
             await self.peer.close()
         await self.fleet.close()
@@ -85,15 +111,25 @@ class Shared:
             await self.s3.close()
         await self.state.close()
 
-    def status(self) -> dict:
-        """This replica's part of the fleet, for the status page."""
+    def here(self) -> dict:
+        """This replica's part of the fleet: fills by source, bytes moved to/from S3."""
         return {
             "replica": self.state.replica_id,
             "peer": self.advertise or None,
-            "redis_up": self.state.available,
-            "s3_up": self.s3.avail.up if self.s3 else None,
-            "fills_in_flight_here": len(self.fleet.jobs),
+            "started_at": self.started_at,
+            "fills": dict(self.fleet.counts),
+            "fills_in_flight": len(self.fleet.jobs),
+            "s3_bytes": dict(self.s3.bytes) if self.s3 else None,
         }
+
+    def status(self) -> dict:
+        """For the status page: this replica, the backends as it sees them, and every live
+        replica's last heartbeat (from Redis; this replica alone while Redis is away)."""
+        here = self.here()
+        return {**here, "redis_up": self.state.available,
+                "s3_up": self.s3.avail.up if self.s3 else None,
+                "replicas": [here if r.get("replica") == here["replica"] else r
+                             for r in self.replicas] or [here]}
 
 
 def build(settings: Settings, metrics: Metrics, blobs, entries) -> Optional[Shared]:

@@ -29,7 +29,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..cache import BlobStore, EntryStore, FillState
 from ..observability.logging import get_logger
-from ..observability.metrics import Metrics
+from ..observability.metrics import FLEET_ROLES, Metrics
 from ..upstream.types import UpstreamError, UpstreamRequest, UpstreamResponse
 from .s3 import S3Object, S3Tier
 from .state import Holder, SharedState
@@ -70,7 +70,7 @@ class _JobSource:
 
     def lead(self, takeover: bool = False) -> None:
         self.leading = True
-        self.fleet.metrics.fleet_fills.labels(role="takeover" if takeover else "led").inc()
+        self.fleet.count("takeover" if takeover else "led")
         if takeover:
             log.warning("fleet_fill_taken_over", key=self.key)
         self._renewer = asyncio.get_running_loop().create_task(self._renew())
@@ -130,6 +130,12 @@ class Fleet:
         self.jobs: dict[str, object] = {}
         self._session: Optional[aiohttp.ClientSession] = None
         self._tasks: set[asyncio.Task] = set()
+        #: fills on this replica by source (the status page; the same as the metric)
+        self.counts: dict[str, int] = {role: 0 for role in FLEET_ROLES}
+
+    def count(self, role: str) -> None:
+        self.counts[role] += 1
+        self.metrics.fleet_fills.labels(role=role).inc()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(auto_decompress=False)
@@ -216,7 +222,7 @@ class Fleet:
         obj = await self.s3.open(digest)
         if obj is None:
             return None
-        self.metrics.fleet_fills.labels(role="s3").inc()
+        self.count("s3")
         headers["Content-Length"] = str(obj.size)
         headers.popall("Content-Encoding", None)
         return _HeadResponse(status, headers, req.url, self._s3_body(src, req, obj))
@@ -255,7 +261,7 @@ class Fleet:
 
     def _peer_response(self, src: _JobSource, req: UpstreamRequest,
                        peer: aiohttp.ClientResponse) -> UpstreamResponse:
-        self.metrics.fleet_fills.labels(role="followed").inc()
+        self.count("followed")
         try:
             headers = CIMultiDict(json.loads(peer.headers.get("X-Peer-Headers", "[]")))
             status = int(peer.headers["X-Peer-Status"])

@@ -245,6 +245,24 @@ class RedisState(SharedState):
             await asyncio.sleep(delay)
         raise LimiterTimeout()
 
+    # -- presence ----------------------------------------------------------------------------
+    async def heartbeat(self, info: dict, ttl: float) -> Optional[list[dict]]:
+        """Publish this replica's view (expires after ``ttl`` unless renewed) and return every
+        live replica's, for the fleet part of the status page; None while Redis is down."""
+        async def beat() -> list[dict]:
+            raw = json.dumps(info, separators=(",", ":"))
+            await self._redis.set(NS + "replica:" + self.replica_id, raw, px=int(ttl * 1000))
+            out = []
+            async for key in self._redis.scan_iter(match=NS + "replica:*", count=100):
+                value = await self._redis.get(key)
+                if value:
+                    try:
+                        out.append(json.loads(value))
+                    except ValueError:
+                        continue
+            return sorted(out, key=lambda r: str(r.get("replica")))
+        return await self._guard("heartbeat", beat, None)
+
     # -- fill leases -------------------------------------------------------------------------
     async def acquire_lease(self, key_id: str) -> Optional[Holder]:
         key = NS + "lease:" + key_id

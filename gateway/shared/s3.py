@@ -46,7 +46,7 @@ class S3Object:
                 data = await self._body.read(READ_CHUNK)
                 if not data:
                     return
-                self._tier.metrics.shared_store_bytes.labels(direction="download").inc(len(data))
+                self._tier.moved("download", len(data))
                 yield data
         except (BotoCoreError, ClientError, OSError, asyncio.TimeoutError) as exc:
             self._tier.avail.down("get", exc)
@@ -66,6 +66,12 @@ class S3Tier:
                    "until the bucket answers again")
         self._cm = None
         self._client = None
+        #: bytes moved to / from the bucket by this replica (status page; same as the metric)
+        self.bytes = {"upload": 0, "download": 0}
+
+    def moved(self, direction: str, n: int) -> None:
+        self.bytes[direction] += n
+        self.metrics.shared_store_bytes.labels(direction=direction).inc(n)
 
     def key(self, digest: str) -> str:
         algo, _, hexpart = digest.partition(":")
@@ -133,7 +139,7 @@ class S3Tier:
         with open(path, "rb") as f:
             if size <= part:
                 await c.put_object(Bucket=bucket, Key=key, Body=f.read())
-                self.metrics.shared_store_bytes.labels(direction="upload").inc(size)
+                self.moved("upload", size)
                 return True
             upload_id = (await c.create_multipart_upload(Bucket=bucket, Key=key))["UploadId"]
             try:
@@ -145,7 +151,7 @@ class S3Tier:
                     r = await c.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
                                             PartNumber=number, Body=data)
                     parts.append({"ETag": r["ETag"], "PartNumber": number})
-                    self.metrics.shared_store_bytes.labels(direction="upload").inc(len(data))
+                    self.moved("upload", len(data))
                 await c.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
                                                   MultipartUpload={"Parts": parts})
             except BaseException:

@@ -64,6 +64,10 @@ class SharedState:
     async def release_lease(self, key_id: str) -> None:
         pass
 
+    async def heartbeat(self, info: dict, ttl: float) -> Optional[list[dict]]:
+        """Publish this replica's view; every live replica's (None: no fleet to ask)."""
+        return None
+
     @property
     def available(self) -> bool:
         """False while the shared backend is unreachable (this replica then works alone)."""
