@@ -389,3 +389,26 @@ def test_shared_settings_are_validated_with_the_key_named(tmp_path, shared, key,
     with pytest.raises(ConfigError) as err:
         load_settings(str(path), env={})
     assert key in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.e2e
+def test_real_trivy_on_each_of_three_replicas_one_upstream_get(clean_upstreams, make_gateway,
+                                                                redis_server, s3_server, tmp_path):
+    """Three scanners, one per replica, download the DB at once: one blob GET upstream."""
+    from tests.e2e_support import blob_requests, diag, scanner_pool
+
+    world = clean_upstreams
+    world.publish_db(revision=1401, size_mib=DB_MIB)
+    gws = replicas(make_gateway, world, 3, redis_server, s3_server)
+    world.clear_log()
+    world.throttle(MIRROR, 4 * 1024 * 1024, path="/blobs/")
+    with scanner_pool(tmp_path / "scanners") as factory:
+        scanners = [factory(gw) for gw in gws]
+        runs = [t.start("image", "--download-db-only", "--timeout", "80s") for t in scanners]
+        results = [t.finish(p, args, 120) for t, (p, args) in zip(scanners, runs)]
+    for gw, res in zip(gws, results):
+        assert res.returncode == 0, diag(world, gw, res)
+    world.wait_idle(10)
+    blobs = blob_requests(world)
+    assert len(blobs) == 1, diag(world, gws[0])
+    assert blobs[0].bytes_sent == world.published["db"].layer.size

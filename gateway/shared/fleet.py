@@ -22,7 +22,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -94,7 +94,8 @@ class _HeadResponse(UpstreamResponse):
     """A response whose head was given and whose body is an async iterator (S3, a peer)."""
 
     def __init__(self, status: int, headers: CIMultiDict, url: str,
-                 body: AsyncIterator[bytes]) -> None:
+                 body: AsyncIterator[bytes], close: Callable[[], None]) -> None:
+        self._close = close
         self.status = status
         self.reason = ""
         self.headers = CIMultiDictProxy(headers)
@@ -114,7 +115,10 @@ class _HeadResponse(UpstreamResponse):
         return bytes(out)
 
     async def release(self) -> None:
+        """Close the body (its generator releases what it holds; if it never started, the
+        source is closed here: a peer's connection, an S3 stream)."""
         await self._body.aclose()
+        self._close()
 
 
 class Fleet:
@@ -225,7 +229,7 @@ class Fleet:
         self.count("s3")
         headers["Content-Length"] = str(obj.size)
         headers.popall("Content-Encoding", None)
-        return _HeadResponse(status, headers, req.url, self._s3_body(src, req, obj))
+        return _HeadResponse(status, headers, req.url, self._s3_body(src, req, obj), obj.close)
 
     async def _s3_body(self, src: _JobSource, req: UpstreamRequest,
                        obj: S3Object) -> AsyncIterator[bytes]:
@@ -273,7 +277,7 @@ class Fleet:
             headers["Content-Length"] = length
         expected = int(length) if length and length.isdigit() else None
         return _HeadResponse(status, headers, req.url,
-                             self._peer_body(src, req, peer, expected))
+                             self._peer_body(src, req, peer, expected), peer.release)
 
     async def _peer_body(self, src: _JobSource, req: UpstreamRequest,
                          peer: Optional[aiohttp.ClientResponse],
