@@ -289,7 +289,8 @@ async def test_kill_9_of_the_leading_replica_at_30_percent(clean_upstreams, make
                                                             redis_server, s3_server):
     world = clean_upstreams
     size = world.publish_db(revision=1202, size_mib=DB_MIB).layer.size
-    leader, b, c = replicas(make_gateway, world, 3, redis_server, s3_server)
+    # a lease far longer than the test: the dead leader's lease is broken, not waited out
+    leader, b, c = replicas(make_gateway, world, 3, redis_server, s3_server, lease_ttl="120s")
     world.clear_log()
     world.throttle(MIRROR, 2 * 1024 * 1024, path="/blobs/")
     url = f"https://{MIRROR}{blob_path(world)}"
@@ -312,6 +313,7 @@ async def test_kill_9_of_the_leading_replica_at_30_percent(clean_upstreams, make
     # the leader's GET, then one resume (Range) or one refetch by the replica that took over
     assert len(gets) == 2, world.log_summary()
     assert sum(g.metric("trivy_gateway_fleet_fills_total", role="takeover") for g in (b, c)) == 1
+    assert any(e.get("event") == "fleet_lease_broken" for g in (b, c) for e in g.log_events())
 
 
 # -- 4. Redis or S3 away: keep serving ---------------------------------------------------------

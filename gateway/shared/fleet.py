@@ -250,12 +250,21 @@ class Fleet:
     # -- following a peer --------------------------------------------------------------------
     async def _open_peer(self, holder: Holder, kid: str, start: int
                          ) -> Optional[aiohttp.ClientResponse]:
+        """The holder's fill from byte ``start``, or None. A holder whose peer port refuses
+        the connection is gone (kill -9, crash): its lease is broken at once instead of waiting
+        for it to expire (a holder that does not answer at all still waits for the expiry)."""
         assert self._session is not None
         url = f"http://{holder.peer}/peer/fill/{kid}?from={start}"
         try:
             resp = await self._session.get(
                 url, headers={"Authorization": f"Bearer {self.state.peer_token}"},
                 timeout=aiohttp.ClientTimeout(sock_connect=2, sock_read=self.lease_ttl))
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                log.warning("fleet_lease_broken", key_id=kid, holder=holder.replica,
+                            peer=holder.peer, why="its peer port refuses connections")
+                await self.state.break_lease(kid, holder)
+            return None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return None
         if resp.status != 200:

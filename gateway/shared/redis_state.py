@@ -288,6 +288,10 @@ class RedisState(SharedState):
             keys=[NS + "lease:" + key_id],
             args=[self._me_raw, int(self.cfg.lease_ttl * 1000)]), 1))
 
+    async def break_lease(self, key_id: str, holder: Holder) -> None:
+        await self._guard("lease", lambda: self._release(keys=[NS + "lease:" + key_id],
+                                                         args=[holder.encode()]), 0)
+
     async def release_lease(self, key_id: str) -> None:
         await self._guard("lease", lambda: self._release(keys=[NS + "lease:" + key_id],
                                                          args=[self._me_raw]), 0)

@@ -64,6 +64,9 @@ class SharedState:
     async def release_lease(self, key_id: str) -> None:
         pass
 
+    async def break_lease(self, key_id: str, holder: Holder) -> None:
+        """Remove ``holder``'s lease (it is known to be gone); a newer holder's stays."""
+
     async def heartbeat(self, info: dict, ttl: float) -> Optional[list[dict]]:
         """Publish this replica's view; every live replica's (None: no fleet to ask)."""
         return None
