@@ -225,6 +225,33 @@ async def test_the_local_tier_is_an_lru_in_front_of_s3(clean_upstreams, make_gat
     assert b.metric("trivy_gateway_cache_evictions_total") >= 1
 
 
+async def test_anonymous_s3_access(clean_upstreams, make_gateway, redis_server, tmp_path):
+    """weed mini without identities accepts unsigned requests (cache.shared.s3.anonymous)."""
+    world = clean_upstreams
+    s3 = SeaweedS3(tmp_path / "s3-anon").start()
+    try:
+        gws = []
+        for name in ("anon-a-", "anon-b-"):
+            cfg = shared_config(redis_server, s3)
+            cfg["cache"]["shared"]["s3"]["anonymous"] = True
+            gws.append(make_gateway(world, cfg, name=name))
+        a, b = gws
+        url = f"https://{MIRROR}{blob_path(world, 'checks')}"
+        status, _, body = await get(a, url)
+        assert status == 200
+        await asyncio.to_thread(wait_for, lambda: a.metric(
+            "trivy_gateway_shared_store_bytes_total", direction="upload") == len(body), 10,
+            "the anonymous upload")
+        world.clear_log()
+        # b reads it from S3 (the checks bundle is small: it may also come from the shared
+        # front's entry body); either way the upstream is not asked
+        status, _, body_b = await get(b, url)
+        assert status == 200 and body_b == body and world.requests() == []
+        assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 1
+    finally:
+        s3.stop()
+
+
 async def test_wrong_s3_credentials_are_reported_and_the_replica_keeps_serving(
         clean_upstreams, make_gateway, redis_server, s3_server, monkeypatch):
     world = clean_upstreams

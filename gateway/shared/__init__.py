@@ -76,12 +76,12 @@ class Shared:
                                    lambda: self.state.peer_token)
 
     async def start(self, upstream) -> None:
+        if self.peer is not None:
+            await self.peer.start()  # first: a port in use fails before anything is opened
         await self.state.start(upstream)
         if self.s3 is not None:
             await self.s3.start()
         await self.fleet.start()
-        if self.peer is not None:
-            await self.peer.start()
         self.started_at = time.time()
         await self._beat()
         self._heart = asyncio.get_running_loop().create_task(self._heartbeat(),
