@@ -199,6 +199,25 @@ async def test_a_verified_blob_is_published_to_s3_and_served_by_another_replica_
     assert b.metric("trivy_gateway_shared_store_bytes_total", direction="download") == len(body)
 
 
+async def test_without_s3_a_replica_reads_a_body_from_another_replicas_disk(
+        clean_upstreams, make_gateway, redis_server):
+    world = clean_upstreams
+    world.publish_db(revision=1501, size_mib=2)
+    a, b = replicas(make_gateway, world, 2, redis_server)
+    url = f"https://{MIRROR}{blob_path(world)}"
+    status, _, body = await get(a, url)
+    assert status == 200 and sha(body) == world.digest("db", "layer")
+    world.clear_log()
+    # a registers as a holder when its job has ended (just after its client got the body),
+    # before it lets the lease go
+    await asyncio.to_thread(wait_for, lambda: a.status()["fleet"]["fills_in_flight"] == 0,
+                            10, "a's job to end")
+    status, headers, body_b = await get(b, url)
+    assert status == 200 and body_b == body
+    assert world.requests(host=MIRROR, path_contains="/blobs/") == []
+    assert b.metric("trivy_gateway_fleet_fills_total", role="peer") == 1
+
+
 async def test_the_local_tier_is_an_lru_in_front_of_s3(clean_upstreams, make_gateway, redis_server,
                                                        s3_server):
     """A replica whose local budget holds one DB evicts it for the next and reads it back from

@@ -276,7 +276,7 @@ def _fleet(status: Mapping) -> str:
             f'<tr class="replica"><td class="mono">{esc(r.get("replica"))}{esc(here)}</td>'
             f'<td class="mono">{esc(r.get("peer") or DASH)}</td>'
             + "".join(f"<td>{_val(fills.get(k))}</td>" for k in ("led", "followed", "s3",
-                                                                 "takeover"))
+                                                                 "peer", "takeover"))
             + f'<td>{esc(human_bytes(moved.get("upload")))} / '
               f'{esc(human_bytes(moved.get("download")))}</td></tr>')
 
@@ -289,7 +289,7 @@ def _fleet(status: Mapping) -> str:
   <dt>S3</dt><dd id="fleet-s3">{esc(up(fleet.get("s3_up")))}</dd>
 </dl>
 <table><thead><tr><th>Replica</th><th>Peer</th><th>Fills led</th><th>Followed from a peer</th>
-<th>From S3</th><th>Taken over</th><th>S3 up / down</th></tr></thead>
+<th>From S3</th><th>From a peer's disk</th><th>Taken over</th><th>S3 up / down</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 </section>"""
 

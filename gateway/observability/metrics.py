@@ -50,7 +50,7 @@ CLIENT_ERROR_REASONS = ("malformed", "bad_target", "not_proxy_request", "early_d
 #: ``reason`` of trivy_gateway_cache_store_errors_total
 STORE_ERROR_REASONS = ("disk_full", "io_error")
 #: ``role`` of trivy_gateway_fleet_fills_total
-FLEET_ROLES = ("led", "followed", "s3", "takeover")
+FLEET_ROLES = ("led", "followed", "s3", "peer", "takeover")
 #: ``reason`` of trivy_gateway_denied_total
 DENY_REASONS = ("not_allowed", "rule", "ssrf", "port")
 
@@ -199,7 +199,8 @@ class Metrics:
             p + "fleet_fills_total",
             "Fills on this replica by source: led (fetched from the upstream under the fleet "
             "lease), followed (streamed from the leading replica), s3 (read from the shared "
-            "store), takeover (the leader died; resumed or refetched here).", ["role"], registry=r)
+            "store), peer (read from another replica's local tier), takeover (the leader died; "
+            "resumed or refetched here).", ["role"], registry=r)
         self.shared_store_bytes = Counter(
             p + "shared_store_bytes_total",
             "Bytes this replica moved to (upload) or from (download) the shared S3 store.",

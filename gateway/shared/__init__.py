@@ -63,7 +63,8 @@ class Shared:
         advertise = self.advertise = peer_address(cfg.peer_listen, cfg.peer_advertise)
         self.state: SharedState = RedisState(cfg, settings.upstream, metrics, advertise)
         self.s3 = S3Tier(cfg.s3, metrics) if cfg.s3.endpoint else None
-        self.fleet = Fleet(self.state, self.s3, blobs, entries, metrics, float(cfg.lease_ttl))
+        self.fleet = Fleet(self.state, self.s3, blobs, entries, metrics, float(cfg.lease_ttl),
+                           peer_address=advertise)
         self.peer = None
         self.started_at = time.time()
         #: every live replica's last heartbeat (refreshed every HEARTBEAT seconds)
@@ -73,7 +74,7 @@ class Shared:
             from .peer import PeerServer  # noqa: PLC0415
 
             self.peer = PeerServer(cfg.peer_listen, self.fleet.job_for,
-                                   lambda: self.state.peer_token)
+                                   lambda: self.state.peer_token, blobs)
 
     async def start(self, upstream) -> None:
         if self.peer is not None:

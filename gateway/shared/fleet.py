@@ -22,7 +22,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -41,6 +41,20 @@ POLL = 0.2
 #: a follower hands over between leaders at most this many times for one body
 MAX_HANDOVERS = 5
 READ_CHUNK = 256 * 1024
+
+
+async def _verified(chunks: AsyncIterator[bytes], digest: str) -> AsyncIterator[bytes]:
+    """``chunks``, then an error instead of a clean end if they do not hash to ``digest``
+    (a body from a store is checked again: the fill then fails, and nothing is kept)."""
+    h = hashlib.sha256()
+    try:
+        async for chunk in chunks:
+            h.update(chunk)
+            yield chunk
+    finally:
+        await chunks.aclose()
+    if "sha256:" + h.hexdigest() != digest:
+        raise UpstreamError("body", "store", f"stored body does not match {digest}")
 
 
 def key_id(cache_key: str) -> str:
@@ -123,8 +137,11 @@ class _HeadResponse(UpstreamResponse):
 
 class Fleet:
     def __init__(self, state: SharedState, s3: Optional[S3Tier], blobs: BlobStore,
-                 entries: EntryStore, metrics: Metrics, lease_ttl: float) -> None:
+                 entries: EntryStore, metrics: Metrics, lease_ttl: float,
+                 peer_address: str = "") -> None:
         self.state = state
+        #: where other replicas reach this one's peer endpoint ("" = none: nothing is served)
+        self.peer_address = peer_address
         self.s3 = s3
         self.blobs = blobs
         self.entries = entries
@@ -170,11 +187,13 @@ class Fleet:
 
     async def _finish(self, job, source: _JobSource) -> None:
         try:
-            if source.leading and self.s3 is not None:
-                outcome = job.outcome.result() if job.outcome.done() else None
-                fill = outcome.fill if outcome is not None else None
-                if fill is not None and fill.state == FillState.COMMITTED and fill.digest:
+            outcome = job.outcome.result() if job.outcome.done() else None
+            fill = outcome.fill if outcome is not None else None
+            if fill is not None and fill.state == FillState.COMMITTED and fill.digest:
+                if source.leading and self.s3 is not None:
                     await self._upload(fill.digest, fill.written)
+                if self.peer_address:
+                    await self.state.add_holder(fill.digest, self.peer_address)
         finally:
             if self.jobs.get(source.key_id) is job:
                 del self.jobs[source.key_id]
@@ -194,9 +213,9 @@ class Fleet:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + 2 * self.lease_ttl + 5
         while loop.time() < give_up:
-            from_s3 = await self._from_s3(src, req)
-            if from_s3 is not None:
-                return from_s3
+            stored = await self._from_store(src, req)
+            if stored is not None:
+                return stored
             holder = await self.state.acquire_lease(src.key_id)
             if holder is None:
                 src.lead()
@@ -209,27 +228,67 @@ class Fleet:
         log.warning("fleet_lease_wait_gave_up", key=src.key)
         return await src.upstream(req)
 
-    async def _from_s3(self, src: _JobSource, req: UpstreamRequest
-                       ) -> Optional[UpstreamResponse]:
-        if self.s3 is None:
-            return None
+    async def _stored_digest(self, src: _JobSource) -> Optional[tuple[str, int, CIMultiDict]]:
+        """(digest, status, headers) of a verified body some store may hold for this key: an
+        OCI blob by its digest, or an immutable entry in the shared front."""
         res = src.res
-        status, headers = 200, CIMultiDict()
-        digest = res.digest if res.kind == "oci_blob" else None
-        if digest is None:
-            found = await self.entries.front.get(src.key)
-            entry = found[0] if found else None
-            if (entry is None or not entry.body_digest or entry.negative
-                    or entry.fresh_until != float("inf")):
-                return None
-            digest, status, headers = entry.body_digest, entry.status, CIMultiDict(entry.headers)
-        obj = await self.s3.open(digest)
-        if obj is None:
+        if res.kind == "oci_blob" and res.digest:
+            return res.digest, 200, CIMultiDict()
+        found = await self.entries.front.get(src.key)
+        entry = found[0] if found else None
+        if (entry is None or not entry.body_digest or entry.negative
+                or entry.fresh_until != float("inf")):
             return None
-        self.count("s3")
-        headers["Content-Length"] = str(obj.size)
+        return entry.body_digest, entry.status, CIMultiDict(entry.headers)
+
+    async def _from_store(self, src: _JobSource, req: UpstreamRequest
+                          ) -> Optional[UpstreamResponse]:
+        """The body from S3, else from another replica's local tier, verified while it
+        streams; None when neither has it."""
+        if self.s3 is None and not self.peer_address:
+            return None
+        known = await self._stored_digest(src)
+        if known is None:
+            return None
+        digest, status, headers = known
         headers.popall("Content-Encoding", None)
-        return _HeadResponse(status, headers, req.url, self._s3_body(src, req, obj), obj.close)
+        if self.s3 is not None:
+            obj = await self.s3.open(digest)
+            if obj is not None:
+                self.count("s3")
+                headers["Content-Length"] = str(obj.size)
+                body = _verified(self._s3_body(src, req, obj), digest)
+                return _HeadResponse(status, headers, req.url, body, obj.close)
+        for peer in await self.state.holders(digest):
+            if peer == self.peer_address:
+                continue
+            resp = await self._get_peer(peer, f"/peer/blob/{digest}")
+            if resp is None or resp.content_length is None:
+                if resp is not None:
+                    resp.release()
+                await self.state.drop_holder(digest, peer)
+                continue
+            self.count("peer")
+            headers["Content-Length"] = str(resp.content_length)
+            body = _verified(self._peer_blob_body(src, req, resp), digest)
+            return _HeadResponse(status, headers, req.url, body, resp.release)
+        return None
+
+    async def _peer_blob_body(self, src: _JobSource, req: UpstreamRequest,
+                              resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        pos = 0
+        try:
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                pos += len(chunk)
+                yield chunk
+            if pos == resp.content_length:
+                return
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("peer_blob_read_failed", key=src.key, offset=pos, error=str(exc))
+        finally:
+            resp.release()
+        async for chunk in self._resume_upstream(src, req, pos):
+            yield chunk
 
     async def _s3_body(self, src: _JobSource, req: UpstreamRequest,
                        obj: S3Object) -> AsyncIterator[bytes]:
@@ -248,21 +307,24 @@ class Fleet:
             yield chunk
 
     # -- following a peer --------------------------------------------------------------------
-    async def _open_peer(self, holder: Holder, kid: str, start: int
-                         ) -> Optional[aiohttp.ClientResponse]:
-        """The holder's fill from byte ``start``, or None. A holder whose peer port refuses
-        the connection is gone (kill -9, crash): its lease is broken at once instead of waiting
-        for it to expire (a holder that does not answer at all still waits for the expiry)."""
+    async def _get_peer(self, peer: str, path: str,
+                        lease: Optional[tuple[Holder, str]] = None
+                        ) -> Optional[aiohttp.ClientResponse]:
+        """GET ``path`` from a replica's peer endpoint; None unless it answers 200. A ``lease``
+        (holder, key id) whose peer port refuses the connection is gone (kill -9, crash): its lease is
+        broken at once instead of waiting for it to expire (a holder that does not answer at
+        all still waits for the expiry)."""
         assert self._session is not None
-        url = f"http://{holder.peer}/peer/fill/{kid}?from={start}"
         try:
             resp = await self._session.get(
-                url, headers={"Authorization": f"Bearer {self.state.peer_token}"},
+                f"http://{peer}{path}",
+                headers={"Authorization": f"Bearer {self.state.peer_token}"},
                 timeout=aiohttp.ClientTimeout(sock_connect=2, sock_read=self.lease_ttl))
         except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, ConnectionRefusedError):
-                log.warning("fleet_lease_broken", key_id=kid, holder=holder.replica,
-                            peer=holder.peer, why="its peer port refuses connections")
+            if lease is not None and isinstance(exc.os_error, ConnectionRefusedError):
+                holder, kid = lease
+                log.warning("fleet_lease_broken", key_id=kid, holder=holder.replica, peer=peer,
+                            why="its peer port refuses connections")
                 await self.state.break_lease(kid, holder)
             return None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -271,6 +333,11 @@ class Fleet:
             resp.release()
             return None
         return resp
+
+    def _open_peer(self, holder: Holder, kid: str, start: int
+                   ) -> Awaitable[Optional[aiohttp.ClientResponse]]:
+        """The lease holder's fill in progress, from byte ``start``."""
+        return self._get_peer(holder.peer, f"/peer/fill/{kid}?from={start}", (holder, kid))
 
     def _peer_response(self, src: _JobSource, req: UpstreamRequest,
                        peer: aiohttp.ClientResponse) -> UpstreamResponse:

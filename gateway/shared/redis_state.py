@@ -12,6 +12,8 @@ Keys (one namespace, so one Redis can serve several gateways with different pref
     trivy-gateway:circuit:<host>                 {until (wall), status, why, replica}, PX = window
     trivy-gateway:budget:<host>                  token bucket hash {t, ts}, Redis server time
     trivy-gateway:peer-token                     random token peers present (set once)
+    trivy-gateway:holders:<digest>               peer addresses whose local tier has the body
+    trivy-gateway:replica:<id>                   a replica's status heartbeat (expires)
     channel trivy-gateway:circuits               circuit openings as they happen
 
 Every key names one host or one cache key, so Redis Cluster can shard them (no multi-key ops).
@@ -41,6 +43,9 @@ log = get_logger("gateway.shared")
 NS = "trivy-gateway:"
 CHANNEL = NS + "circuits"
 T = TypeVar("T")
+#: a body's holder set is forgotten this long after its last addition (holders that evicted it
+#: are removed when a reader finds them without it)
+HOLDERS_TTL = 7 * 86400
 
 # Token bucket on Redis's own clock (replicas' clocks may differ): returns 0 when a token was
 # taken, else the milliseconds until one accrues. ARGV: rate per second, burst.
@@ -262,6 +267,23 @@ class RedisState(SharedState):
                         continue
             return sorted(out, key=lambda r: str(r.get("replica")))
         return await self._guard("heartbeat", beat, None)
+
+    # -- holders -------------------------------------------------------------------------------
+    async def add_holder(self, digest: str, peer: str) -> None:
+        key = NS + "holders:" + digest
+
+        async def add() -> None:
+            await self._redis.sadd(key, peer)
+            await self._redis.expire(key, HOLDERS_TTL)
+        await self._guard("holders", add, None)
+
+    async def holders(self, digest: str) -> list[str]:
+        found = await self._guard("holders", lambda: self._redis.smembers(
+            NS + "holders:" + digest), set())
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in found)
+
+    async def drop_holder(self, digest: str, peer: str) -> None:
+        await self._guard("holders", lambda: self._redis.srem(NS + "holders:" + digest, peer), 0)
 
     # -- fill leases -------------------------------------------------------------------------
     async def acquire_lease(self, key_id: str) -> Optional[Holder]:

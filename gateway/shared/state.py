@@ -71,6 +71,16 @@ class SharedState:
         """Publish this replica's view; every live replica's (None: no fleet to ask)."""
         return None
 
+    # -- which replicas hold a verified body in their local tier --------------------------------
+    async def add_holder(self, digest: str, peer: str) -> None:
+        """This replica (reachable at ``peer``) holds ``digest`` in its local tier."""
+
+    async def holders(self, digest: str) -> list[str]:
+        return []
+
+    async def drop_holder(self, digest: str, peer: str) -> None:
+        """``peer`` no longer serves ``digest`` (evicted, or gone)."""
+
     @property
     def available(self) -> bool:
         """False while the shared backend is unreachable (this replica then works alone)."""
