@@ -114,6 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    if settings.server.worker_count > 1:
+        from .workers import run_workers  # noqa: PLC0415
+
+        return run_workers(settings, _serve)
     from .app import Gateway  # noqa: PLC0415 - keep `ca export` and friends light
 
     loop_factory = None

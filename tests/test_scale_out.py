@@ -460,3 +460,105 @@ def test_real_trivy_on_each_of_three_replicas_one_upstream_get(clean_upstreams, 
     blobs = blob_requests(world)
     assert len(blobs) == 1, diag(world, gws[0])
     assert blobs[0].bytes_sent == world.published["db"].layer.size
+
+
+# -- 5. workers on one machine ------------------------------------------------------------------
+def two_free_ports() -> int:
+    """A port p with p and p + 1 free (worker i's admin port is admin_listen + i)."""
+    import socket
+
+    for _ in range(50):  # bounded
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise AssertionError("no two consecutive free ports")
+
+
+def workers_gateway(make_gateway, world, redis, name="workers-"):
+    admin = two_free_ports()
+    cfg = {"server": {"workers": 2, "admin_listen": f"127.0.0.1:{admin}"},
+           "cache": {"shared": {"redis_url": redis.url, "lease_ttl": "3s"}}}
+    gw = make_gateway(world, cfg, name=name)
+    worker1 = f"http://127.0.0.1:{admin + 1}"
+    wait_for(lambda: _ready(worker1), 30, "worker 1 to be ready")
+    return gw, [gw.admin_url, worker1]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _status(url: str) -> dict:
+    import json
+
+    with urllib.request.urlopen(url + "/api/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def test_two_workers_on_one_port_one_upstream_fetch_and_one_circuit(
+        clean_upstreams, make_gateway, redis_server):
+    world = clean_upstreams
+    world.publish_db(revision=1601, size_mib=4)
+    gw, admins = workers_gateway(make_gateway, world, redis_server)
+    pids = {e["pid"] for e in gw.log_events() if e.get("event") == "worker_started"}
+    assert len(pids) == 2
+    world.clear_log()
+    world.throttle(MIRROR, 4 * 1024 * 1024, path="/blobs/")
+    url = f"https://{MIRROR}{blob_path(world)}"
+    # every client presents the one CA (created once by the supervisor)
+    results = await asyncio.gather(*(stream(gw, url) for _ in range(12)))
+    assert [r[0] for r in results] == [world.digest("db", "layer")] * 12
+    assert len(world.requests(host=MIRROR, path_contains="/blobs/")) == 1, world.log_summary()
+    fleets = [_status(a)["fleet"] for a in admins]
+    assert sum(f["fills"]["led"] for f in fleets) == 1
+    assert {f["replica"] for f in fleets} and len(fleets[1]["replicas"]) == 2
+    # a Maven 429 with Retry-After 1800 seen by whichever worker stops both
+    world.too_many_requests(MAVEN, path="/maven2/", times=None, retry_after=1800)
+    status, _, _ = await get(gw, f"https://{MAVEN}{POM}")
+    assert status == 429
+    for admin in admins:
+        await asyncio.to_thread(wait_for, lambda a=admin: _status(a)["upstreams"].get(
+            MAVEN, {}).get("circuit") == "open", 10, "both workers' circuits to open")
+
+
+def test_a_worker_killed_is_started_again(clean_upstreams, make_gateway, redis_server):
+    import os
+    import signal
+
+    world = clean_upstreams
+    gw, admins = workers_gateway(make_gateway, world, redis_server, name="restart-")
+    started = [e for e in gw.log_events() if e.get("event") == "worker_started"]
+    victim = next(e["pid"] for e in started if e["worker"] == 1)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: any(e.get("event") == "worker_exited" and e.get("pid") == victim
+                         for e in gw.log_events()), 10, "the supervisor to notice")
+    wait_for(lambda: len([e for e in gw.log_events() if e.get("event") == "worker_started"
+                          and e["worker"] == 1]) == 2, 10, "worker 1 to be started again")
+    wait_for(lambda: _ready(admins[1]), 30, "the new worker 1 to be ready")
+    assert gw.stop() == 0  # SIGTERM to the supervisor drains both workers
+
+
+def test_more_than_one_worker_needs_redis(tmp_path):
+    import yaml
+
+    from gateway.settings import ConfigError, load_settings
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"server": {"workers": "auto"}}))
+    from gateway.settings.server import ServerSettings
+
+    if ServerSettings(workers="auto").worker_count < 2:
+        path.write_text(yaml.safe_dump({"server": {"workers": 2}}))
+    with pytest.raises(ConfigError, match="server.workers.*redis_url"):
+        load_settings(str(path), env={})
+    path.write_text(yaml.safe_dump({"server": {"workers": "many"}}))
+    with pytest.raises(ConfigError, match="server.workers"):
+        load_settings(str(path), env={})

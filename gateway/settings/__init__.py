@@ -77,6 +77,10 @@ class Settings:
         Checked only when the door is on: the embedded ``mirror`` routes must not turn an
         operator's own ``cache.oci.public_repositories`` list (lists replace) into an error
         about a door they never opened."""
+        if self.server.worker_count > 1 and not self.cache.shared.redis_url:
+            raise ConfigError("server.workers", "more than one worker needs "
+                              "cache.shared.redis_url: the workers share single flight, circuits "
+                              "and budget through Redis (docs/scale-out.md)")
         if not self.server.mirror_listen:
             return
         if not self.cache.enabled:

@@ -79,6 +79,10 @@ class Shared:
     async def start(self, upstream) -> None:
         if self.peer is not None:
             await self.peer.start()  # first: a port in use fails before anything is opened
+            if self.advertise.endswith(":0"):  # an ephemeral port: known only now
+                self.advertise = f"{self.advertise.rpartition(':')[0]}:{self.peer.port}"
+                self.fleet.peer_address = self.advertise
+                self.state.set_peer_address(self.advertise)
         await self.state.start(upstream)
         if self.s3 is not None:
             await self.s3.start()

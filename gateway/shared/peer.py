@@ -53,6 +53,8 @@ class PeerServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
+        if self.port == 0:  # an ephemeral port (workers without a configured peer port)
+            self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
         log.info("peer_endpoint_listening", listen=f"{self.host}:{self.port}")
 
     async def close(self) -> None:

@@ -110,6 +110,10 @@ class RedisState(SharedState):
         #: a remote opening is being applied: its transition must not be sent back
         self._applying = False
 
+    def set_peer_address(self, address: str) -> None:
+        self.me = Holder(self.replica_id, address)
+        self._me_raw = self.me.encode()
+
     # -- availability ------------------------------------------------------------------------
     @property
     def available(self) -> bool:

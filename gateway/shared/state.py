@@ -43,6 +43,9 @@ class SharedState:
     #: the token peers present on the peer endpoint ("" when there is none)
     peer_token: str = ""
 
+    def set_peer_address(self, address: str) -> None:
+        """Where other replicas reach this one (known after the peer endpoint bound)."""
+
     async def start(self, upstream) -> None:
         """Attach to the upstream client's seams (circuits, budget) and connect."""
 
