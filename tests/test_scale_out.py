@@ -562,3 +562,32 @@ def test_more_than_one_worker_needs_redis(tmp_path):
     path.write_text(yaml.safe_dump({"server": {"workers": "many"}}))
     with pytest.raises(ConfigError, match="server.workers"):
         load_settings(str(path), env={})
+
+
+async def test_a_corrupt_upstream_body_is_stored_and_served_complete_nowhere(
+        clean_upstreams, make_gateway, redis_server, s3_server):
+    """One flipped byte in the leader's upstream body: the leader's clients and the followers
+    on the other replica are cut off (never handed a complete wrong body), nothing reaches S3,
+    and the next request on either replica gets the right bytes."""
+    world = clean_upstreams
+    world.publish_db(revision=1701, size_mib=3)
+    a, b = replicas(make_gateway, world, 2, redis_server, s3_server)
+    world.clear_log()
+    world.throttle(MIRROR, 2 * 1024 * 1024, path="/blobs/")
+    world.corrupt_byte(MIRROR, 1000, path="/blobs/", times=1)
+    url = f"https://{MIRROR}{blob_path(world)}"
+    lead = asyncio.ensure_future(stream(a, url))
+    await asyncio.to_thread(wait_for, lambda: a.metric(
+        "trivy_gateway_fleet_fills_total", role="led") == 1, 20, "a to lead")
+    follow = asyncio.ensure_future(stream(b, url))
+    outcomes = await asyncio.gather(lead, follow, return_exceptions=True)
+    good = world.digest("db", "layer")
+    for outcome in outcomes:
+        # cut off, or (if it came in after the failure) a whole, correct body
+        assert isinstance(outcome, Exception) or outcome[0] == good, outcome
+    assert any(isinstance(o, Exception) for o in outcomes)
+    assert all(sha_ok == good for sha_ok in
+               [(await stream(gw, url))[0] for gw in (a, b)])
+    keys = await s3_keys(s3_server)
+    assert list(keys.values()) in ([], [world.published["db"].layer.size])
+    assert a.metric("trivy_gateway_cache_digest_mismatches_total") >= 1
