@@ -31,7 +31,7 @@ from ..cache import BlobStore, EntryStore, FillState
 from ..observability.logging import get_logger
 from ..observability.metrics import FLEET_ROLES, Metrics
 from ..upstream.types import UpstreamError, UpstreamRequest, UpstreamResponse
-from .s3 import S3Object, S3Tier
+from .s3 import S3Tier
 from .state import Holder, SharedState
 
 log = get_logger("gateway.shared")
@@ -257,7 +257,8 @@ class Fleet:
             if obj is not None:
                 self.count("s3")
                 headers["Content-Length"] = str(obj.size)
-                body = _verified(self._s3_body(src, req, obj), digest)
+                body = _verified(self._or_upstream(src, req, "s3", obj.chunks(), obj.size,
+                                                   obj.close), digest)
                 return _HeadResponse(status, headers, req.url, body, obj.close)
         for peer in await self.state.holders(digest):
             if peer == self.peer_address:
@@ -270,39 +271,32 @@ class Fleet:
                 continue
             self.count("peer")
             headers["Content-Length"] = str(resp.content_length)
-            body = _verified(self._peer_blob_body(src, req, resp), digest)
+            body = _verified(self._or_upstream(
+                src, req, f"peer {peer}", resp.content.iter_chunked(READ_CHUNK),
+                resp.content_length, resp.release), digest)
             return _HeadResponse(status, headers, req.url, body, resp.release)
         return None
 
-    async def _peer_blob_body(self, src: _JobSource, req: UpstreamRequest,
-                              resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _or_upstream(self, src: _JobSource, req: UpstreamRequest, where: str,
+                           chunks: AsyncIterator[bytes], size: int,
+                           close: Callable[[], None]) -> AsyncIterator[bytes]:
+        """A stored body (``size`` bytes from S3 or a peer's disk); if the store fails part-way,
+        the rest comes from the upstream with ``Range`` (a store is never a single point of
+        failure for a client already being served)."""
         pos = 0
         try:
-            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+            async for chunk in chunks:
                 pos += len(chunk)
                 yield chunk
-            if pos == resp.content_length:
+            if pos == size:
                 return
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("peer_blob_read_failed", key=src.key, offset=pos, error=str(exc))
+            why = f"ended at byte {pos} of {size}"
+        except Exception as exc:  # noqa: BLE001 - any store failure: finish from the upstream
+            why = f"{type(exc).__name__}: {exc}"
         finally:
-            resp.release()
-        async for chunk in self._resume_upstream(src, req, pos):
-            yield chunk
-
-    async def _s3_body(self, src: _JobSource, req: UpstreamRequest,
-                       obj: S3Object) -> AsyncIterator[bytes]:
-        pos = 0
-        try:
-            async for chunk in obj.chunks():
-                pos += len(chunk)
-                yield chunk
-            return
-        except Exception as exc:  # noqa: BLE001 - any S3 failure: finish from the upstream
-            log.warning("s3_read_failed_finishing_from_upstream", key=src.key, offset=pos,
-                        error=str(exc))
-        finally:
-            obj.close()
+            close()
+        log.warning("store_read_failed_finishing_from_upstream", store=where, key=src.key,
+                    offset=pos, error=why)
         async for chunk in self._resume_upstream(src, req, pos):
             yield chunk
 
