@@ -145,7 +145,8 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
         def _plain(obj):
             if dataclasses.is_dataclass(obj):
                 return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                        if f.name not in ("password", "secret")}
+                        if f.name not in ("password", "secret")
+                        and not f.metadata.get("internal")}
             if isinstance(obj, (tuple, list)):
                 return [_plain(x) for x in obj]
             if hasattr(obj, "items"):

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import time
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -113,6 +114,23 @@ async def test_a_password_protected_redis_with_the_password_from_the_environment
         assert "s3cret-redis" not in a.log_path.read_text()
     finally:
         server.stop()
+
+
+def test_check_config_print_never_shows_the_redis_password(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"cache": {"shared": {
+        "redis_url": "redis://r:6379/0", "redis_password_env": "GW_TEST_REDIS_PASSWORD"}}}))
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--print", "--config",
+                          str(path)], capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "GW_TEST_REDIS_PASSWORD": "pw-9f3e1"},
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr
+    assert "redis_password_env" in out.stdout and "pw-9f3e1" not in out.stdout + out.stderr
 
 
 async def test_the_upstream_budget_is_shared_by_the_replicas(

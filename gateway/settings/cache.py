@@ -59,7 +59,8 @@ class SharedSettings:
     #: environment variable holding the Redis password (kept out of the YAML and the URL; a
     #: Kubernetes Secret); resolved into ``redis_password`` at load
     redis_password_env: str = ""
-    redis_password: str = field(default="", repr=False)
+    redis_password: str = field(default="", repr=False, metadata={
+        "internal": True, "secret": "use cache.shared.redis_password_env"})
     #: a leader that died blocks other replicas' clients at most this long
     lease_ttl: Duration = Duration(15)
     #: host:port of this replica's peer endpoint (other replicas stream fills from it); "" = off
