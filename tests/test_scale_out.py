@@ -609,3 +609,29 @@ async def test_a_corrupt_upstream_body_is_stored_and_served_complete_nowhere(
     keys = await s3_keys(s3_server)
     assert list(keys.values()) in ([], [world.published["db"].layer.size])
     assert a.metric("trivy_gateway_cache_digest_mismatches_total") >= 1
+
+
+async def test_a_redis_that_stops_answering_costs_one_timeout_per_second_not_per_request(
+        clean_upstreams, make_gateway, redis_server):
+    """SIGSTOP: Redis accepts connections and never answers (a blackholed host). The replica
+    keeps serving hits from its disk; it asks Redis again at most once a second, so a burst of
+    hits costs one timeout, not one per request."""
+    import os
+    import signal
+
+    world = clean_upstreams
+    a, = replicas(make_gateway, world, 1, redis_server, peer=False)
+    url = f"https://{MAVEN}{POM}"
+    status, _, body = await get(a, url)
+    assert status == 200
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):
+                status, _, again = await get(a, url, session=session)
+                assert status == 200 and again == body
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    stalls = [e for e in a.log_events() if e.get("event") == "memory_front_unavailable"]
+    # 20 hits: without the skip window each would wait for Redis's timeout (20+ lines)
+    assert 1 <= len(stalls) <= 8, len(stalls)
