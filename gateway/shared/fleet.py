@@ -4,13 +4,15 @@ The pipeline keeps its own single flight per process; this module only chooses t
 fetch job reads its response from, through the job's fetcher (:meth:`Fleet.fetcher`). The job
 then fills, verifies and stores exactly as it always does:
 
-1. the shared S3 store has the verified body (an OCI blob by digest, or an immutable entry whose
-   digest the shared front knows) → stream it from S3 (0 upstream requests);
+1. a store has the verified body (an OCI blob by digest, or an immutable entry whose digest the
+   shared front knows) → stream it from S3, else from another replica's local tier (0 upstream
+   requests; the digest is checked again while it streams);
 2. the fleet lease for the key is free → take it and fetch from the upstream (the leader); the
    lease is renewed while the job runs, kept until the body is in S3, then released;
 3. another replica holds it → stream its fill in progress from its peer endpoint (a follower);
-4. the leader goes away mid-body → wait for its lease to expire, take it and resume from the
-   upstream with ``Range`` from the byte reached (or skip that many bytes of a 200: one
+4. the leader goes away mid-body → break its lease at once if its peer port refuses
+   connections (the process is gone), else wait for the lease to expire; take it and resume
+   from the upstream with ``Range`` from the byte reached (or skip that many bytes of a 200: one
    refetch), or follow whichever replica took it over, from that byte.
 
 The follower's own fill verifies the digest before anything is stored, so a leader that died
