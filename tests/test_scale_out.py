@@ -410,6 +410,40 @@ async def test_redis_down_keeps_serving_and_recovers(clean_upstreams, make_gatew
         "circuit") == "open", 10, "the circuit to reach the recovered replica")
 
 
+async def test_redis_and_s3_away_at_start_then_back(clean_upstreams, make_gateway, tmp_path,
+                                                    monkeypatch):
+    """A pod that starts before its Redis and S3: it starts, serves alone, and joins them when
+    they come up (the bucket is created then)."""
+    world = clean_upstreams
+    redis = RedisServer(tmp_path / "late-redis")           # ports chosen, not started yet
+    s3 = SeaweedS3(tmp_path / "late-s3", S3_KEY, S3_SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    try:
+        a, = replicas(make_gateway, world, 1, redis, s3)
+        status, _, _ = await get(a, f"https://{MIRROR}{blob_path(world, 'checks')}")
+        assert status == 200
+        assert a.metric("trivy_gateway_shared_backend_up", backend="redis") == 0
+        assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 0
+        redis.start()
+        s3.start()
+        await asyncio.to_thread(wait_for, lambda: a.metric(
+            "trivy_gateway_shared_backend_up", backend="redis") == 1, 20, "Redis to be seen")
+        for i in range(100):  # bounded: S3 is asked again with the next fill, at most 1/s
+            world.publish_db(revision=1801 + i, size_mib=0.1)
+            status, _, body = await get(a, f"https://{MIRROR}{blob_path(world)}")
+            assert status == 200
+            keys = await s3_keys(s3)
+            if keys:
+                break
+            await asyncio.sleep(0.3)
+        assert "blobs/sha256/" + world.digest("db", "layer").split(":")[1] in keys
+        assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 1
+    finally:
+        s3.stop()
+        redis.stop()
+
+
 async def test_s3_down_keeps_serving_from_upstream_and_recovers(
         clean_upstreams, make_gateway, redis_server, s3_server):
     world = clean_upstreams

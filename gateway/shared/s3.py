@@ -66,6 +66,8 @@ class S3Tier:
                    "until the bucket answers again")
         self._cm = None
         self._client = None
+        #: the bucket was found or created (at start, or at the first upload after S3 came back)
+        self._bucket_ready = False
         #: bytes moved to / from the bucket by this replica (status page; same as the metric)
         self.bytes = {"upload": 0, "download": 0}
 
@@ -94,6 +96,7 @@ class S3Tier:
                 raise
             await self._client.create_bucket(Bucket=self.cfg.bucket)
             log.info("s3_bucket_created", bucket=self.cfg.bucket, endpoint=self.cfg.endpoint)
+        self._bucket_ready = True
 
     async def close(self) -> None:
         if self._cm is not None:
@@ -127,6 +130,8 @@ class S3Tier:
     # -- writing -----------------------------------------------------------------------------
     async def upload(self, digest: str, path: Path, size: int) -> bool:
         """Upload a verified local body unless the bucket has it; True when it is there now."""
+        if not self._bucket_ready:  # S3 was away at start: look for (or create) the bucket now
+            await self.avail.guard("bucket", self._ensure_bucket, None)
         if await self.has(digest):
             return True
         if not self.avail.up:
