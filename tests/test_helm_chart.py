@@ -87,11 +87,19 @@ def test_replicas_mode_redis_s3_from_existing_secrets_pdb_and_probes(tmp_path):
     settings = gateway_config(objs, tmp_path, {"REDIS_PASSWORD": "pw"})
     shared = settings.cache.shared
     assert shared.enabled and shared.redis_password == "pw"
+    assert settings.server.worker_count == 1
     assert shared.s3.endpoint == "http://seaweedfs-s3:8333"
     assert int(shared.peer_listen.rsplit(":", 1)[1]) == ports["peer"]
     assert settings.server.admin_addr[1] == ports["admin"]
     vols = {v["name"]: v for v in dep["template"]["spec"]["volumes"]}
     assert "emptyDir" in vols["data"]
+
+
+def test_workers_per_pod(tmp_path):
+    v = shared_values()
+    v["shared"]["workers"] = "auto"
+    settings = gateway_config(objects(v), tmp_path, {"REDIS_PASSWORD": "pw"})
+    assert settings.server.workers == "auto"
 
 
 def test_autoscaling_replaces_the_fixed_replica_count():
