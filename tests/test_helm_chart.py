@@ -159,3 +159,14 @@ def json_load(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+def test_the_image_carries_the_scale_extra_by_default():
+    """The chart and the Compose example run the image in shared mode: its default build must
+    include the `scale` extra (redis, aiobotocore)."""
+    import re
+
+    dockerfile = (CHART.parent.parent.parent / "Dockerfile").read_text()
+    default = re.search(r"^ARG EXTRAS=(\S*)$", dockerfile, re.M)
+    assert default and "scale" in default.group(1).split(",")
+    assert re.search(r'pip wheel --wheel-dir /wheels "\.\$\{EXTRAS:\+\[\$EXTRAS\]\}"', dockerfile)
