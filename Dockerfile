@@ -8,9 +8,10 @@
 # status page are on :9128. Port 5000 is the mirror door (registry / Maven / VEX mirror for scanners
 # without the CA) when server.mirror_listen is set, e.g. "0.0.0.0:5000" (off by default). The CA, the cache and state live in the /data volume; keep it, or
 # every client has to trust a new CA. Configuration: the shipped /etc/trivy-gateway/gateway.yaml
-# (a copy of the embedded default) - mount your own file over it, and/or set TRIVY_GATEWAY_* env
-# variables (TRIVY_GATEWAY_LISTEN, _ADMIN_LISTEN, _MIRROR_LISTEN, _DATA_DIR, _LOG_LEVEL, _LOG_FORMAT,
-# _CACHE_MAX_SIZE; TRIVY_GATEWAY_PROXY_PASSWORD when proxy auth is enabled).
+# (the embedded default with server.data_dir: /data) - mount your own file over it (keep
+# `server.data_dir: /data` in it), and/or set TRIVY_GATEWAY_* env variables (TRIVY_GATEWAY_LISTEN,
+# _ADMIN_LISTEN, _MIRROR_LISTEN, _DATA_DIR, _LOG_LEVEL, _LOG_FORMAT, _CACHE_MAX_SIZE; TRIVY_GATEWAY_PROXY_PASSWORD
+# when proxy auth is enabled, TRIVY_GATEWAY_ADMIN_TOKEN to protect the admin port).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -37,11 +38,14 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && chown trivy-gateway:trivy-gateway /data /export \
  && chmod 0750 /data
 COPY --chown=root:root --chmod=0644 config/gateway.yaml /etc/trivy-gateway/gateway.yaml
+# the image keeps its state in the /data volume: said in the shipped file, not by an env variable
+RUN sed -i 's|^  data_dir: .*$|  data_dir: /data                 # the image volume|' \
+      /etc/trivy-gateway/gateway.yaml \
+ && grep -q '^  data_dir: /data ' /etc/trivy-gateway/gateway.yaml
 
-# Only the config path and the data dir are set here: env variables win over the YAML file, so
-# setting the listen addresses in the image would silently override a mounted gateway.yaml.
-ENV TRIVY_GATEWAY_CONFIG=/etc/trivy-gateway/gateway.yaml \
-    TRIVY_GATEWAY_DATA_DIR=/data
+# Only the config path is set here: env variables win over the YAML file, so setting the listen
+# addresses or the data dir in the image would silently override a mounted gateway.yaml.
+ENV TRIVY_GATEWAY_CONFIG=/etc/trivy-gateway/gateway.yaml
 
 # /data: CA (ca/ca.pem, ca/ca-key.pem), cache and state. /export: optional place for
 # `trivy-gateway ca bundle > /export/bundle.pem` so other containers can trust the CA.
@@ -50,9 +54,10 @@ EXPOSE 3128 9128 5000
 USER trivy-gateway:trivy-gateway
 WORKDIR /data
 
-# No curl in the slim image: ask /healthz with the standard library, bypassing any *_proxy env.
+# Asks /healthz on the admin port of the effective configuration (file + env), bypassing any
+# *_proxy variable, so moving server.admin_listen in a mounted YAML keeps the check working.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as u; port = os.environ.get('TRIVY_GATEWAY_ADMIN_LISTEN', '0.0.0.0:9128').rpartition(':')[2]; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % port, timeout=4).read()"]
+  CMD ["trivy-gateway", "healthcheck"]
 
 STOPSIGNAL SIGTERM
 CMD ["trivy-gateway", "serve"]

@@ -1,7 +1,11 @@
-"""Command line: ``trivy-gateway serve | ca export | ca bundle | check-config | cache …``.
+"""Command line: ``trivy-gateway serve | check-config | reload | healthcheck | ca … | cache … |
+bundle export|import``.
 
 Every command that needs configuration loads it the same way (embedded default → ``--config`` →
 env → flags) and reports a bad file with the key and the file name, exit code 2.
+
+Only ``serve`` (and ``ca init``) create state; the commands on state are in
+:mod:`gateway.cli_state`, those that talk to a running gateway in :mod:`gateway.cli_running`.
 """
 from __future__ import annotations
 
@@ -9,10 +13,13 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import __version__
-from .settings import ConfigError, Settings, load_settings
+from .cli_state import StateMissing, cache_command, ca_command
+from .cli_running import healthcheck_command, reload_command
+from .settings import (ConfigError, Settings, load_settings, settings_digest,
+                       settings_view)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -50,16 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the proxy and the admin endpoints")
     _add_config_flags(p, server=True)
 
+    p = sub.add_parser("reload", help="validate the configuration, then make the gateway on "
+                       "this data dir re-read it (SIGHUP) and report what it applied")
+    _add_config_flags(p)
+
     p = sub.add_parser("check-config", help="validate the configuration and exit")
     _add_config_flags(p)
     p.add_argument("--print", action="store_true", help="print the effective settings as JSON")
 
     ca = sub.add_parser("ca", help="the gateway's certificate authority")
     ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    p = ca_sub.add_parser("init", help="create the CA in the data dir if there is none "
+                          "(what the first `serve` does); prints its fingerprint")
+    _add_config_flags(p)
     for name, text in (("export", "print the CA certificate (PEM)"),
                        ("bundle", "print system roots + the gateway CA, for SSL_CERT_FILE")):
         p = ca_sub.add_parser(name, help=text)
         _add_config_flags(p)
+        p.add_argument("--from", dest="from_url", metavar="URL",
+                       help="fetch the CA from a running gateway's admin port "
+                            "(e.g. http://gateway:9128; reads URL/ca.pem) instead of the data dir")
+
+    p = sub.add_parser("healthcheck", help="exit 0 when the local gateway answers on its admin "
+                       "port (reads the same configuration; for container HEALTHCHECKs)")
+    _add_config_flags(p)
+    p.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
 
     cache = sub.add_parser("cache", help="inspect and maintain the cache (gateway may be running)")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -67,14 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p = cache_sub.add_parser("ls", help="list cached responses")
     _add_config_flags(p)
-    p = cache_sub.add_parser("purge", help="remove entries (all, or by host/repository/age)")
+    p.add_argument("--keys", action="store_true", help="print raw cache keys (for scripts)")
+    p = cache_sub.add_parser("purge", help="remove entries (by host/repository/age, or --all)")
     _add_config_flags(p)
+    p.add_argument("--all", dest="purge_all", action="store_true",
+                   help="remove every entry (required when no filter is given)")
     p.add_argument("--host", help="only entries requested from or served by this host (exact)")
     p.add_argument("--repo", help="only OCI entries of exactly this repository: aquasec/trivy-db "
                                   "(any registry) or mirror.gcr.io/aquasec/trivy-db")
     p.add_argument("--older-than", dest="older_than", help="only entries validated longer ago (e.g. 7d)")
     p = cache_sub.add_parser("verify", help="re-hash every blob; drop the ones that do not match")
     _add_config_flags(p)
+    from .lifecycle.commands import add_bundle_parser  # noqa: PLC0415 - argparse only
+
+    add_bundle_parser(sub, _add_config_flags)
     return parser
 
 
@@ -95,30 +123,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(settings.logging)
     try:
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, lambda: _settings(args))
+        if args.command == "reload":
+            return reload_command(settings)
         if args.command == "check-config":
             return _check_config(settings, args)
         if args.command == "ca":
-            return _ca(settings, args)
+            return ca_command(settings, args)
+        if args.command == "healthcheck":
+            return healthcheck_command(settings, args)
         if args.command == "cache":
-            from .cache.admin import run_cache_command  # noqa: PLC0415 - only for this command
+            return cache_command(settings, args)
+        if args.command == "bundle":
+            from .lifecycle.commands import run_bundle_command  # noqa: PLC0415
 
-            return run_cache_command(settings, args)
+            return run_bundle_command(settings, args)
     except ConfigError as exc:
         print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StateMissing as exc:
+        print(f"trivy-gateway: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     parser.print_help()
     return 2
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, loader: Callable[[], Settings]) -> int:
+    """Run the gateway; ``loader`` re-reads the configuration for a live reload."""
     if settings.server.worker_count > 1:
         from .workers import run_workers  # noqa: PLC0415
 
-        return run_workers(settings, _serve)
+        return run_workers(settings, loader, _serve)
     from .app import Gateway  # noqa: PLC0415 - keep `ca export` and friends light
+    from .startup import StartupError  # noqa: PLC0415
 
     loop_factory = None
     if settings.server.event_loop == "uvloop":
@@ -131,8 +170,8 @@ def _serve(settings: Settings) -> int:
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(Gateway(settings).run_forever())
-    except OSError as exc:
+            runner.run(Gateway(settings, loader).run_forever())
+    except (OSError, StartupError) as exc:
         print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -140,36 +179,12 @@ def _serve(settings: Settings) -> int:
 
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     if args.print:
-        import dataclasses  # noqa: PLC0415
-
-        def _plain(obj):
-            if dataclasses.is_dataclass(obj):
-                return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                        if f.name not in ("password", "secret")
-                        and not f.metadata.get("internal")}
-            if isinstance(obj, (tuple, list)):
-                return [_plain(x) for x in obj]
-            if hasattr(obj, "items"):
-                return {k: _plain(v) for k, v in obj.items()}
-            return obj
-
-        print(json.dumps(_plain(settings), indent=2, default=str))
-    print(f"configuration OK ({settings.source}): {len(settings.policy.rules)} policy rules, "
+        print(json.dumps(settings_view(settings), indent=2, default=str))
+    print(f"configuration OK ({settings.source}, digest {settings_digest(settings)}): "
+          f"{len(settings.policy.rules)} policy rules, "
           f"listen {settings.server.listen}, admin {settings.server.admin_listen}, "
           f"mirror {settings.server.mirror_listen or 'off'}, "
           f"data dir {settings.server.data_dir}", file=sys.stderr)
-    return 0
-
-
-def _ca(settings: Settings, args: argparse.Namespace) -> int:
-    from .tls.ca import CertificateAuthority, bundle_pem, export_pem  # noqa: PLC0415
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ca = CertificateAuthority.load_or_create(settings)
-    if args.ca_command == "export":
-        sys.stdout.write(export_pem(ca))
-    else:
-        sys.stdout.write(bundle_pem(ca))
     return 0
 
 

@@ -27,6 +27,14 @@ HOP_BY_HOP = frozenset({
 })
 
 
+class ClientBodyError(Exception):
+    """The client side of a request body failed: bad framing, a hang-up mid-upload, a stall.
+
+    Raised by the request body iterator handed down with an :class:`Exchange`; the upstream
+    client recognises it (also when aiohttp wraps it) and never counts it against the upstream
+    host (circuit breaker, retries, health): the upstream did nothing wrong."""
+
+
 class InvalidHeader(ValueError):
     """A header field that cannot be sent as is (bad name, CR/LF or control characters)."""
 

@@ -16,9 +16,12 @@ What differs per worker (derived here, never written by the operator):
 - the CA: created once by the supervisor in ``<data_dir>/ca`` and used by every worker, so a
   client that trusts the gateway trusts every worker.
 
-The supervisor (this process) serves nothing: it forks the workers before any event loop or
-thread exists, restarts one that dies (at most once per :data:`RESTART_DELAY`), forwards
-SIGTERM/SIGINT and exits when all have drained.
+The supervisor (this process) serves nothing: it holds the lock on ``server.data_dir``
+(gateway.startup: no second gateway on the same data dir; ``trivy-gateway reload`` finds the
+supervisor's pid there), checks every worker's ports, forks the workers before any event loop
+or thread exists, restarts one that dies (at most once per :data:`RESTART_DELAY`), forwards
+SIGTERM/SIGINT/SIGHUP and exits when all have drained. Each worker locks its own data dir
+``<data_dir>/workers/<i>`` like a single gateway, and re-derives its settings on a reload.
 
 Why processes and not threads: one event loop per core is what makes every core serve; why
 per-worker local tiers and not one shared blob index: the blob store's index and LRU live in
@@ -71,13 +74,29 @@ def worker_settings(settings: Settings, i: int, n: int) -> Settings:
     return dataclasses.replace(settings, server=server, tls=tls, cache=cache)
 
 
-def run_workers(settings: Settings, serve: Callable[[Settings], int]) -> int:
-    """Supervise ``server.worker_count`` workers, each running ``serve(its settings)``."""
+Serve = Callable[[Settings, Callable[[], Settings]], int]
+
+
+def run_workers(settings: Settings, loader: Callable[[], Settings], serve: Serve) -> int:
+    """Supervise ``server.worker_count`` workers, each running ``serve(its settings, its
+    loader)``; ``loader`` re-reads the whole configuration (live reload)."""
+    from .startup import DataDirLock, StartupError, check_addresses, data_dir_error  # noqa: PLC0415
     from .tls.ca import CertificateAuthority  # noqa: PLC0415
 
     n = settings.server.worker_count
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    CertificateAuthority.load_or_create(settings)  # once, before the workers read it
+    lock = DataDirLock(settings)   # inherited by the workers: held while any of them runs
+    try:
+        lock.acquire()
+        for i in range(n):         # a taken port fails here once, not in a restart loop
+            check_addresses(worker_settings(settings, i, n))
+        try:
+            CertificateAuthority.load_or_create(settings)  # once, before the workers read it
+        except OSError as exc:
+            raise data_dir_error(settings, exc) from None
+    except (OSError, StartupError) as exc:
+        lock.release()
+        print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
     children: dict[int, int] = {}
     stopping = False
 
@@ -86,9 +105,13 @@ def run_workers(settings: Settings, serve: Callable[[Settings], int]) -> int:
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            # a reload forwarded before the gateway's own SIGHUP handler exists is a no-op,
+            # not the default (which would end the worker)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 1
             try:
-                code = serve(worker_settings(settings, i, n))
+                code = serve(worker_settings(settings, i, n),
+                             lambda: worker_settings(loader(), i, n))
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -98,15 +121,15 @@ def run_workers(settings: Settings, serve: Callable[[Settings], int]) -> int:
 
     def forward(signum, _frame) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = stopping or signum != signal.SIGHUP   # SIGHUP: every worker reloads
         for pid in list(children):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
     for i in range(n):
         start(i)
     last_restart = 0.0
@@ -133,4 +156,5 @@ def run_workers(settings: Settings, serve: Callable[[Settings], int]) -> int:
         last_restart = time.monotonic()
         start(i)
     log.info("workers_stopped", workers=n)
+    lock.release()
     return worst

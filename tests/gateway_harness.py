@@ -48,6 +48,8 @@ def test_config(data_dir: Path, world=None, extra: Optional[dict] = None) -> dic
             "circuit": {"failure_threshold": 5, "open_for": "2s", "long_retry_after": "60s"},
         },
         "cache": {"min_free_space": 0},
+        # prefetch would add upstream requests no client made; its tests switch it on
+        "lifecycle": {"prefetch": {"enabled": False}},
         "logging": {"level": "info", "format": "json"},
     }
     if os.environ.get("GW_TEST_EVENT_LOOP"):

@@ -17,16 +17,19 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Optional
+import socket
+from typing import Awaitable, Callable, Optional
 
+from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
 from gateway.exchange import BytesBody, Exchange, FileBody, Response, StreamBody
 from gateway.observability.metrics import Metrics
 from gateway.policy import Policy
-from gateway.proxy import DirectTunnelOpener, ProxyServer
+from gateway.proxy import ProxyServer
 from gateway.settings import load_settings
 from gateway.tls import CertificateAuthority, LeafIssuer
+from gateway.upstream import UpstreamClient
 
 PASSWORD = "s3cret-proxy-pw"
 CHUNK = b"\xa5" * (256 * 1024)
@@ -117,8 +120,25 @@ class MemoryHandler:
         return Response(404, CIMultiDict(text), BytesBody(b"not found\n"))
 
 
+class FunctionDNS(AbstractResolver):
+    """DNS answered by ``lookup(host, port) -> [ip, …]`` (the tests' resolver seam)."""
+
+    def __init__(self, lookup: Callable[[str, int], Awaitable[list[str]]]) -> None:
+        self._lookup = lookup
+
+    async def resolve(self, host: str, port: int = 0, family=socket.AF_INET):
+        return [{"hostname": host, "host": ip, "port": port, "proto": 0,
+                 "family": socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                 "flags": socket.AI_NUMERICHOST} for ip in await self._lookup(host, port)]
+
+    async def close(self) -> None:
+        pass
+
+
 class Gateway:
-    """A running ProxyServer with everything it needs, for one test."""
+    """A running ProxyServer with everything it needs, for one test. Tunnels are opened by the
+    production opener (``UpstreamClient.open_tunnel`` with the policy's SSRF guard), as in
+    ``gateway/app.py``; ``resolver(host, port) -> [ip, …]`` stands in for DNS."""
 
     def __init__(self, settings, handler=None, open_tunnel=None, resolver=None) -> None:
         self.settings = settings
@@ -127,7 +147,10 @@ class Gateway:
         self.ca = CertificateAuthority.load_or_create(settings)
         self.leaf_issuer = LeafIssuer(self.ca, settings, self.metrics)
         self.handler = handler or MemoryHandler()
-        self.open_tunnel = open_tunnel or DirectTunnelOpener(self.policy, settings, resolver)
+        self.upstream = UpstreamClient(settings.upstream, self.metrics,
+                                       address_guard=self.policy.address_allowed,
+                                       dns=FunctionDNS(resolver) if resolver else None)
+        self.open_tunnel = open_tunnel or self.upstream.open_tunnel
         self.server = ProxyServer(settings, self.policy, self.leaf_issuer, self.handler,
                                   self.metrics, self.open_tunnel)
 

@@ -129,6 +129,22 @@ async def test_restart_drops_partial_fills_and_keeps_published(tmp_path):
     assert s2.count == 1
 
 
+def test_open_exports_the_disk_budget_and_the_size_on_disk(tmp_path):
+    """Both gauges of the dashboard's "Cache disk vs budget" (and of the cache-almost-full
+    alert) are set when the store opens, also for a process beside a running gateway."""
+    root = tmp_path / "cache"
+    first = BlobStore(root, 10 * 1024 * 1024, 0, Metrics())
+    first.open()
+    first.put_bytes(b"z" * 4096)
+    for clean_tmp in (True, False):
+        metrics = Metrics()
+        assert metrics.registry.get_sample_value("trivy_gateway_cache_max_size_bytes") == 0
+        BlobStore(root, 10 * 1024 * 1024, 0, metrics).open(clean_tmp=clean_tmp)
+        assert metrics.registry.get_sample_value("trivy_gateway_cache_max_size_bytes") \
+            == 10 * 1024 * 1024
+        assert metrics.registry.get_sample_value("trivy_gateway_cache_size_bytes") == 4096
+
+
 async def test_verify_removes_corrupt_blob(store):
     d = store.put_bytes(b"hello world")
     path = store.path_of(d)

@@ -38,7 +38,8 @@ ADMIN_PORT = ServerSettings().admin_addr[1]
 #: the mirror door's documented port (server.mirror_listen is off by default; deploy/ opens it)
 MIRROR_PORT = 5000
 #: env names the gateway reads: the overrides, the config path and the proxy password
-GATEWAY_ENV = set(ENV_OVERRIDES) | {"TRIVY_GATEWAY_CONFIG", ProxyAuthSettings().password_env}
+GATEWAY_ENV = set(ENV_OVERRIDES) | {"TRIVY_GATEWAY_CONFIG", ProxyAuthSettings().password_env,
+                                    ServerSettings().admin_token_env}
 
 
 def yaml_docs(path: Path) -> list:
@@ -467,13 +468,31 @@ def test_dockerfile_env_and_config_path():
     for name in env:
         if name.startswith("TRIVY_GATEWAY_"):
             assert name in GATEWAY_ENV, f"Dockerfile sets {name}, which the gateway does not read"
-    assert env["TRIVY_GATEWAY_DATA_DIR"] == "/data"
+    # the data dir is said by the shipped file, not by env: env would override a mounted YAML
+    assert "TRIVY_GATEWAY_DATA_DIR" not in env
     # the config path is only set because the file is shipped at that path
     copies = [shlex.split(r) for w, r in final_stage() if w == "COPY"]
     copied = {c[-1]: c[-2] for c in copies if not any(a.startswith("--from") for a in c)}
     assert copied[env["TRIVY_GATEWAY_CONFIG"]] == "config/gateway.yaml"
     # listen addresses are not forced by env (env would override a mounted config file)
     assert "TRIVY_GATEWAY_LISTEN" not in env and "TRIVY_GATEWAY_ADMIN_LISTEN" not in env
+
+
+def test_image_config_keeps_state_in_the_volume_and_a_mounted_yaml_wins(tmp_path):
+    """Run the image's RUN sed for real on the shipped file: data_dir becomes /data; a mounted
+    file's server.data_dir is not overridden by anything the image sets."""
+    shipped = tmp_path / "gateway.yaml"
+    shipped.write_text((ROOT / "config/gateway.yaml").read_text())
+    (run,) = [r for w, r in final_stage() if w == "RUN" and "data_dir" in r]
+    script = run.replace(dockerfile_env()["TRIVY_GATEWAY_CONFIG"], str(shipped))
+    subprocess.run(["sh", "-c", script], check=True)
+    image_env = {k: v for k, v in dockerfile_env().items() if k.startswith("TRIVY_GATEWAY_")}
+    image_env["TRIVY_GATEWAY_CONFIG"] = str(shipped)
+    assert load_settings(env=image_env).server.data_dir == "/data"
+    mounted = tmp_path / "mine.yaml"
+    mounted.write_text("server: {data_dir: /srv/gateway}\n")
+    image_env["TRIVY_GATEWAY_CONFIG"] = str(mounted)
+    assert load_settings(env=image_env).server.data_dir == "/srv/gateway"
 
 
 def test_dockerfile_copy_sources_exist_and_are_not_ignored():
@@ -505,22 +524,24 @@ def healthcheck_argv() -> list[str]:
     m = re.search(r"\bCMD\s+(\[.*\])\s*$", hc[-1])
     assert m, "HEALTHCHECK must use the exec form"
     argv = json.loads(m.group(1))
-    assert argv[0] == "python", "no curl in the slim image: the healthcheck must use python"
-    assert "/healthz" in argv[-1]
-    return argv
+    assert argv == ["trivy-gateway", "healthcheck"], "the healthcheck reads the effective config"
+    return [sys.executable, "-m", "gateway", *argv[1:]]
 
 
-async def test_dockerfile_healthcheck_runs_against_a_real_admin_server():
+async def test_dockerfile_healthcheck_runs_against_a_real_admin_server(tmp_path):
     from gateway.admin import AdminServer
 
     argv = healthcheck_argv()
-    argv = [sys.executable] + argv[1:]
     server = AdminServer(Metrics(), dict, lambda: True, lambda: b"", "127.0.0.1", 0)
     await server.start()
+    # the admin port moved in a mounted YAML (not in env): the check follows it
+    mounted = tmp_path / "gateway.yaml"
+    mounted.write_text(f"server: {{admin_listen: '0.0.0.0:{server.port}'}}\n")
     try:
-        env = dict(os.environ, TRIVY_GATEWAY_ADMIN_LISTEN=f"0.0.0.0:{server.port}",
+        env = dict(os.environ, TRIVY_GATEWAY_CONFIG=str(mounted),
                    HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
-        proc = await asyncio.create_subprocess_exec(*argv, env=env,
+        env.pop("TRIVY_GATEWAY_ADMIN_LISTEN", None)
+        proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=str(ROOT),
                                                     stderr=asyncio.subprocess.PIPE)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
@@ -528,8 +549,8 @@ async def test_dockerfile_healthcheck_runs_against_a_real_admin_server():
     finally:
         await server.close()
     # and it fails when nothing answers
-    env = dict(os.environ, TRIVY_GATEWAY_ADMIN_LISTEN=f"0.0.0.0:{port}")
-    proc = await asyncio.create_subprocess_exec(*argv, env=env, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=str(ROOT),
+                                                stderr=asyncio.subprocess.PIPE)
     await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode != 0
 
@@ -591,7 +612,7 @@ def test_compose_gateway_ports_env_data_and_cli():
     for name in env:
         if name.startswith("TRIVY_GATEWAY_"):
             assert name in GATEWAY_ENV, name
-    data_dir = env.get("TRIVY_GATEWAY_DATA_DIR", dockerfile_env()["TRIVY_GATEWAY_DATA_DIR"])
+    data_dir = env.get("TRIVY_GATEWAY_DATA_DIR", "/data")
     mounts = {parse_mount(v)[1]: parse_mount(v)[0] for v in gw["volumes"]}
     assert mounts[data_dir] in compose()["volumes"]
     hc = " ".join(gw["healthcheck"]["test"])

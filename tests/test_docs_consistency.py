@@ -50,7 +50,8 @@ def test_cli_commands_in_code_blocks_parse(path):
                 words = shlex.split(m.group(2))
                 if not words or words[0].startswith(("ca/", "data")):
                     continue  # a path such as ./trivy-gateway-data, not the command
-                if words[0] not in ("serve", "ca", "cache", "check-config") and \
+                if words[0] not in ("serve", "ca", "cache", "check-config", "reload", "healthcheck",
+                                    "bundle") and \
                         not words[0].startswith("-"):
                     continue  # e.g. "trivy-gateway.internal.example" host names
                 try:

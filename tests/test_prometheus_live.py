@@ -7,7 +7,8 @@ with a scrape between them, like a gateway that has been serving for a while: fi
 of every Trivy artifact and a 429 with Retry-After; then the same again plus one of each rare event
 (a corrupted blob, a cut blob resumed with Range, a 404 answered by the failover partner, a 429 on
 a blob, evictions, a disk that fails mid-fill, a denied host, a blind tunnel, a 407, a malformed
-request, a failed TLS handshake). Then each expression of
+request, a failed TLS handshake). Prefetch watches the VEX Hub archive every second meanwhile
+(the lifecycle panels), and a check after the traffic is awaited. Then each expression of
 deploy/grafana/dashboards/trivy-gateway.json is sent to Prometheus's ``/api/v1/query`` with the
 dashboard variables filled in as Grafana would (and each time-series panel also to
 ``/api/v1/query_range`` with Grafana's $__rate_interval for 1 s scrapes). Each must return data,
@@ -61,7 +62,13 @@ PROXY_AUTH = aiohttp.encode_basic_auth(USER, PASSWORD)
 #: quantile of a host without traffic); every other panel must show the traffic that flowed
 MAY_BE_ZERO = {"Open circuits [A]", "Fills in flight [A]", "Circuit state per host [A]",
                "Rate limiter [A]", "Rate limiter [B]", "Client connections [A]",
-               "Cached objects and fills in flight [B]"}
+               "Cached objects and fills in flight [B]",
+               # failed checks in a row and "upstream is ahead": 0 while prefetch is healthy
+               "Prefetch checks and upstream ahead [B]", "Prefetch checks and upstream ahead [C]"}
+#: the artifact prefetched here: the only one whose blobs no traffic phase needs as misses (the
+#: DB blobs meet one-shot faults, the checks layer a corruption, the Java DB layer the 307 to the
+#: CDN); its checks go to github.com and codeload.github.com, where no fault is ever set
+PREFETCHED = "vex_hub"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,13 +247,18 @@ def test_prometheus_config_comes_from_deploy(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def gateway_extra() -> dict:
     """Proxy auth on (for 407s), check.trivy.dev tunnelled (for tunnel bytes), a small cache
-    budget (for evictions)."""
+    budget (for evictions), prefetch of ``PREFETCHED`` every second (for the lifecycle panels;
+    the harness switches prefetch off)."""
     defaults = yaml.safe_load((REPO / "gateway" / "default_config.yaml").read_text("utf-8"))
     rules = [{"host": "check.trivy.dev", "action": "tunnel"}] + [
         r for r in defaults["policy"]["rules"] if r["host"] != "check.trivy.dev"]
     return {"proxy": {"auth": {"enabled": True, "username": USER}},
             "policy": {"rules": rules},
-            "cache": {"max_size": "16MiB"}}
+            "cache": {"max_size": "16MiB"},
+            "lifecycle": {"prefetch": {"enabled": True, "jitter": 0, "artifacts": {
+                name: {"enabled": True, "interval": "1s"} if name == PREFETCHED
+                else {"enabled": False}
+                for name in defaults["lifecycle"]["prefetch"]["artifacts"]}}}}
 
 
 def manifest_url(kind: str, registry: str = MIRROR) -> str:
@@ -360,6 +372,25 @@ async def rare_events(c: Client, world) -> None:
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
 
 
+def prefetch_checks(gw) -> float:
+    return gw.metric("trivy_gateway_prefetch_checks_total", artifact=PREFETCHED)
+
+
+def wait_for_prefetch_check(gw, after: float, timeout: float = 60.0) -> float:
+    """Poll (bounded) until ``PREFETCHED`` has been checked more than ``after`` times and
+    serves a generation; return the count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        checks = prefetch_checks(gw)
+        state = next(a for a in gw.status()["lifecycle"]["artifacts"]
+                     if a["artifact"] == PREFETCHED)
+        if checks > after and state["served_digest"]:
+            return checks
+        assert time.monotonic() < deadline, (f"no prefetch check of {PREFETCHED}: {state}\n"
+                                             + gw.log_tail(30))
+        time.sleep(0.2)
+
+
 async def traffic(gw, world, *phases) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         c = Client(gw, session)
@@ -389,6 +420,8 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
         return bool(result) and float(result[0]["value"][1]) >= moment + SCRAPE_INTERVAL
 
     assert prom.wait_for("first scrape", target_up), prom.api("targets")
+    # the first generation of the prefetched artifact is cached before any client asks
+    first_checks = wait_for_prefetch_check(gw, after=0)
     # a gateway that has been serving for a while (its series exist), then the events
     asyncio.run(traffic(gw, world, ordinary_traffic))
     mark = time.time()
@@ -402,6 +435,8 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
                  "trivy_gateway_tls_handshake_errors_total", "trivy_gateway_tunnel_bytes_total",
                  "trivy_gateway_proxy_auth_failures_total", "trivy_gateway_denied_total"):
         assert gw.metric(name) > 0, (name, gw.log_tail())
+    # a check during or after the traffic: increase() of the checks counter sees it
+    wait_for_prefetch_check(gw, after=first_checks)
     mark = time.time()
     assert prom.wait_for("a scrape after the traffic", lambda: scraped_since(mark)), prom.log_tail()
 

@@ -1,4 +1,6 @@
 """Configuration: embedded default, merge, env/flag precedence, and errors naming key and file."""
+import json
+
 import pytest
 
 from gateway.settings import ConfigError, default_config_text, load_settings
@@ -98,3 +100,93 @@ def test_mirror_routes_are_not_checked_while_the_door_is_off():
     s = load_settings(env={}, overrides={"cache": {"oci": {"public_repositories": [
         "ghcr.io/aquasecurity/trivy-db"]}}})
     assert not s.server.mirror_listen
+
+
+def test_every_error_in_a_file_is_reported_at_once_with_lines(tmp_path):
+    f = tmp_path / "many.yaml"
+    f.write_text("server:\n  listen: nonsense\n"
+                 "cache:\n  maxsize: 3\n"
+                 "logging:\n  level: loud\n"
+                 "policy:\n  rules:\n    - {host: a.b, action: allow}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(f), env={})
+    found = {(e.path, e.line) for e in exc.value.errors}
+    assert found == {("server.listen", 2), ("cache.maxsize", 4), ("logging.level", 6),
+                     ("policy.rules[0].action", 9)}
+    text = str(exc.value)
+    assert text.startswith("4 problems") and f"{f} line 6" in text
+
+
+def test_yaml_syntax_error_keeps_pyyaml_context_and_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text('server:\n  listen: "127.0.0.1:1\n')
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(f), env={})
+    assert "while scanning a quoted scalar started at line 2" in str(exc.value)
+    assert exc.value.line == 3
+
+
+@pytest.mark.parametrize("text, key, hint", [
+    ("tls: {ca_key_password: hunter2}", "tls.ca_key_password", "ca_key_password_file"),
+    ("proxy: {auth: {password: hunter2}}", "proxy.auth.password", "password_env"),
+    ("upstream: {credentials: [{host: ghcr.io, type: bearer, secret: hunter2}]}",
+     "upstream.credentials[0].secret", "secret_env"),
+    ("upstream: {parent_proxy: {password: hunter2}}", "upstream.parent_proxy.password",
+     "password_env"),
+])
+def test_secrets_are_rejected_in_yaml(tmp_path, text, key, hint):
+    f = tmp_path / "secret.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(f), env={})
+    assert key in str(exc.value) and "never read from the YAML" in str(exc.value)
+    assert hint in str(exc.value) and "hunter2" not in str(exc.value)
+
+
+def test_internal_fields_are_not_keys_and_nonsense_values_have_floors(tmp_path):
+    f = tmp_path / "odd.yaml"
+    f.write_text("source: /etc/other.yaml\ncache: {max_size: 10}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(str(f), env={})
+    messages = {e.path: e.message for e in exc.value.errors}
+    assert "unknown key" in messages["source"]
+    f.write_text("cache: {max_size: 10}\n")
+    with pytest.raises(ConfigError, match=r"cache.max_size in .* line 1: must be at least 1MiB"):
+        load_settings(str(f), env={})
+
+
+def test_errors_name_the_flag_or_env_that_set_the_value(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, env={}, overrides={"server": {"listen": "41007"}})
+    assert str(exc.value).startswith("server.listen in flag --listen:")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, env={"TRIVY_GATEWAY_ADMIN_LISTEN": "x"})
+    assert str(exc.value).startswith("server.admin_listen in env TRIVY_GATEWAY_ADMIN_LISTEN:")
+    f = tmp_path / "gw.yaml"
+    f.write_text("server:\n  data_dir: /srv/gw\n")
+    s = load_settings(str(f), env={})
+    assert s.origin("server.data_dir") == f"{f} line 2"
+    s = load_settings(str(f), env={"TRIVY_GATEWAY_DATA_DIR": "/d"})
+    assert s.origin("server.data_dir") == "env TRIVY_GATEWAY_DATA_DIR"
+
+
+def test_check_config_print_never_shows_a_secret(tmp_path, capsys):
+    from gateway.cli import main
+
+    key = tmp_path / "pw"
+    key.write_text("hunter2\n")
+    f = tmp_path / "gw.yaml"
+    f.write_text(f"proxy: {{auth: {{enabled: true, username: u, password_file: '{key}'}}}}\n")
+    assert main(["check-config", "--print", "--config", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and '"password_file"' in out
+    assert "source" not in json.loads(out)      # the loader's internal field is not a setting
+
+
+def test_env_overriding_a_file_value_is_recorded_for_a_warning(tmp_path):
+    f = tmp_path / "gw.yaml"
+    f.write_text("server:\n  data_dir: /srv/gw\n  listen: 127.0.0.1:1\n")
+    s = load_settings(str(f), env={"TRIVY_GATEWAY_DATA_DIR": "/data",
+                                   "TRIVY_GATEWAY_LISTEN": "127.0.0.1:1"})
+    assert s.overridden == (f"server.data_dir: env TRIVY_GATEWAY_DATA_DIR='/data' overrides "
+                            f"'/srv/gw' of {f} line 2",)   # same value: nothing to say

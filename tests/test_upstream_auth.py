@@ -10,7 +10,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from gateway.settings import CredentialSettings
-from upstream_support import GET, FakeServer, new_client, pki, settings, stop_all  # noqa: F401
+from upstream_support import GET, pki, upstream  # noqa: F401
 
 
 async def test_credentials_injected_for_their_host_only_and_never_across_redirects(pki, tmp_path):
@@ -27,15 +27,11 @@ async def test_credentials_injected_for_their_host_only_and_never_across_redirec
     async def codeload(request, srv):
         return web.Response(text="tarball")
 
-    api_srv = await FakeServer(pki, ["api.test"], api).start()
-    cl_srv = await FakeServer(pki, ["codeload.test"], codeload).start()
     cred = CredentialSettings(host="api.test", type="bearer", secret_file=str(secret_file),
                               secret="ghp_first")
-    client, _ = new_client(settings({"api.test": api_srv.addr, "codeload.test": cl_srv.addr},
-                                    pki.ca_file, credentials=(cred,)),
-                           ["api.test", "codeload.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"api.test": api, "codeload.test": codeload},
+                        credentials=(cred,)) as rig:
+        client, (api_srv, cl_srv) = rig.client, rig.servers.values()
         with capture_logs() as logs:
             resp = await client.request(GET("https://api.test/repos/x"))
             await resp.read()
@@ -70,9 +66,6 @@ async def test_credentials_injected_for_their_host_only_and_never_across_redirec
             assert api_srv.log[-1].headers["Authorization"] == "Bearer ghp_second"
         text = json.dumps(logs, default=str) + repr(client.settings.credentials)
         assert "ghp_first" not in text and "ghp_second" not in text
-    finally:
-        await client.close()
-        await stop_all(api_srv, cl_srv)
 
 
 def _registry(srv_state: dict, realm: str):
@@ -99,12 +92,9 @@ async def test_registry_token_flow_cached_and_refreshed_once(pki, tmp_path):
         token = f"T{state['issued']}"
         return web.json_response({"token": token, "expires_in": 300})
 
-    reg = await FakeServer(pki, ["reg.test"], _registry(state, "https://auth.test/token")).start()
-    auth_srv = await FakeServer(pki, ["auth.test"], auth).start()
-    client, _ = new_client(settings({"reg.test": reg.addr, "auth.test": auth_srv.addr},
-                                    pki.ca_file), ["reg.test", "auth.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"reg.test": _registry(state, "https://auth.test/token"), "auth.test": auth}) as rig:
+        client, _ = rig.client, rig.metrics
+        reg, auth_srv = rig.servers.values()
         req = dict(headers={"Authorization": "Bearer client-own-token"},
                    registry_auth=("reg.test", "aquasecurity/trivy-db"))
         # concurrent first requests share one token fetch
@@ -137,9 +127,6 @@ async def test_registry_token_flow_cached_and_refreshed_once(pki, tmp_path):
         await resp.release()
         assert auth_srv.count == before_auth + 1
         assert reg.count - before_reg == 3               # manifest, /v2/ re-ping, manifest
-    finally:
-        await client.close()
-        await stop_all(reg, auth_srv)
 
 
 async def test_registry_token_with_basic_credentials_and_token_endpoint_429(pki):
@@ -152,21 +139,16 @@ async def test_registry_token_with_basic_credentials_and_token_endpoint_429(pki)
         assert request.headers.get("Authorization") == expect
         return web.json_response({"access_token": "T1", "expires_in": 60})
 
-    reg = await FakeServer(pki, ["reg.test"], _registry(state, "https://reg.test/token")).start()
-    # token endpoint on the registry host itself (like ghcr.io/token)
-    orig = reg.handler
+    registry = _registry(state, "https://reg.test/token")
 
-    async def both(request, srv):
+    async def both(request, srv):      # token endpoint on the registry host (like ghcr.io/token)
         if request.path == "/token":
             return await auth(request, srv)
-        return await orig(request, srv)
-    reg.handler = both
+        return await registry(request, srv)
     cred = CredentialSettings(host="reg.test", type="basic", username="robot", secret_env="X",
                               secret="pw")
-    client, _ = new_client(settings({"reg.test": reg.addr}, pki.ca_file, credentials=(cred,),
-                                    retry=dict(attempts=2)), ["reg.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"reg.test": both}, credentials=(cred,),
+                        retry=dict(attempts=2)) as (client, _, reg):
         resp = await client.request(GET("https://reg.test/v2/aquasecurity/trivy-db/manifests/2",
                                         registry_auth=("reg.test", "aquasecurity/trivy-db")))
         assert resp.status == 200
@@ -179,6 +161,3 @@ async def test_registry_token_with_basic_credentials_and_token_endpoint_429(pki)
                                         registry_auth=("reg.test", "aquasecurity/trivy-java-db")))
         assert resp.status == 429
         assert await resp.read() == b"TOOMANYREQUESTS"
-    finally:
-        await client.close()
-        await stop_all(reg)

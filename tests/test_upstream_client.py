@@ -8,19 +8,16 @@ import pytest
 from aiohttp import web
 
 from gateway.upstream import UpstreamError, UpstreamRequest
-from upstream_support import (GET, FakeServer, new_client, other_pki, pki, sample,  # noqa: F401
-                              settings, stop_all)
+from upstream_support import (GET, FakeServer, dead_port, other_pki, pki, sample,  # noqa: F401
+                              upstream)
 
 
 async def test_plain_get_through_override_with_other_port_keeps_host_and_sni(pki):
     async def handler(request, srv):
         return web.Response(body=b"hello", headers={"X-Host": request.headers["Host"]})
 
-    srv = await FakeServer(pki, ["reg.test"], handler).start()
-    assert srv.port != 443
-    client, metrics = new_client(settings({"reg.test": srv.addr}, pki.ca_file), ["reg.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"reg.test": handler}) as (client, metrics, srv):
+        assert srv.port != 443
         resp = await client.request(GET("https://reg.test/v2/x?a=b%3Ac",
                                          headers={"User-Agent": "trivy/0.76.0",
                                                   "Accept-Encoding": "gzip"}))
@@ -40,9 +37,6 @@ async def test_plain_get_through_override_with_other_port_keeps_host_and_sni(pki
         assert "Accept-Encoding" not in srv.log[1].headers
         assert sample(metrics, "trivy_gateway_upstream_responses_total",
                       host="reg.test", status="200") == 2
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_burst_of_429_with_small_retry_after_is_absorbed(pki):
@@ -52,11 +46,8 @@ async def test_burst_of_429_with_small_retry_after_is_absorbed(pki):
             return web.Response(status=429, text="slow down", headers={"Retry-After": "0"})
         return web.Response(body=b"manifest")
 
-    srv = await FakeServer(pki, ["reg.test"], handler).start()
-    client, metrics = new_client(settings({"reg.test": srv.addr}, pki.ca_file,
-                                          retry=dict(retry_after_min=0.1)), ["reg.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"reg.test": handler},
+                        retry=dict(retry_after_min=0.1)) as (client, metrics, srv):
         t0 = time.monotonic()
         resp = await client.request(GET("https://reg.test/v2/r/manifests/2"))
         body = await resp.read()
@@ -71,9 +62,6 @@ async def test_burst_of_429_with_small_retry_after_is_absorbed(pki):
         # AIMD: the rate was cut on 429
         assert client.health()["reg.test"]["rate"] < 1000
         assert client.health()["reg.test"]["state"] == "closed"
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_ghcr_microsecond_retry_after_does_not_hot_loop(pki):
@@ -83,12 +71,8 @@ async def test_ghcr_microsecond_retry_after_does_not_hot_loop(pki):
     async def handler(request, srv):
         return web.Response(status=429, text=ghcr_body, content_type="application/json")
 
-    srv = await FakeServer(pki, ["ghcr.test"], handler).start()
-    client, metrics = new_client(settings({"ghcr.test": srv.addr}, pki.ca_file,
-                                          retry=dict(attempts=3, retry_after_min=0.25)),
-                                 ["ghcr.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"ghcr.test": handler},
+                        retry=dict(attempts=3, retry_after_min=0.25)) as (client, metrics, srv):
         t0 = time.monotonic()
         resp = await client.request(GET("https://ghcr.test/v2/aquasecurity/trivy-db/manifests/2"))
         elapsed = time.monotonic() - t0
@@ -102,9 +86,6 @@ async def test_ghcr_microsecond_retry_after_does_not_hot_loop(pki):
         # the value as sent (microseconds) is what the histogram saw
         assert sample(metrics, "trivy_gateway_upstream_retry_after_seconds_sum",
                       host="ghcr.test") == pytest.approx(3 * 35.852e-6, rel=1e-3)
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_503_then_success_and_connection_errors_are_retried(pki):
@@ -118,10 +99,7 @@ async def test_503_then_success_and_connection_errors_are_retried(pki):
             return web.Response(status=500)
         return web.Response(text="ok")
 
-    srv = await FakeServer(pki, ["mvn.test"], handler).start()
-    client, metrics = new_client(settings({"mvn.test": srv.addr}, pki.ca_file), ["mvn.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"mvn.test": handler}) as (client, metrics, srv):
         resp = await client.request(GET("https://mvn.test/maven2/a.pom"))
         assert resp.status == 200 and await resp.read() == b"ok"
         assert srv.count == 3
@@ -129,38 +107,24 @@ async def test_503_then_success_and_connection_errors_are_retried(pki):
                       reason="status_5xx") == 1
         # the reset is retried too (by aiohttp itself on a reused keep-alive connection, or
         # by the client's own loop on a fresh one): either way the caller sees one answer
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_connection_refused_raises_connect_after_attempts(pki):
-    import socket
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()                                       # nothing listens there now
-    client, metrics = new_client(settings({"down.test": f"127.0.0.1:{port}"}, pki.ca_file,
-                                          retry=dict(attempts=3)), ["down.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {}, overrides={"down.test": f"127.0.0.1:{dead_port()}"},
+                        retry=dict(attempts=3)) as (client, metrics, _):
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET("https://down.test/x"))
         assert ei.value.reason == "connect" and ei.value.status == 502
         assert sample(metrics, "trivy_gateway_upstream_responses_total", host="down.test",
                       status="error") == 3
-    finally:
-        await client.close()
 
 
 async def test_untrusted_certificate_fails_tls_without_retry(pki, other_pki):
     async def handler(request, srv):
         return web.Response(text="should never be reached")
 
-    srv = await FakeServer(other_pki, ["evil.test"], handler).start()
-    client, _ = new_client(settings({"evil.test": srv.addr}, pki.ca_file), ["evil.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"evil.test": FakeServer(other_pki, ["evil.test"], handler)}
+                        ) as (client, _, srv):
         t0 = time.monotonic()
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET("https://evil.test/"))
@@ -169,26 +133,18 @@ async def test_untrusted_certificate_fails_tls_without_retry(pki, other_pki):
         assert srv.count == 0
         assert len(srv.sni) == 1                       # one handshake, no retries
         assert time.monotonic() - t0 < 2
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_wrong_hostname_fails_tls(pki):
     async def handler(request, srv):
         return web.Response(text="x")
 
-    srv = await FakeServer(pki, ["someone-else.test"], handler).start()
-    client, _ = new_client(settings({"reg.test": srv.addr}, pki.ca_file), ["reg.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"reg.test": FakeServer(pki, ["someone-else.test"], handler)}
+                        ) as (client, _, srv):
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET("https://reg.test/"))
         assert ei.value.reason == "tls"
         assert srv.count == 0
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_stalled_upstream_hits_the_deadline(pki):
@@ -196,11 +152,9 @@ async def test_stalled_upstream_hits_the_deadline(pki):
         await asyncio.sleep(30)                        # never answers in time
         return web.Response(text="late")
 
-    srv = await FakeServer(pki, ["slow.test"], handler).start()
-    client, _ = new_client(settings({"slow.test": srv.addr}, pki.ca_file,
-                                    retry=dict(deadline=1.0), read_timeout=20), ["slow.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"slow.test": handler},
+                        retry=dict(deadline=1.0),
+                        read_timeout=20) as (client, _, srv):
         t0 = time.monotonic()
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET("https://slow.test/blob"))
@@ -215,9 +169,6 @@ async def test_stalled_upstream_hits_the_deadline(pki):
             await client.request(GET("https://slow.test/blob", deadline=loop.time() + 0.3))
         assert ei.value.reason == "deadline"
         assert time.monotonic() - t0 < 0.8
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_read_timeout_is_retried_then_deadline(pki):
@@ -227,19 +178,12 @@ async def test_read_timeout_is_retried_then_deadline(pki):
             await asyncio.sleep(5)                      # first try stalls past read_timeout
         return web.Response(text="fine")
 
-    srv = await FakeServer(pki, ["slow.test"], handler).start()
-    client, metrics = new_client(settings({"slow.test": srv.addr}, pki.ca_file,
-                                          read_timeout=0.3), ["slow.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"slow.test": handler}, read_timeout=0.3) as (client, metrics, srv):
         resp = await client.request(GET("https://slow.test/x"))
         assert resp.status == 200 and await resp.read() == b"fine"
         assert srv.count == 2
         assert sample(metrics, "trivy_gateway_upstream_retries_total", host="slow.test",
                       reason="timeout") == 1
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_post_is_not_retried(pki):
@@ -247,16 +191,10 @@ async def test_post_is_not_retried(pki):
         await request.read()
         return web.Response(status=503, text="busy")
 
-    srv = await FakeServer(pki, ["api.test"], handler).start()
-    client, _ = new_client(settings({"api.test": srv.addr}, pki.ca_file), ["api.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"api.test": handler}) as (client, _, srv):
         async def body():
             yield b"payload"
         resp = await client.request(UpstreamRequest("POST", "https://api.test/x", body=body()))
         assert resp.status == 503
         await resp.release()
         assert srv.count == 1
-    finally:
-        await client.close()
-        await stop_all(srv)

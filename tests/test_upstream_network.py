@@ -9,7 +9,8 @@ from aiohttp import web
 
 from gateway.settings import ParentProxySettings
 from gateway.upstream import UpstreamError
-from upstream_support import GET, FakeServer, new_client, pki, settings, stop_all  # noqa: F401
+from upstream_support import (GET, FakeServer, new_client, pki, settings, stop_all,  # noqa: F401
+                              upstream)
 
 
 class ConnectProxy:
@@ -91,12 +92,10 @@ async def test_guard_applies_to_resolved_address_and_ip_literals_but_not_overrid
             return web.Response(status=302, headers={"Location": f"https://localhost:{srv.port}/"})
         return web.Response(text="internal")
 
-    srv = await FakeServer(pki, ["localhost", "127.0.0.1", "ok.test"], handler).start()
     calls: list = []
-    client, _ = new_client(settings({"ok.test": srv.addr}, pki.ca_file), ["localhost"],
-                           address_guard=deny_loopback(calls))
-    await client.start()
-    try:
+    served = FakeServer(pki, ["localhost", "127.0.0.1", "ok.test"], handler)
+    async with upstream(pki, {"ok.test": served}, known=["localhost"],
+                        client_kw=dict(address_guard=deny_loopback(calls))) as (client, _, srv):
         with pytest.raises(UpstreamError) as ei:       # name → 127.0.0.1: refused
             await client.request(GET(f"https://localhost:{srv.port}/"))
         assert ei.value.reason == "ssrf" and ei.value.status == 403
@@ -116,9 +115,6 @@ async def test_guard_applies_to_resolved_address_and_ip_literals_but_not_overrid
         assert ei.value.reason == "ssrf"
         assert srv.count == 2
         assert not any(h == "ok.test" for h, _ in calls)
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_parent_proxy_for_requests_with_credentials(pki, monkeypatch):

@@ -11,8 +11,7 @@ from aiohttp import web
 
 from gateway.upstream import UpstreamError
 from gateway.upstream.retry_after import rate_limit_reset_in
-from upstream_support import (GET, FakeServer, new_client, pki, sample,  # noqa: F401
-                              settings, stop_all)
+from upstream_support import GET, pki, sample, upstream  # noqa: F401
 
 HOST = "api.gh.test"
 RATE_LIMITED_BODY = json.dumps({
@@ -36,13 +35,6 @@ def limited_handler(status: int = 403, reset_in: float = 5, remaining: str = "0"
     return handler
 
 
-async def started(pki, handler, **kw):
-    srv = await FakeServer(pki, [HOST], handler).start()
-    client, metrics = new_client(settings({HOST: srv.addr}, pki.ca_file, **kw), [HOST])
-    await client.start()
-    return srv, client, metrics
-
-
 CONTENTS = f"https://{HOST}/repos/aquasecurity/vexhub/contents/"
 
 
@@ -64,8 +56,7 @@ def test_rate_limit_reset_in_parsing():
 
 
 async def test_403_remaining_0_opens_circuit_until_reset_and_nothing_more_is_sent(pki):
-    srv, client, metrics = await started(pki, limited_handler(403, reset_in=5))
-    try:
+    async with upstream(pki, {HOST: limited_handler(403, reset_in=5)}) as (client, metrics, srv):
         t0 = time.monotonic()
         resp = await client.request(GET(CONTENTS))
         # returned at once, not retried (attempts=4 in the test settings)
@@ -91,15 +82,11 @@ async def test_403_remaining_0_opens_circuit_until_reset_and_nothing_more_is_sen
         assert 3.5 < sample(metrics, "trivy_gateway_upstream_retry_after_seconds_sum",
                             host=HOST) <= 5.0
         assert client.circuit_remaining("other.test") is None
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_429_remaining_0_with_retry_after_uses_retry_after(pki):
-    srv, client, metrics = await started(pki, limited_handler(429, reset_in=3000,
-                                                              retry_after="120"))
-    try:
+    handler = limited_handler(429, reset_in=3000, retry_after="120")
+    async with upstream(pki, {HOST: handler}) as (client, metrics, srv):
         resp = await client.request(GET(CONTENTS))
         assert resp.status == 429
         await resp.release()
@@ -111,15 +98,11 @@ async def test_429_remaining_0_with_retry_after_uses_retry_after(pki):
         assert ei.value.retry_after == pytest.approx(120, abs=2)
         assert srv.count == 1
         assert sample(metrics, "trivy_gateway_upstream_retry_after_seconds_sum", host=HOST) == 120
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_reset_window_capped_by_max_open_for_then_probe_closes(pki):
-    srv, client, _ = await started(pki, limited_handler(403, reset_in=3600),
-                                   circuit=dict(max_open_for=0.5))
-    try:
+    async with upstream(pki, {HOST: limited_handler(403, reset_in=3600)},
+                        circuit=dict(max_open_for=0.5)) as (client, _, srv):
         resp = await client.request(GET(CONTENTS))
         assert resp.status == 403
         await resp.release()
@@ -134,9 +117,6 @@ async def test_reset_window_capped_by_max_open_for_then_probe_closes(pki):
         assert resp.status == 200
         await resp.read()
         assert client.health()[HOST]["state"] == "closed" and srv.count == 2
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 @pytest.mark.parametrize("case", ["remaining_left", "reset_past", "no_reset"])
@@ -149,8 +129,7 @@ async def test_403_without_exhausted_future_limit_is_returned_as_before(pki, cas
         async def handler(request, srv):
             return web.Response(status=403, text="forbidden",
                                 headers={"X-RateLimit-Remaining": "0"})
-    srv, client, metrics = await started(pki, handler)
-    try:
+    async with upstream(pki, {HOST: handler}) as (client, metrics, srv):
         for _ in range(3):
             resp = await client.request(GET(CONTENTS))
             assert resp.status == 403
@@ -159,9 +138,6 @@ async def test_403_without_exhausted_future_limit_is_returned_as_before(pki, cas
         assert client.circuit_remaining(HOST) is None
         assert client.health()[HOST]["state"] == "closed"
         assert sample(metrics, "trivy_gateway_upstream_retry_after_seconds_count", host=HOST) == 0
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 @pytest.mark.parametrize("status", [429, 403])
@@ -176,8 +152,7 @@ async def test_secondary_rate_limit_with_short_retry_after_is_retried(pki, statu
                                          "X-RateLimit-Reset": str(int(time.time() + 600))})
         return web.json_response([])
 
-    srv, client, metrics = await started(pki, handler)
-    try:
+    async with upstream(pki, {HOST: handler}) as (client, metrics, srv):
         resp = await client.request(GET(CONTENTS))
         assert resp.status == 200
         await resp.read()
@@ -185,9 +160,6 @@ async def test_secondary_rate_limit_with_short_retry_after_is_retried(pki, statu
         assert client.circuit_remaining(HOST) is None
         assert sample(metrics, "trivy_gateway_upstream_retries_total", host=HOST,
                       reason="status_429") == 2
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_secondary_rate_limit_403_with_long_retry_after_opens_circuit(pki):
@@ -195,8 +167,7 @@ async def test_secondary_rate_limit_403_with_long_retry_after_opens_circuit(pki)
         return web.Response(status=403, text="secondary rate limit", headers={
             "Retry-After": "120", "X-RateLimit-Remaining": "41"})
 
-    srv, client, metrics = await started(pki, handler)
-    try:
+    async with upstream(pki, {HOST: handler}) as (client, metrics, srv):
         resp = await client.request(GET(CONTENTS))
         assert resp.status == 403                # returned (the cache may serve stale)
         await resp.read()
@@ -206,9 +177,6 @@ async def test_secondary_rate_limit_403_with_long_retry_after_opens_circuit(pki)
             await client.request(GET(CONTENTS))
         assert info.value.reason == "circuit_open"
         assert srv.count == 1                    # nothing more reached the server
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_plain_403_is_not_retried(pki):
@@ -216,13 +184,9 @@ async def test_plain_403_is_not_retried(pki):
         return web.Response(status=403, text="forbidden",
                             headers={"X-RateLimit-Remaining": "41"})
 
-    srv, client, metrics = await started(pki, handler)
-    try:
+    async with upstream(pki, {HOST: handler}) as (client, metrics, srv):
         resp = await client.request(GET(CONTENTS))
         assert resp.status == 403
         await resp.read()
         assert srv.count == 1
         assert client.circuit_remaining(HOST) is None
-    finally:
-        await client.close()
-        await stop_all(srv)

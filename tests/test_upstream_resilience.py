@@ -8,19 +8,15 @@ import pytest
 from aiohttp import web
 
 from gateway.upstream import UpstreamError
-from upstream_support import (GET, FakeServer, new_client, pki, sample,  # noqa: F401
-                              settings, stop_all)
+from upstream_support import GET, FakeServer, pki, sample, upstream  # noqa: F401
 
 
 async def test_maven_429_retry_after_1800_opens_circuit_and_nothing_more_is_sent(pki):
     async def handler(request, srv):
         return web.Response(status=429, text="Too Many Requests", headers={"Retry-After": "1800"})
 
-    srv = await FakeServer(pki, ["maven.test"], handler).start()
-    client, metrics = new_client(settings({"maven.test": srv.addr}, pki.ca_file,
-                                          retry=dict(retry_after_max=30)), ["maven.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"maven.test": handler},
+                        retry=dict(retry_after_max=30)) as (client, metrics, srv):
         t0 = time.monotonic()
         resp = await client.request(GET("https://maven.test/maven2/a/1/a-1.pom"))
         # no sleeping for 1800 s inside a request: the 429 comes back at once
@@ -47,9 +43,6 @@ async def test_maven_429_retry_after_1800_opens_circuit_and_nothing_more_is_sent
                       host="maven.test") == 1800
         # another host is unaffected
         assert client.circuit_remaining("other.test") is None
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_long_retry_after_window_capped_then_half_open_single_probe(pki):
@@ -60,11 +53,8 @@ async def test_long_retry_after_window_capped_then_half_open_single_probe(pki):
         await asyncio.sleep(0.2)                        # a slow probe, so others pile up
         return web.Response(text="back")
 
-    srv = await FakeServer(pki, ["maven.test"], handler).start()
-    client, metrics = new_client(settings({"maven.test": srv.addr}, pki.ca_file,
-                                          circuit=dict(max_open_for=0.5)), ["maven.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"maven.test": handler},
+                        circuit=dict(max_open_for=0.5)) as (client, metrics, srv):
         resp = await client.request(GET("https://maven.test/a.pom"))
         assert resp.status == 429
         await resp.release()
@@ -90,21 +80,14 @@ async def test_long_retry_after_window_capped_then_half_open_single_probe(pki):
         assert resp.status == 200
         await resp.release()
         assert sample(metrics, "trivy_gateway_upstream_circuit_state", host="maven.test") == 0
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_failed_probe_reopens_and_consecutive_failures_open(pki):
     async def handler(request, srv):
         return web.Response(status=500, text="boom")
 
-    srv = await FakeServer(pki, ["flaky.test"], handler).start()
-    client, _ = new_client(settings({"flaky.test": srv.addr}, pki.ca_file,
-                                    circuit=dict(failure_threshold=3, open_for=0.3)),
-                           ["flaky.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"flaky.test": handler},
+                        circuit=dict(failure_threshold=3, open_for=0.3)) as (client, _, srv):
         for _ in range(3):                              # 500 is not retried; 3 failures
             resp = await client.request(GET("https://flaky.test/x"))
             assert resp.status == 500
@@ -112,7 +95,7 @@ async def test_failed_probe_reopens_and_consecutive_failures_open(pki):
         with pytest.raises(UpstreamError) as ei:
             await client.request(GET("https://flaky.test/x"))
         assert ei.value.reason == "circuit_open" and ei.value.status == 503
-        assert "3 consecutive failures" in ei.value.message
+        assert "3 consecutive failed requests" in ei.value.message
         assert srv.count == 3
         await asyncio.sleep(0.35)
         resp = await client.request(GET("https://flaky.test/x"))   # the probe
@@ -123,9 +106,6 @@ async def test_failed_probe_reopens_and_consecutive_failures_open(pki):
         with pytest.raises(UpstreamError):
             await client.request(GET("https://flaky.test/x"))
         assert srv.count == 4
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_100_concurrent_requests_capped_at_4(pki):
@@ -133,12 +113,8 @@ async def test_100_concurrent_requests_capped_at_4(pki):
         await asyncio.sleep(0.02)
         return web.Response(body=b"x" * 1000)
 
-    srv = await FakeServer(pki, ["maven.test"], handler).start()
-    client, metrics = new_client(
-        settings({"maven.test": srv.addr}, pki.ca_file,
-                 limits={"maven.test": dict(max_concurrency=4)}), ["maven.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"maven.test": handler},
+                        limits={"maven.test": dict(max_concurrency=4)}) as (client, metrics, srv):
         async def one(i):
             resp = await client.request(GET(f"https://maven.test/p/{i}.pom"))
             return await resp.read()
@@ -157,9 +133,6 @@ async def test_100_concurrent_requests_capped_at_4(pki):
         assert sample(metrics, "trivy_gateway_upstream_queue_wait_seconds_count",
                       host="maven.test") == 100
         assert sample(metrics, "trivy_gateway_upstream_active_requests", host="maven.test") == 0
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_queue_timeout_and_queue_full(pki):
@@ -167,13 +140,8 @@ async def test_queue_timeout_and_queue_full(pki):
         await asyncio.sleep(0.6)
         return web.Response(text="done")
 
-    srv = await FakeServer(pki, ["one.test"], handler).start()
-    client, _ = new_client(
-        settings({"one.test": srv.addr}, pki.ca_file,
-                 limits={"one.test": dict(max_concurrency=1, queue_size=2, queue_timeout=0.2)}),
-        ["one.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"one.test": handler},
+                        limits={"one.test": dict(max_concurrency=1, queue_size=2, queue_timeout=0.2)}) as (client, _, srv):
         first = asyncio.create_task(client.request(GET("https://one.test/a")))
         await asyncio.sleep(0.05)
         waiting = [asyncio.create_task(client.request(GET(f"https://one.test/w{i}")))
@@ -193,21 +161,14 @@ async def test_queue_timeout_and_queue_full(pki):
         assert await resp.read() == b"done"
         assert srv.count == 1
         assert client.health()["one.test"]["queue_depth"] == 0
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_token_bucket_spaces_requests(pki):
     async def handler(request, srv):
         return web.Response(text="ok")
 
-    srv = await FakeServer(pki, ["api.test"], handler).start()
-    client, _ = new_client(
-        settings({"api.test": srv.addr}, pki.ca_file,
-                 limits={"api.test": dict(rate=10, burst=2)}), ["api.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"api.test": handler},
+                        limits={"api.test": dict(rate=10, burst=2)}) as (client, _, srv):
         async def one(i):
             resp = await client.request(GET(f"https://api.test/{i}"))
             await resp.read()
@@ -218,9 +179,6 @@ async def test_token_bucket_spaces_requests(pki):
         assert 0.35 <= elapsed < 1.0
         times = [s.t for s in srv.log]
         assert times[-1] - times[1] >= 0.35
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_retry_after_beyond_max_opens_circuit_and_deadline_returns_last_status(pki):
@@ -229,11 +187,9 @@ async def test_retry_after_beyond_max_opens_circuit_and_deadline_returns_last_st
             return web.Response(status=503, text="maintenance", headers={"Retry-After": "45"})
         return web.Response(status=503, text="later", headers={"Retry-After": "2"})
 
-    srv = await FakeServer(pki, ["a.test", "b.test"], handler).start()
-    client, _ = new_client(settings({"a.test": srv.addr, "b.test": srv.addr}, pki.ca_file,
-                                    retry=dict(retry_after_max=30)), ["a.test", "b.test"])
-    await client.start()
-    try:
+    served = FakeServer(pki, ["a.test", "b.test"], handler)
+    async with upstream(pki, {"a.test": served, "b.test": served},
+                        retry=dict(retry_after_max=30)) as (client, _, srv):
         resp = await client.request(GET("https://a.test/busy"))
         assert resp.status == 503 and await resp.read() == b"maintenance"
         assert client.circuit_remaining("a.test") == pytest.approx(45, abs=1)
@@ -247,6 +203,3 @@ async def test_retry_after_beyond_max_opens_circuit_and_deadline_returns_last_st
         assert resp.status == 503 and await resp.read() == b"later"
         assert time.monotonic() - t0 < 0.5
         assert srv.count == 2
-    finally:
-        await client.close()
-        await stop_all(srv)

@@ -10,8 +10,7 @@ import pytest
 from aiohttp import web
 
 from gateway.upstream import UpstreamError
-from upstream_support import (GET, FakeServer, new_client, pki, sample,  # noqa: F401
-                              settings, stop_all)
+from upstream_support import GET, pki, sample, upstream  # noqa: F401
 
 BLOB = os.urandom(3 * 1024 * 1024 + 123)
 DIGEST = hashlib.sha256(BLOB).hexdigest()
@@ -64,11 +63,7 @@ async def test_reset_at_60_percent_is_resumed_with_range(pki):
         first = "Range" not in request.headers
         return await serve_blob(request, cut_at=0.6 if first else None)
 
-    srv = await FakeServer(pki, ["mirror.test"], handler).start()
-    client, metrics = new_client(settings({"mirror.test": srv.addr}, pki.ca_file),
-                                 ["mirror.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"mirror.test": handler}) as (client, metrics, srv):
         resp = await client.request(GET(f"https://mirror.test/v2/db/blobs/sha256:{DIGEST}",
                                         resumable=True))
         assert resp.status == 200
@@ -82,57 +77,39 @@ async def test_reset_at_60_percent_is_resumed_with_range(pki):
         assert sample(metrics, "trivy_gateway_upstream_resumed_downloads_total",
                       host="mirror.test") == 1
         assert client.health()["mirror.test"]["in_flight"] == 0
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_not_resumable_raises_body_error(pki):
     async def handler(request, srv):
         return await serve_blob(request, cut_at=0.6)
 
-    srv = await FakeServer(pki, ["mirror.test"], handler).start()
-    client, _ = new_client(settings({"mirror.test": srv.addr}, pki.ca_file), ["mirror.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"mirror.test": handler}) as (client, _, srv):
         resp = await client.request(GET("https://mirror.test/blob"))   # resumable=False
         with pytest.raises(UpstreamError) as ei:
             await digest_of(resp)
         assert ei.value.reason == "body"
         assert srv.count == 1
         assert client.health()["mirror.test"]["in_flight"] == 0
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_resume_answered_200_is_refused(pki):
     async def handler(request, srv):
         return await serve_blob(request, cut_at=0.6, honour_range=False)
 
-    srv = await FakeServer(pki, ["mirror.test"], handler).start()
-    client, _ = new_client(settings({"mirror.test": srv.addr}, pki.ca_file), ["mirror.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"mirror.test": handler}) as (client, _, srv):
         resp = await client.request(GET("https://mirror.test/blob", resumable=True))
         with pytest.raises(UpstreamError) as ei:
             await digest_of(resp)
         assert ei.value.reason == "body" and "200" in ei.value.message
         assert srv.count == 2
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_resume_attempts_are_bounded(pki):
     async def handler(request, srv):
         return await serve_blob(request, cut_at=0.5 if "Range" not in request.headers else 0.9)
 
-    srv = await FakeServer(pki, ["mirror.test"], handler).start()
-    client, metrics = new_client(settings({"mirror.test": srv.addr}, pki.ca_file,
-                                          retry=dict(resume_attempts=2)), ["mirror.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"mirror.test": handler},
+                        retry=dict(resume_attempts=2)) as (client, metrics, srv):
         resp = await client.request(GET("https://mirror.test/blob", resumable=True))
         with pytest.raises(UpstreamError) as ei:
             await digest_of(resp)
@@ -140,9 +117,6 @@ async def test_resume_attempts_are_bounded(pki):
         assert srv.count == 3
         assert sample(metrics, "trivy_gateway_upstream_resumed_downloads_total",
                       host="mirror.test") == 2
-    finally:
-        await client.close()
-        await stop_all(srv)
 
 
 async def test_expired_signature_on_resume_reasks_the_registry(pki):
@@ -165,12 +139,9 @@ async def test_expired_signature_on_resume_reasks_the_registry(pki):
             return web.Response(status=403, text="Signed expiry time has passed")
         return await serve_blob(request, cut_at=None)
 
-    reg = await FakeServer(pki, ["ghcr.test"], registry).start()
-    cdn_srv = await FakeServer(pki, ["cdn.test"], cdn).start()
-    client, metrics = new_client(settings({"ghcr.test": reg.addr, "cdn.test": cdn_srv.addr},
-                                          pki.ca_file), ["ghcr.test", "cdn.test"])
-    await client.start()
-    try:
+    async with upstream(pki, {"ghcr.test": registry, "cdn.test": cdn}) as rig:
+        client, metrics = rig.client, rig.metrics
+        reg, cdn_srv = rig.servers.values()
         resp = await client.request(GET(
             f"https://ghcr.test/v2/aquasecurity/trivy-db/blobs/sha256:{DIGEST}",
             headers={"Authorization": "Bearer client-token"}, follow_redirects=True,
@@ -187,6 +158,3 @@ async def test_expired_signature_on_resume_reasks_the_registry(pki):
         assert [s.path_qs.split("sig=")[1][:2] for s in cdn_srv.log] == ["s1", "s1", "s2"]
         assert sample(metrics, "trivy_gateway_upstream_resumed_downloads_total",
                       host="cdn.test") == 1
-    finally:
-        await client.close()
-        await stop_all(reg, cdn_srv)

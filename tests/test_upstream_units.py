@@ -8,7 +8,7 @@ from email.utils import formatdate
 import pytest
 
 from gateway.observability.metrics import Metrics
-from gateway.settings import CircuitSettings, HostLimitSettings, UpstreamSettings, load_settings
+from gateway.settings import CircuitSettings, HostLimitSettings, load_settings
 from gateway.upstream import (Failover, equivalents, parse_go_duration, parse_retry_after_body,
                               parse_retry_after_header)
 from gateway.upstream.circuit import CircuitBreaker, CircuitOpen
@@ -173,11 +173,3 @@ def test_challenge_parsing():
     assert params == {"realm": "https://ghcr.io/token", "service": "ghcr.io",
                       "scope": "repository:user/image:pull"}
     assert parse_challenge('Basic realm="Registry"') == ("basic", {"realm": "Registry"})
-
-
-def test_per_host_connector_cap_follows_limits():
-    from gateway.upstream import UpstreamClient
-    s = UpstreamSettings(limits={"default": HostLimitSettings(max_concurrency=4),
-                                 "ghcr.io": HostLimitSettings(max_concurrency=8)})
-    assert UpstreamClient(s, Metrics())._per_host_cap() == 8
-    assert UpstreamClient(UpstreamSettings(), Metrics())._per_host_cap() == 16

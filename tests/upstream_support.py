@@ -8,13 +8,15 @@ connection) and tracks how many requests it is handling at once. The client reac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional, Union
 
 from aiohttp import web
 from cryptography import x509
@@ -194,8 +196,60 @@ def sample(metrics: Metrics, name: str, **labels) -> float:
     return value or 0.0
 
 
+def dead_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 async def stop_all(*servers: FakeServer) -> None:
     await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+
+
+@dataclass
+class Rig:
+    """A started client and its servers; unpacks as ``client, metrics, srv`` (the first server)."""
+
+    client: UpstreamClient
+    metrics: Metrics
+    servers: dict[str, FakeServer]
+
+    @property
+    def srv(self) -> FakeServer:
+        return next(iter(self.servers.values()))
+
+    def __iter__(self) -> Iterator:
+        return iter((self.client, self.metrics, self.srv if self.servers else None))
+
+
+@contextlib.asynccontextmanager
+async def upstream(pki: Optional[PKI], servers: dict[str, Union[Handler, FakeServer]], *,
+                   overrides: Optional[dict[str, str]] = None,
+                   known: Optional[list[str]] = None, client_kw: Optional[dict] = None,
+                   **settings_kw) -> AsyncIterator[Rig]:
+    """The scaffold of an upstream test: one TLS server per host (a handler, or a FakeServer
+    built by the test for other names or another CA, possibly serving several hosts), reached
+    through address overrides; a started client with :func:`settings` (``settings_kw``);
+    everything stopped after."""
+    started: dict[str, FakeServer] = {}
+    try:
+        for host, spec in servers.items():
+            srv = spec if isinstance(spec, FakeServer) else FakeServer(pki, [host], spec)
+            started[host] = srv if srv.port else await srv.start()
+        addresses = {host: srv.addr for host, srv in started.items()}
+        addresses.update(overrides or {})
+        client, metrics = new_client(settings(addresses, pki.ca_file if pki else None,
+                                              **settings_kw),
+                                     known if known is not None else list(addresses),
+                                     **(client_kw or {}))
+        await client.start()
+        try:
+            yield Rig(client, metrics, started)
+        finally:
+            await client.close()
+    finally:
+        await stop_all(*{id(s): s for s in started.values()}.values())
 
 
 # -- fixtures (imported by the test modules; there is no shared conftest for these) -----------

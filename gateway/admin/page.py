@@ -111,6 +111,82 @@ def _ready_badge(status: Mapping) -> str:
     return _badge("readiness unknown", "state-warn")
 
 
+def _health_badge(status: Mapping) -> str:
+    state = _mapping(status.get("health")).get("state")
+    if state == "ok":
+        return _badge("upstreams ok", "state-ok", "health-state")
+    if state == "degraded":
+        return _badge("degraded", "state-bad", "health-state")
+    return ""
+
+
+def _health(status: Mapping) -> str:
+    """Why the gateway is degraded, first on the page: the answer to "is it working?"."""
+    health = _mapping(status.get("health"))
+    reasons = health.get("reasons")
+    reasons = reasons if isinstance(reasons, list) else []
+    note = ('<p class="muted">"ready" means the gateway accepts connections (what /readyz '
+            "answers); it stays ready while upstreams fail, serving what it has cached.</p>")
+    if health.get("state") != "degraded" or not reasons:
+        return ""
+    items = "\n".join(f"<li>{esc(r)}</li>" for r in reasons)
+    return (f'<section id="health-section" class="degraded"><h2>Degraded</h2>'
+            f'<ul id="health-reasons">\n{items}\n</ul>{note}</section>')
+
+
+def _next_check(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return DASH
+    return "due" if n <= 0 else "in " + human_duration(n)
+
+
+def _ago(value: Any) -> str:
+    return esc(human_duration(value)) + " ago"
+
+
+def _list_section(items: Any, *, section_id: str, title: str, table_id: str, row_class: str,
+                  headers: str, cells: Any) -> str:
+    """A table of status list items (one row per mapping), or nothing when the list is empty:
+    problems appear on the page only while there are some."""
+    rows = []
+    for item in items if isinstance(items, list) else []:
+        item = _mapping(item)
+        rows.append(f'<tr class="{row_class}" data-host="{esc(item.get("host") or "")}">'
+                    + "".join(cells(item)) + "</tr>")
+    if not rows:
+        return ""
+    return (f'<section id="{section_id}"><h2>{esc(title)}</h2><table id="{table_id}"><thead><tr>'
+            f"{headers}</tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table></section>")
+
+
+def _denied(status: Mapping) -> str:
+    return _list_section(
+        status.get("denied"), section_id="denied-section", title="Recently refused by policy",
+        table_id="denied", row_class="denied",
+        headers=('<th>Target</th><th class="num">Count</th><th class="num">Last</th>'
+                 "<th>Reason</th><th>To allow it</th>"),
+        cells=lambda item: [
+            _cell(f"<code>{esc(item.get('host') or DASH)}:{esc(item.get('port') or DASH)}</code>"),
+            _cell(_val(item.get("count")), "num"),
+            _cell(_ago(item.get("seconds_ago")), "num"),
+            _cell(esc(item.get("reason") or DASH)),
+            _cell(f"<code>{esc(item.get('allow') or DASH)}</code>", "allow")])
+
+
+def _errors(status: Mapping) -> str:
+    return _list_section(
+        status.get("recent_errors"), section_id="errors-section", title="Recent upstream errors",
+        table_id="recent-errors", row_class="recent-error",
+        headers=('<th>Host</th><th class="num">Failures in a row</th><th class="num">Last</th>'
+                 "<th>Error</th>"),
+        cells=lambda item: [
+            _cell(f"<code>{esc(item.get('host') or DASH)}</code>"),
+            _cell(_val(item.get("consecutive_failures")), "num"),
+            _cell(_ago(item.get("seconds_ago")), "num"),
+            _cell(esc(item.get("error") or DASH), "error")])
+
+
 def _cell(text: str, cls: str = "", title: str = "") -> str:
     attrs = (f' class="{esc(cls)}"' if cls else "") + (f' title="{esc(title)}"' if title else "")
     return f"<td{attrs}>{text}</td>"
@@ -141,16 +217,24 @@ def _summary(status: Mapping) -> str:
 </section>"""
 
 
+def _artifact_title(item: Mapping) -> tuple[Any, str]:
+    name = item.get("artifact")
+    return name, ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
+
+
+def _digest_cell(digest: Any, cls: str, note: str = "") -> str:
+    if not digest:
+        return _cell(DASH, cls)
+    return _cell(f"<code>{esc(short_digest(digest))}</code>{esc(note)}", cls, str(digest))
+
+
 def _artifacts(status: Mapping) -> str:
     items = status.get("artifacts")
     rows = []
     for item in items if isinstance(items, list) else []:
         item = _mapping(item)
-        name = item.get("artifact")
-        title = ARTIFACT_TITLES.get(name, name) if isinstance(name, str) else DASH
-        digest = item.get("digest")
-        digest_cell = (_cell(f"<code>{esc(short_digest(digest))}</code>", "digest", str(digest))
-                       if digest else _cell(DASH))
+        name, title = _artifact_title(item)
+        digest_cell = _digest_cell(item.get("digest"), "digest")
         stale = item.get("stale")
         if stale is True:
             marker = _badge("stale", "state-warn")
@@ -169,6 +253,8 @@ def _artifacts(status: Mapping) -> str:
             + digest_cell
             + _cell(esc(human_bytes(item.get("size"))), "num size")
             + _cell(esc(human_duration(item.get("age_seconds"))), "num age", age_title)
+            + _cell(esc(_next_check(item.get("next_check_seconds"))), "num next-check",
+                    "after this, the next request for it refreshes the tag in the background")
             + _cell(marker, "stale")
             + "</tr>")
     if not rows:
@@ -177,8 +263,47 @@ def _artifacts(status: Mapping) -> str:
     else:
         body = ('<table id="artifacts"><thead><tr><th>Artifact</th><th>Reference</th>'
                 '<th>Digest</th><th class="num">Size</th><th class="num">Age</th>'
-                "<th>State</th></tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+                '<th class="num">Next check</th><th>State</th></tr></thead><tbody>\n'
+                + "\n".join(rows) + "\n</tbody></table>")
     return f'<section id="artifacts-section">\n<h2>Cached Trivy artifacts</h2>\n{body}\n</section>'
+
+
+def _lifecycle(status: Mapping) -> str:
+    """Prefetch and freshness per watched artifact (``status["lifecycle"]``)."""
+    lc = _mapping(status.get("lifecycle"))
+    items = lc.get("artifacts")
+    rows = []
+    for item in items if isinstance(items, list) else []:
+        item = _mapping(item)
+        name, title = _artifact_title(item)
+        failures = _num(item.get("consecutive_failures")) or 0
+        if failures:
+            state = _badge(f"failing ({int(failures)})", "state-bad")
+        elif item.get("behind_upstream") is True:
+            state = _badge("fetching newer", "state-warn")
+        elif item.get("served_digest"):
+            state = _badge("up to date", "state-ok")
+        else:
+            state = DASH
+        checked = _num(item.get("upstream_checked_ago_seconds"))
+        rows.append(
+            f'<tr class="lifecycle" data-artifact="{esc(name if name is not None else "")}">'
+            + _cell(esc(title))
+            + _digest_cell(item.get("served_digest"), "served")
+            + _cell(esc(human_duration(item.get("served_age_seconds"))), "num age",
+                    f"updated at {item.get('updated_at')}" if item.get("updated_at") else "")
+            + _digest_cell(item.get("upstream_digest"), "upstream",
+                           f" ({human_duration(checked)} ago)" if checked is not None else "")
+            + _cell(state, "state")
+            + _cell(esc(item.get("last_error") or ""), "error")
+            + "</tr>")
+    if not rows:
+        return ""
+    return ('<section id="lifecycle-section">\n<h2>Prefetch and freshness</h2>\n'
+            '<table id="lifecycle"><thead><tr><th>Artifact</th><th>Served</th>'
+            '<th class="num">Age</th><th>Upstream (checked)</th><th>State</th>'
+            "<th>Last error</th></tr></thead><tbody>\n" + "\n".join(rows)
+            + "\n</tbody></table>\n</section>")
 
 
 def _upstreams(status: Mapping) -> str:
@@ -209,11 +334,19 @@ def _upstreams(status: Mapping) -> str:
             + _cell(_val(last_status), "num last-status")
             + _cell(esc(last_error) if last_error else DASH, "last-error error" if last_error else "last-error")
             + "</tr>")
+    waiting = status.get("upstreams_not_contacted")
+    for host in waiting if isinstance(waiting, list) else []:
+        rows.append(f'<tr class="upstream not-contacted" data-host="{esc(host)}">'
+                    + _cell(f"<code>{esc(host)}</code>", "host")
+                    + _cell('<span class="badge circuit circuit-unknown">not contacted yet</span>',
+                            "circuit-cell")
+                    + "".join(_cell(DASH) for _ in range(7)) + "</tr>")
     if not rows:
         body = '<p class="muted" id="no-upstreams">No upstream has been contacted yet.</p>'
     else:
         body = ('<table id="upstreams"><thead><tr><th>Host</th><th>Circuit</th>'
-                '<th class="num">Open for</th><th class="num">Rate</th><th class="num">Queue</th>'
+                '<th class="num" title="time left until an open circuit lets one probe request '
+                'through">Next try in</th><th class="num">Rate</th><th class="num">Queue</th>'
                 '<th class="num">In flight</th><th class="num">Requests</th>'
                 '<th class="num">Last status</th><th>Last error</th></tr></thead><tbody>\n'
                 + "\n".join(rows) + "\n</tbody></table>")
@@ -317,11 +450,10 @@ def render_status_page(status: Mapping, *, refresh_seconds: int = 10, error: str
     if error:
         sections.append(f'<section id="status-error" class="error"><h2>Status unavailable</h2>'
                         f"<p>{esc(error)}</p></section>")
-    sections += [_summary(status), _artifacts(status), _upstreams(status), _cache(status),
-                 _doors(status)]
-    if status.get("fleet"):
-        sections.append(_fleet(status))
-    sections.append(_ca(status))
+    sections += [_health(status), _summary(status), _errors(status), _denied(status),
+                 _artifacts(status), _lifecycle(status), _upstreams(status), _cache(status),
+                 _doors(status), _fleet(status) if status.get("fleet") else "", _ca(status)]
+    sections = [s for s in sections if s]
     refresh = (f'<meta http-equiv="refresh" content="{int(refresh_seconds)}">'
                if refresh_seconds > 0 else "")
     rendered = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if now is None else now))
@@ -329,7 +461,7 @@ def render_status_page(status: Mapping, *, refresh_seconds: int = 10, error: str
         refresh=refresh,
         version=esc(status.get("version") or DASH),
         uptime=esc(human_duration(status.get("uptime_seconds"))),
-        ready_badge=_ready_badge(status),
+        ready_badge=_ready_badge(status) + " " + _health_badge(status),
         sections="\n".join(sections),
         rendered_at=esc(rendered),
         refresh_note=esc(f", refreshes every {int(refresh_seconds)}s" if refresh_seconds > 0 else ""),

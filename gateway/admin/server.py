@@ -4,29 +4,42 @@ Endpoints (GET and HEAD):
 
 ``/metrics``     Prometheus exposition of ``metrics.registry`` (OpenMetrics when asked for)
 ``/healthz``     200 ``ok`` as long as the process answers (liveness)
-``/readyz``      200 when ``ready()`` is true, else 503 (fails while draining; readiness)
+``/readyz``      200 when ``ready()`` is true, else 503 (fails while draining; readiness). Ready
+                 is not "upstreams healthy": that is ``health`` in /api/status (gateway.health)
 ``/ca.pem``      the gateway CA certificate, as a download
 ``/api/status``  ``status()`` as JSON
 ``/``            the HTML status page (:mod:`gateway.admin.page`)
 
 The callables are invoked per request; they may also return awaitables. A callable that raises
 never takes the admin server down: the endpoint answers 503/500 with a short reason instead.
+
+With a ``token`` (``server.admin_token_file`` / ``TRIVY_GATEWAY_ADMIN_TOKEN``), ``/metrics``,
+``/api/status`` and ``/`` need ``Authorization: Bearer <token>`` (Prometheus
+``authorization.credentials_file``); a browser may send it as the password of Basic auth (any
+user name), so a person can open the page. Probes and scanners keep ``/healthz``, ``/readyz``
+and ``/ca.pem`` without credentials.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import inspect
 import json
-import logging
 import math
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
 from .page import render_status_page
 
-log = logging.getLogger("gateway.admin")
+log = get_logger("gateway.admin")
+
+#: paths that show traffic, hosts and configuration; the rest must stay open for probes
+PROTECTED_PATHS = frozenset({"/", "/metrics", "/api/status"})
 
 StatusFn = Callable[[], Union[dict, Awaitable[dict]]]
 ReadyFn = Callable[[], Union[bool, Awaitable[bool]]]
@@ -70,8 +83,10 @@ def _finite(value: Any) -> Any:
 
 class AdminServer:
     def __init__(self, metrics: Metrics, status: StatusFn, ready: ReadyFn, ca_pem: CaFn,
-                 host: str = "0.0.0.0", port: int = 9128, *, refresh_seconds: int = 10):
+                 host: str = "0.0.0.0", port: int = 9128, *, refresh_seconds: int = 10,
+                 token: str = ""):
         self.metrics = metrics
+        self._token = token.encode("utf-8")
         self._status = status
         self._ready = ready
         self._ca_pem = ca_pem
@@ -113,7 +128,8 @@ class AdminServer:
             if isinstance(addr, tuple) and len(addr) >= 2:
                 self._port = int(addr[1])
                 break
-        log.info("admin server listening on %s:%s", self.host, self.port)
+        log.info("admin_listening", address=f"{self.host}:{self.port}",
+                 token_required=bool(self._token))
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None
@@ -138,9 +154,29 @@ class AdminServer:
         app.router.add_get("/api/status", self.handle_status)
         return app
 
+    def _authorized(self, request: web.Request) -> bool:
+        if not self._token or request.path not in PROTECTED_PATHS:
+            return True
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        offered = b""
+        if scheme.lower() == "bearer":
+            offered = value.strip().encode("utf-8")
+        elif scheme.lower() == "basic":
+            try:
+                offered = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                offered = b""
+        return hmac.compare_digest(offered, self._token)
+
     @web.middleware
     async def _headers_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         try:
+            if not self._authorized(request):
+                # Bearer for Prometheus and scripts; Basic lets a browser prompt for the token
+                raise web.HTTPUnauthorized(
+                    text="this admin endpoint needs the admin token (Authorization: Bearer …)\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="trivy-gateway admin", '
+                                                 'Basic realm="trivy-gateway admin"'})
             response = await handler(request)
         except web.HTTPException as exc:  # 404/405 from the router
             for key, value in SECURITY_HEADERS.items():
@@ -158,7 +194,7 @@ class AdminServer:
             ready = bool(await _call(self._ready))
             reason = "not ready (draining or starting)"
         except Exception as exc:  # noqa: BLE001 - a failing probe means not ready
-            log.warning("ready() failed: %r", exc)
+            log.warning("admin_ready_failed", error=repr(exc))
             ready, reason = False, f"not ready: {type(exc).__name__}"
         if ready:
             return web.Response(text="ready\n")
@@ -173,7 +209,7 @@ class AdminServer:
         try:
             pem = await _call(self._ca_pem)
         except Exception as exc:  # noqa: BLE001
-            log.warning("ca_pem() failed: %r", exc)
+            log.warning("admin_ca_failed", error=repr(exc))
             pem = b""
         if isinstance(pem, str):
             pem = pem.encode("ascii")
@@ -188,7 +224,7 @@ class AdminServer:
         try:
             status = await _call(self._status)
         except Exception as exc:  # noqa: BLE001
-            log.exception("status() failed")
+            log.exception("admin_status_failed")
             return {}, f"{type(exc).__name__}: {exc}"
         if not isinstance(status, dict):
             return {}, f"status() returned {type(status).__name__}, not a dict"

@@ -24,7 +24,7 @@ def _open(settings: Settings) -> tuple[BlobStore, EntryStore]:
     root = settings.data_dir / "cache"
     metrics = Metrics()
     blobs = BlobStore(root, settings.cache.max_size, 0, metrics)
-    blobs.open()
+    blobs.open(clean_tmp=False)  # a running gateway's fills in tmp/ are alive
     entries = EntryStore(root, blobs, settings.cache.memory, metrics)
     entries.open()
     return blobs, entries
@@ -38,6 +38,35 @@ def _human(n: float) -> str:
     return str(n)  # pragma: no cover
 
 
+_DIGEST = re.compile(r"(sha256:[0-9a-f]{12})[0-9a-f]{52}")
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if s >= size:
+            return f"{s // size}{unit} ago"
+    return f"{s}s ago"
+
+
+def readable_key(key: str) -> str:
+    """``tag|ghcr.io/aquasecurity/trivy-db:2|application/…|<scope>`` → ``ghcr.io/aquasecurity/
+    trivy-db:2``: the resource a person recognises, digests shortened, credential-scoped entries
+    marked (``cache ls --keys`` prints the raw key for scripts)."""
+    parts = key.split("|")
+    if len(parts) < 2:
+        return key
+    kind, what = parts[0], re.sub(r"^https?://", "", parts[1])
+    if kind == "oci-ping":
+        what = f"{what} (registry ping)"
+    elif kind == "oci-token":
+        what = f"{what} (token)"
+    what = _DIGEST.sub(r"\1…", what)
+    if kind in ("blob", "manifest", "tag") and parts[-1] not in ("public", "anonymous", ""):
+        what += "  [private: fetched with credentials]"
+    return what
+
+
 def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
     blobs, entries = _open(settings)
     cmd = args.cache_command
@@ -48,10 +77,14 @@ def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if cmd == "ls":
         now = time.time()
+        raw = getattr(args, "keys", False)
+        print(f"{'KIND':13} {'STATUS':6} {'SIZE':>10} {'CHECKED':>8} {'STATE':5} "
+              f"{'KEY' if raw else 'RESOURCE'}")
         for e in entries.iter_entries():
             fresh = "fresh" if e.is_fresh(now) else "stale"
-            age = int(now - e.validated_at)
-            print(f"{e.kind:13} {e.status:3} {_human(e.body_size):>10} {age:>8}s {fresh:5} {e.key}")
+            age = _age(now - e.validated_at)
+            print(f"{e.kind:13} {e.status:<6} {_human(e.body_size):>10} {age:>8} {fresh:5} "
+                  f"{e.key if raw else readable_key(e.key)}")
         return 0
     if cmd == "purge":
         cutoff = time.time() - parse_duration(args.older_than, "--older-than") if args.older_than else None

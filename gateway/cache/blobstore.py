@@ -207,10 +207,16 @@ class Fill:
             self._unlink()
             self._notify()
 
-    def commit(self) -> str:
-        """Verify and publish; returns the body's ``sha256:`` digest."""
+    def seal(self) -> str:
+        """Verify size and digest and flush the bytes to disk, without publishing them yet.
+
+        Why separate from :meth:`commit`: a bundle import seals every body of the bundle first
+        and publishes only once the whole bundle verified, so a bad bundle stores nothing. A
+        sealed fill holds no file descriptor (a bundle may carry thousands of POMs)."""
         if self.state != FillState.FILLING:
             raise FillFailed("fill is closed")
+        if self._fd < 0 and self.digest is not None:
+            return self.digest
         digest = "sha256:" + self._hash.hexdigest()
         if self.expected_size is not None and self.written != self.expected_size:
             exc = DigestMismatch(f"expected {self.expected_size} bytes, got {self.written}")
@@ -223,6 +229,17 @@ class Fill:
         try:
             os.fsync(self._fd)
             self._close_fd()
+        except OSError as exc:
+            self.store.metrics.cache_store_errors.labels("io_error").inc()
+            self.fail(StoreFull(f"cannot flush: {exc.strerror}"))
+            raise StoreFull(str(exc)) from None
+        self.digest = digest
+        return digest
+
+    def commit(self) -> str:
+        """Verify and publish; returns the body's ``sha256:`` digest."""
+        digest = self.seal()
+        try:
             self.store._publish(self.path, digest, self.written)
         except OSError as exc:
             self.store.metrics.cache_store_errors.labels("io_error").inc()
@@ -412,14 +429,27 @@ class BlobStore:
         self._reserved = 0
 
     # -- start-up ----------------------------------------------------------------------------
-    def open(self) -> None:
-        """Create directories, drop leftovers of interrupted fills, rebuild the index from disk."""
+    def open(self, clean_tmp: bool = True) -> None:
+        """Create directories, drop leftovers of interrupted fills, rebuild the index from disk.
+
+        ``clean_tmp=False`` for a second process beside a running gateway (``bundle import``):
+        the gateway's own fills in ``tmp/`` are alive, not leftovers."""
         self.blob_dir.mkdir(parents=True, exist_ok=True)
-        if self.tmp_dir.exists():
+        if clean_tmp and self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._index.clear()
         self._size = 0
+        self.adopt_published()
+        # the budget is exported once here (it changes only with a restart or reload of the
+        # store); without it the dashboard's "disk vs budget" divides by the 0 of metrics.py
+        self.metrics.cache_max_size_bytes.set(self.max_size)
+        log.info("cache_opened", root=str(self.root), blobs=len(self._index), bytes=self._size)
+
+    def adopt_published(self) -> int:
+        """Index blobs on disk this process does not know yet: at start-up all of them; later
+        the ones another process published (``bundle import`` beside a running gateway)."""
+        added = 0
         for sub in self.blob_dir.iterdir():
             if not sub.is_dir():
                 continue
@@ -428,12 +458,17 @@ class BlobStore:
                 if len(name) != 64 or f.name.startswith("."):
                     f.unlink(missing_ok=True)
                     continue
-                st = f.stat()
+                if "sha256:" + name in self._index:
+                    continue
+                try:
+                    st = f.stat()
+                except FileNotFoundError:
+                    continue
                 self._index["sha256:" + name] = BlobRecord(st.st_size, max(st.st_atime, st.st_mtime))
                 self._size += st.st_size
+                added += 1
         self._update_gauges()
-        self.metrics.cache_max_size_bytes.set(self.max_size)
-        log.info("cache_opened", root=str(self.root), blobs=len(self._index), bytes=self._size)
+        return added
 
     # -- lookups -------------------------------------------------------------------------------
     def path_of(self, digest: str) -> Path:
@@ -442,6 +477,11 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         return digest in self._index
+
+    def size_of(self, digest: str) -> Optional[int]:
+        """The stored size of a blob, or None (bundle export sizes its members up front)."""
+        rec = self._index.get(digest)
+        return rec.size if rec else None
 
     def pin(self, digest: str) -> Optional[Path]:
         """Mark a blob as being read (never evicted meanwhile); returns its path or None."""
@@ -476,13 +516,17 @@ class BlobStore:
 
     # -- writing -------------------------------------------------------------------------------
     def begin_fill(self, expected_digest: Optional[str] = None,
-                   expected_size: Optional[int] = None) -> Fill:
-        """Start a fill, or raise StoreFull when the body cannot be stored (serve it uncached)."""
+                   expected_size: Optional[int] = None, *, evict: bool = True) -> Fill:
+        """Start a fill, or raise StoreFull when the body cannot be stored (serve it uncached).
+
+        ``evict=False``: make no room now (a bundle import must not evict anything before the
+        whole bundle verified; publishing makes room afterwards)."""
         need = expected_size or 0
         if need > self.max_object_size:
             raise StoreFull(f"body of {need} bytes exceeds the largest object the cache keeps "
                             f"({self.max_object_size} bytes, cache.max_object_share)")
-        self._make_room(need + self._reserved)
+        if evict:
+            self._make_room(need + self._reserved)
         free = self.free_space()
         if free is not None and free - need < self.min_free_space:
             self.metrics.cache_store_errors.labels("disk_full").inc()

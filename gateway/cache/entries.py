@@ -339,9 +339,10 @@ class EntryStore:
         if stamp != self._marker_mtime:
             self._marker_mtime = stamp
             await self.front.clear()
-            forget = getattr(self.blobs, "forget_missing", None)
-            if forget is not None:
-                forget()
+            for sync in ("forget_missing", "adopt_published"):  # removed / imported blobs
+                method = getattr(self.blobs, sync, None)
+                if method is not None:
+                    method()
             self._count = sum(1 for _ in self.dir.glob("*.json"))
             self.metrics.cache_entries.labels("response").set(self._count)
             log.info("cache_changed_by_operator", marker=str(self.purge_marker))

@@ -70,6 +70,13 @@ class Metrics:
 
         # -- client-facing proxy ----------------------------------------------------------
         self.build_info = Info(p + "build", "Version of the running gateway.", registry=r)
+        self.config_info = Info(
+            p + "config", "The active configuration: digest (as in check-config and the "
+            "config_reloaded log line; secrets excluded) and source file.", registry=r)
+        self.config_reloads = Counter(
+            p + "config_reloads_total",
+            "Live reloads (SIGHUP, trivy-gateway reload), by result (applied, refused: the new "
+            "configuration was invalid and the running one stayed).", ["result"], registry=r)
         self.requests = Counter(
             p + "requests_total",
             "Client requests handled, by target host, policy decision, response status and "
@@ -145,6 +152,36 @@ class Metrics:
             p + "artifact_age_seconds",
             "Age of the Trivy artifact most recently served (time since the gateway last got it "
             "fresh from upstream); grows while stale content hides an upstream outage.",
+            ["artifact"], registry=r)
+
+        # -- artifact lifecycle (prefetch, freshness); artifact = a lifecycle.prefetch key ---
+        self.prefetch_checks = Counter(
+            p + "prefetch_checks_total",
+            "Prefetch checks of a watched artifact's tag, by result (unchanged, fetched: a new "
+            "generation is now cached, failed, denied: the allowlist does not intercept it).",
+            ["artifact", "result"], registry=r)
+        self.prefetch_bytes = Counter(
+            p + "prefetch_bytes_total",
+            "Bytes of new generations fetched by the prefetcher (before any client asked).",
+            ["artifact"], registry=r)
+        self.prefetch_consecutive_failures = Gauge(
+            p + "prefetch_consecutive_failures",
+            "Prefetch checks of this artifact that failed in a row (0 after a success).",
+            ["artifact"], registry=r)
+        self.prefetch_last_success = Gauge(
+            p + "prefetch_last_success_timestamp_seconds",
+            "Unix time of the last successful prefetch check of this artifact.",
+            ["artifact"], registry=r)
+        self.artifact_upstream_newer = Gauge(
+            p + "artifact_upstream_newer",
+            "1 while the upstream tag points at a generation the gateway does not serve yet "
+            "(not completely cached), else 0.",
+            ["artifact"], registry=r)
+        self.artifact_served_age = Gauge(
+            p + "artifact_served_age_seconds",
+            "Age of the generation the gateway serves for this artifact (from the manifest's "
+            "org.opencontainers.image.created annotation, else since the gateway first saw it); "
+            "updated on every prefetch check.",
             ["artifact"], registry=r)
 
         # -- upstream ---------------------------------------------------------------------

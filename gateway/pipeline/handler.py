@@ -67,7 +67,10 @@ class Pipeline:
         self._request_counters: dict[tuple[str, str, str], object] = {}
 
     # -- entry point ----------------------------------------------------------------------------
-    async def handle(self, ex: Exchange) -> Response:
+    async def handle(self, ex: Exchange, revalidate: bool = False) -> Response:
+        """Answer one request. ``revalidate=True`` (the prefetcher: has the tag moved?) checks
+        even a fresh entry with the upstream (conditionally: a 304 keeps it); everything else —
+        single flight, circuit, rate limits, verification, stale on failure — as for a client."""
         lower = fold_fields(ex.headers.items())
         # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries);
         # the upstream URL's scheme (ex.url), not necessarily the client connection's
@@ -91,7 +94,7 @@ class Pipeline:
             found = None
         if found is not None:
             entry, body = found
-            if entry.is_fresh(now):
+            if entry.is_fresh(now) and not revalidate:
                 result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
                 self._maybe_refresh(ex, res, entry, now)
                 return self._serve(ex, res, entry, body, result,

@@ -23,6 +23,6 @@ to HTTP/1.1, and one request per stream keeps the proxy simple.
 """
 from .auth import ProxyAuth
 from .server import ProxyServer
-from .tunnel import DirectTunnelOpener, TunnelOpener, pipe
+from .tunnel import TunnelOpener, pipe
 
-__all__ = ["ProxyServer", "ProxyAuth", "DirectTunnelOpener", "TunnelOpener", "pipe"]
+__all__ = ["ProxyServer", "ProxyAuth", "TunnelOpener", "pipe"]

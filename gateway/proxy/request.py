@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Optional
 
 from multidict import CIMultiDict
 
-from ..exchange import HOP_BY_HOP, Exchange, new_request_id
+from ..exchange import HOP_BY_HOP, ClientBodyError, Exchange, new_request_id
 from . import http1
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import ClientConnection
 
 
-class ClientGone(Exception):
-    """The client closed or reset the connection."""
+class ClientGone(ClientBodyError):
+    """The client closed or reset the connection (or broke the framing of its request body)."""
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Blind tunnels: a bounded bidirectional byte pipe, and a direct (no parent proxy) opener.
+"""Blind tunnels: a bounded bidirectional byte pipe. Tunnels are opened by the upstream layer
+(``UpstreamClient.open_tunnel``: overrides, parent proxy, SSRF guard), handed in as a
+:data:`TunnelOpener`.
 
 The pipe never holds more than one read (``chunk_size``) plus the transport's write buffer per
 direction: every write is followed by ``drain()``, which waits while the receiving side is slow.
@@ -6,16 +8,10 @@ direction: every write is followed by ``drain()``, which waits while the receivi
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from typing import Awaitable, Callable, Optional
-
-from ..policy import Policy
-from ..upstream.types import UpstreamError
 
 #: ``open_tunnel(host, port) -> (reader, writer)``; raises (UpstreamError/OSError) when it cannot
 TunnelOpener = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 class _Activity:
@@ -86,64 +82,3 @@ async def pipe(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
             if not writer.is_closing():
                 writer.close()
     return counted[0], counted[1], error
-
-
-async def _default_resolver(host: str, port: int) -> list[str]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    seen: list[str] = []
-    for *_, sockaddr in infos:
-        if sockaddr[0] not in seen:
-            seen.append(sockaddr[0])
-    return seen
-
-
-class DirectTunnelOpener:
-    """Connects tunnels straight to the target (or its ``upstream.address_overrides`` entry),
-    applying :meth:`Policy.address_allowed` to every address before connecting.
-
-    A fallback for deployments without a parent proxy; the upstream layer may provide a richer
-    opener (parent proxy, circuit breaker) with the same call signature. ``resolver`` maps
-    (host, port) to IP address strings; the default is the system resolver.
-    """
-
-    def __init__(self, policy: Policy, settings, resolver: Optional[Resolver] = None) -> None:
-        upstream = settings.upstream
-        self.policy = policy
-        self.overrides = dict(upstream.address_overrides)
-        self.connect_timeout = float(upstream.connect_timeout)
-        self.resolver = resolver or _default_resolver
-
-    async def __call__(self, host: str, port: int):
-        target_host, target_port = host, port
-        override = self.overrides.get(host)
-        if override:
-            h, _, p = override.rpartition(":")
-            target_host, target_port = h.strip("[]"), int(p)
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                addresses = await self.resolver(target_host, target_port)
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError("connect", host, f"cannot resolve {target_host}: {exc}") from None
-        refusal: Optional[str] = None
-        last_error: Optional[BaseException] = None
-        for address in addresses:
-            reason = self.policy.address_allowed(host, address)
-            if reason:
-                refusal = refusal or reason
-                continue
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    return await asyncio.open_connection(address, target_port)
-            except (OSError, TimeoutError) as exc:
-                last_error = exc
-        if last_error is not None:
-            errno = getattr(last_error, "errno", None)
-            what = "timed out" if isinstance(last_error, TimeoutError) else \
-                (os.strerror(errno) if errno else str(last_error))
-            raise UpstreamError("timeout" if isinstance(last_error, TimeoutError) else "connect",
-                                host, f"cannot connect to {host}:{port}: {what}",
-                                status=504 if isinstance(last_error, TimeoutError) else 502)
-        if refusal:
-            raise UpstreamError("ssrf", host, refusal, status=403)
-        raise UpstreamError("connect", host, f"{target_host} has no address")

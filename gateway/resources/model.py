@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Optional
 
 IMMUTABLE = float("inf")
 

@@ -11,17 +11,23 @@ read from env variables or files named in the config, never from the YAML itself
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
 
-from ._parse import ByteSize, ConfigError, Duration, from_mapping, parse_duration, parse_size
+from ._parse import (INTERNAL, ByteSize, ConfigError, ConfigErrors, Duration, from_mapping,
+                     parse_duration, parse_size)
 from .cache import (CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings,
                     S3Settings, SharedSettings)
+from .lifecycle import (LifecycleSettings, PrefetchArtifactSettings, PrefetchSettings,
+                        PrefetchSource)
 from .logging import LoggingSettings
 from .mirror import MirrorOCISettings, MirrorSettings, MirrorTLSSettings
 from .policy import PolicySettings, RuleSettings
@@ -32,13 +38,14 @@ from .upstream import (CircuitSettings, CredentialSettings, HostLimitSettings, P
                        RetrySettings, UpstreamSettings)
 
 __all__ = [
-    "Settings", "load_settings", "ConfigError", "Duration", "ByteSize", "parse_duration",
+    "Settings", "load_settings", "ConfigError", "ConfigErrors", "Duration", "ByteSize", "parse_duration",
     "parse_size", "ServerSettings", "ProxySettings", "ProxyAuthSettings", "TLSSettings",
     "PolicySettings", "RuleSettings", "UpstreamSettings", "RetrySettings", "HostLimitSettings",
     "CircuitSettings", "CredentialSettings", "ParentProxySettings", "CacheSettings",
     "MemoryFrontSettings", "OCISettings", "MavenSettings", "GitHubSettings", "LoggingSettings",
     "split_hostport", "default_config_text", "MirrorSettings", "MirrorOCISettings",
-    "MirrorTLSSettings", "SharedSettings", "S3Settings",
+    "MirrorTLSSettings", "SharedSettings", "S3Settings", "settings_view", "settings_digest",
+    "LifecycleSettings", "PrefetchSettings", "PrefetchArtifactSettings", "PrefetchSource",
 ]
 
 ENV_PREFIX = "TRIVY_GATEWAY_"
@@ -64,8 +71,16 @@ class Settings:
     cache: CacheSettings = CacheSettings()
     logging: LoggingSettings = LoggingSettings()
     mirror: MirrorSettings = MirrorSettings()
-    #: where the operator's file came from ("<embedded default>" when none)
-    source: str = "<embedded default>"
+    lifecycle: LifecycleSettings = LifecycleSettings()
+    #: where the operator's file came from ("<embedded default>" when none); set by the loader
+    source: str = field(default="<embedded default>", metadata=INTERNAL)
+    #: key path → where its value came from ("flag --data-dir", "env TRIVY_GATEWAY_DATA_DIR",
+    #: "/etc/gw.yaml line 4"); set by the loader so start-up errors blame the right place
+    origins: Mapping[str, str] = field(default_factory=dict, metadata=INTERNAL, compare=False,
+                                       repr=False)
+    #: values of the config file that an env variable overrode with another value; the gateway
+    #: warns about each at start (a forgotten TRIVY_GATEWAY_DATA_DIR must not pass silently)
+    overridden: tuple[str, ...] = field(default=(), metadata=INTERNAL, compare=False)
 
     @property
     def data_dir(self) -> Path:
@@ -96,6 +111,43 @@ class Settings:
                 raise ConfigError(f"mirror.maven.{name}",
                                   f"{repo} must also be listed in cache.maven.repositories")
 
+    def origin(self, path: str) -> str:
+        """Where the value at ``path`` came from, for messages: ``server.data_dir (flag --data-dir)``."""
+        for prefix in _prefixes(path):
+            if prefix in self.origins:
+                return self.origins[prefix]
+        return "<embedded default>"
+
+
+def _prefixes(path: str) -> list[str]:
+    """``a.b[0].c`` → ``[a.b[0].c, a.b[0], a.b, a]``: from the most to the least specific."""
+    out = [path]
+    while True:
+        cut = max(path.rfind("."), path.rfind("["))
+        if cut <= 0:
+            return out
+        path = path[:cut]
+        out.append(path)
+
+
+def settings_view(obj: Any) -> Any:
+    """Plain JSON-able data of the effective settings, without secrets and loader fields
+    (``check-config --print``, the config digest)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: settings_view(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("internal")}
+    if isinstance(obj, (tuple, list)):
+        return [settings_view(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {k: settings_view(v) for k, v in obj.items()}
+    return obj
+
+
+def settings_digest(settings: "Settings") -> str:
+    """A short digest naming a configuration (secrets excluded): which config is active."""
+    text = json.dumps(settings_view(settings), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
 
 def default_config_text() -> str:
     return resources.files("gateway").joinpath("default_config.yaml").read_text("utf-8")
@@ -111,18 +163,74 @@ def _deep_merge(base: dict, over: Mapping) -> dict:
     return out
 
 
-def _read_yaml(text: str, source: str) -> dict:
+def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    """PyYAML's problem with its line, keeping its context ("while scanning a quoted scalar")."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"column {mark.column + 1}: " if mark else ""
+    message = f"not valid YAML: {where}{getattr(exc, 'problem', None) or exc}"
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        message += f" ({context}" + (f" started at line {cmark.line + 1}, column "
+                                     f"{cmark.column + 1}" if cmark else "") + ")"
+    return ConfigError("", message, source, mark.line + 1 if mark else None)
+
+
+def _marks(node: yaml.Node, path: str, out: dict[str, int]) -> None:
+    """Record the 1-based line of every key path under ``node`` (PyYAML's marks)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            for name in {key, key.replace("-", "_")}:
+                sub = f"{path}.{name}" if path else name
+                out[sub] = key_node.start_mark.line + 1
+            _marks(value_node, f"{path}.{key.replace('-', '_')}" if path else key.replace("-", "_"),
+                   out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[f"{path}[{i}]"] = item.start_mark.line + 1
+            _marks(item, f"{path}[{i}]", out)
+
+
+def _read_yaml(text: str, source: str, marks: Optional[dict[str, int]] = None) -> dict:
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError("", f"not valid YAML: {where}{getattr(exc, 'problem', exc)}", source) from None
+        raise _yaml_error(exc, source) from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("", f"the top level must be a mapping, got {type(data).__name__}", source)
+    if marks is not None:
+        _marks(node, "", marks)
     return data
+
+
+def _leaf_paths(data: Mapping, path: str = "") -> list[str]:
+    out = []
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        out.extend(_leaf_paths(value, sub) if isinstance(value, Mapping) else [sub])
+    return out
+
+
+def _locate(exc: ConfigError, origins: Mapping[str, str], file_lines: Mapping[str, int],
+            source: str) -> ConfigErrors:
+    """Give every collected problem the source (flag, env, file + line) its value came from."""
+    located = []
+    for err in exc.errors:
+        where, line = "<embedded default>", None
+        for prefix in _prefixes(err.path) if err.path else []:
+            if prefix in origins:
+                where = origins[prefix].split(" line ")[0]
+                line = file_lines.get(prefix) if where == source else None
+                break
+        located.append(ConfigError(err.path, err.message, where, line))
+    located.sort(key=lambda e: (e.source, e.line or 0))
+    return ConfigErrors(located)
 
 
 def _read_secret(env_name: Optional[str], file_name: Optional[str], env: Mapping[str, str],
@@ -138,6 +246,15 @@ def _read_secret(env_name: Optional[str], file_name: Optional[str], env: Mapping
 
 
 def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
+    server = settings.server
+    token = _read_secret(server.admin_token_env, server.admin_token_file, env,
+                         "server.admin_token_file")
+    if server.admin_token_file and not token:
+        raise ConfigError("server.admin_token_file", f"{server.admin_token_file} is empty",
+                          settings.origin("server.admin_token_file"))
+    if token:
+        settings = dataclasses.replace(settings, server=dataclasses.replace(
+            server, admin_token=token))
     auth = settings.proxy.auth
     if auth.enabled:
         password = _read_secret(auth.password_env, auth.password_file, env, "proxy.auth")
@@ -183,24 +300,39 @@ def load_settings(config_path: Optional[str] = None, *, env: Optional[Mapping[st
     data = _read_yaml(default_config_text(), "<embedded default>")
     source = "<embedded default>"
     config_path = config_path or env.get("TRIVY_GATEWAY_CONFIG") or None
+    # origins, lowest precedence first so a later layer overwrites: file → env → flag
+    origins: dict[str, str] = {}
+    file_lines: dict[str, int] = {}
     if config_path:
         try:
             text = Path(config_path).read_text("utf-8")
         except OSError as exc:
             raise ConfigError("", f"cannot read config file: {exc.strerror}", config_path) from None
-        data = _deep_merge(data, _read_yaml(text, config_path))
+        data = _deep_merge(data, _read_yaml(text, config_path, file_lines))
         source = config_path
+        origins.update({p: f"{config_path} line {n}" for p, n in file_lines.items()})
     env_layer: dict[str, dict[str, Any]] = {}
+    overridden = []
     for name, (section, key) in ENV_OVERRIDES.items():
         if env.get(name):
             env_layer.setdefault(section, {})[key] = env[name]
+            path = f"{section}.{key}"
+            file_value = (data.get(section) or {}).get(key)
+            if path in file_lines and str(file_value) != env[name]:
+                overridden.append(f"{path}: env {name}={env[name]!r} overrides {file_value!r} "
+                                  f"of {origins[path]}")
+            origins[path] = f"env {name}"
     data = _deep_merge(data, env_layer)
     if overrides:
-        data = _deep_merge(data, {k: dict(v) for k, v in overrides.items() if v})
-    data.pop("source", None)
+        flags = {k: dict(v) for k, v in overrides.items() if v}
+        data = _deep_merge(data, flags)
+        # CLI flags are named after their key: server.data_dir ← --data-dir
+        origins.update({p: "flag --" + p.rsplit(".", 1)[-1].replace("_", "-")
+                        for p in _leaf_paths(flags)})
     try:
         settings = from_mapping(Settings, data)
     except ConfigError as exc:
-        raise ConfigError(exc.path, exc.message, source) from None
-    settings = dataclasses.replace(settings, source=source)
+        raise _locate(exc, origins, file_lines, source) from None
+    settings = dataclasses.replace(settings, source=source, overridden=tuple(overridden),
+                                   origins=types.MappingProxyType(origins))
     return _resolve_secrets(settings, env)

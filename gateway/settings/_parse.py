@@ -12,21 +12,78 @@ written ``1048576``, ``"512MiB"``, ``"20GiB"``, ``"1.5GB"``).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import types
 import typing
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 
 class ConfigError(ValueError):
-    """A configuration problem, with the key path and the source it came from."""
+    """A configuration problem, with the key path and the source it came from.
 
-    def __init__(self, path: str, message: str, source: str = "") -> None:
+    ``source`` names where the offending value came from (a file, ``env NAME``, ``flag --x`` or
+    ``<embedded default>``) and ``line`` its line in that file, so the operator edits the right
+    place. A problem found in several places is a :class:`ConfigErrors`.
+    """
+
+    def __init__(self, path: str, message: str, source: str = "", line: Optional[int] = None) -> None:
         self.path = path
         self.message = message
         self.source = source
-        where = f" in {source}" if source else ""
-        super().__init__(f"{path or '<root>'}{where}: {message}")
+        self.line = line
+        super().__init__(self.describe())
+
+    @property
+    def errors(self) -> list["ConfigError"]:
+        return [self]
+
+    def describe(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        if self.line is not None:
+            where += f" line {self.line}"
+        return f"{self.path or '<root>'}{where}: {self.message}"
+
+
+class ConfigErrors(ConfigError):
+    """Every problem of one configuration at once, so the operator fixes them in one pass."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self._errors = list(errors)
+        first = self._errors[0]
+        super().__init__(first.path, first.message, first.source, first.line)
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        return self._errors
+
+    def describe(self) -> str:
+        if len(self._errors) == 1:
+            return self._errors[0].describe()
+        lines = "\n".join(f"  {e.describe()}" for e in self._errors)
+        return f"{len(self._errors)} problems:\n{lines}"
+
+
+def collect(errors: list[ConfigError]) -> None:
+    """Raise the collected problems (if any) as one :class:`ConfigErrors`."""
+    if errors:
+        raise ConfigErrors([leaf for e in errors for leaf in e.errors])
+
+
+#: ``field(metadata=INTERNAL)``: set by the loader, never a YAML key (e.g. ``Settings.source``)
+INTERNAL = {"internal": True}
+
+
+def secret(hint: str) -> dict:
+    """``field(metadata=secret("use password_env or password_file"))``: a value resolved at load
+    time from env/files; the YAML may not set it (secrets never live in config files)."""
+    return {"internal": True, "secret": hint}
+
+
+def at_least(value: float, floor: float, path: str, what: str) -> None:
+    """Floors for values that parse but make no sense (``cache.max_size: 10``)."""
+    if value < floor:
+        raise ConfigError(path, f"must be at least {what}, got {value:g}")
 
 
 class Duration(float):
@@ -91,6 +148,12 @@ def convert(value: Any, tp: Any, path: str) -> Any:
         return convert(value, args[0], path)
     if tp is Any:
         return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in tp)
+            raise ConfigError(path, f"expected one of {allowed}, got {value!r}") from None
     if tp is Duration:
         return parse_duration(value, path)
     if tp is ByteSize:
@@ -101,17 +164,27 @@ def convert(value: Any, tp: Any, path: str) -> Any:
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
             raise ConfigError(path, f"expected a list, got {type(value).__name__}")
-        items = [convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        items, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(convert(v, item_tp, f"{path}[{i}]"))
+            except ConfigError as exc:
+                errors.append(exc)
+        collect(errors)
         return tuple(items)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp) or (str, Any)
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {type(value).__name__}")
-        out = {}
+        out, errors = {}, []
         for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(path, f"keys must be strings, got {k!r}")
-            out[k] = convert(v, val_tp, f"{path}.{k}")
+            try:
+                if not isinstance(k, str):
+                    raise ConfigError(path, f"keys must be strings, got {k!r}")
+                out[k] = convert(v, val_tp, f"{path}.{k}")
+            except ConfigError as exc:
+                errors.append(exc)
+        collect(errors)
         return types.MappingProxyType(out)
     if tp is bool:
         if isinstance(value, bool):
@@ -141,19 +214,29 @@ def from_mapping(cls: type, data: Any, path: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(path, f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    all_fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {n: f for n, f in all_fields.items() if not f.metadata.get("internal")}
     # YAML keys use the same snake_case as the fields; dashes are accepted as a convenience.
-    normalised = {}
+    # Every problem of the mapping is collected, so one run of check-config lists them all.
+    errors: list[ConfigError] = []
+    kwargs = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        key_path = f"{path}.{key}" if path else str(key)
+        hint = all_fields[name].metadata.get("secret") if name in all_fields else None
+        if hint:
+            errors.append(ConfigError(key_path, f"is a secret and is never read from the YAML "
+                                      f"file; {hint}"))
+            continue
         if name not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{path}.{key}" if path else str(key),
-                              f"unknown key (known keys here: {known})")
-        normalised[name] = value
-    kwargs = {}
-    for name, value in normalised.items():
-        kwargs[name] = convert(value, hints[name], f"{path}.{name}" if path else name)
+            errors.append(ConfigError(key_path, f"unknown key (known keys here: {known})"))
+            continue
+        try:
+            kwargs[name] = convert(value, hints[name], f"{path}.{name}" if path else name)
+        except ConfigError as exc:
+            errors.append(exc)
+    collect(errors)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field without default

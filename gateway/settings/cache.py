@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..hostport import registry_problem, repository_problem
-from ._parse import ByteSize, ConfigError, Duration
+from ._parse import ByteSize, ConfigError, Duration, at_least, secret
+
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class MemoryFrontSettings:
     def validate(self, path: str) -> None:
         if self.backend not in ("memory", "redis"):
             raise ConfigError(f"{path}.backend", "must be memory or redis")
+        if self.max_item_size > self.max_size:
+            raise ConfigError(f"{path}.max_item_size", "cannot be larger than memory.max_size")
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,8 @@ class SharedSettings:
     #: environment variable holding the Redis password (kept out of the YAML and the URL; a
     #: Kubernetes Secret); resolved into ``redis_password`` at load
     redis_password_env: str = ""
-    redis_password: str = field(default="", repr=False, metadata={
-        "internal": True, "secret": "use cache.shared.redis_password_env"})
+    redis_password: str = field(default="", repr=False, metadata=secret(
+        "use cache.shared.redis_password_env"))
     #: a leader that died blocks other replicas' clients at most this long
     lease_ttl: Duration = Duration(15)
     #: host:port of this replica's peer endpoint (other replicas stream fills from it); "" = off
@@ -174,6 +178,9 @@ class CacheSettings:
         if not 0 < self.max_object_share <= 1:
             raise ConfigError(f"{path}.max_object_share",
                               f"must be a share of max_size in (0, 1], got {self.max_object_share}")
+        # a budget below one MiB cannot hold a single Trivy manifest + DB layer; it is a typo
+        # ("10" for "10GiB"), not a choice
+        at_least(self.max_size, MIB, f"{path}.max_size", "1MiB (write e.g. '20GiB')")
 
     @property
     def max_object_size(self) -> int:

@@ -1,10 +1,10 @@
 """Client-facing proxy protocol settings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from ._parse import ConfigError, Duration
+from ._parse import ConfigError, Duration, at_least, secret
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,9 @@ class ProxyAuthSettings:
     password_env: str = "TRIVY_GATEWAY_PROXY_PASSWORD"
     password_file: Optional[str] = None
     realm: str = "trivy-gateway"
-    #: resolved at load time from password_env / password_file; never logged
-    password: str = ""
+    #: resolved at load time from password_env / password_file; never logged, never a YAML key
+    password: str = field(default="", metadata=secret("use proxy.auth.password_env or "
+                                                      "proxy.auth.password_file"))
 
     def validate(self, path: str) -> None:
         if self.enabled and not self.username:
@@ -48,5 +49,9 @@ class ProxySettings:
     max_connections: int = 4096
 
     def validate(self, path: str) -> None:
+        at_least(self.max_header_bytes, 4096, f"{path}.max_header_bytes", "4096 bytes")
+        at_least(self.chunk_size, 4096, f"{path}.chunk_size", "4096 bytes")
+        at_least(self.header_timeout, 0.1, f"{path}.header_timeout", "0.1s")
+        at_least(self.idle_timeout, 0.1, f"{path}.idle_timeout", "0.1s")
         if self.max_connections < 0:
             raise ConfigError(f"{path}.max_connections", "must be 0 (no cap) or positive")

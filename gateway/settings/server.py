@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from ._parse import ConfigError, Duration
+from ._parse import ConfigError, Duration, secret
 
 
 def split_hostport(value: str, path: str) -> tuple[str, int]:
@@ -27,6 +27,13 @@ class ServerSettings:
     #: "" = off. Off by default: it answers anyone who can reach it without proxy auth, so an
     #: operator opens it deliberately (see the README, "Mirror door")
     mirror_listen: str = ""
+    #: optional bearer token protecting /metrics, /api/status and the status page; the token
+    #: comes from this env variable or file (probes keep /healthz, /readyz and /ca.pem open)
+    admin_token_env: str = "TRIVY_GATEWAY_ADMIN_TOKEN"
+    admin_token_file: Optional[str] = None
+    #: resolved at load time from the two above; never logged, never a YAML key
+    admin_token: str = field(default="", repr=False, metadata=secret(
+        "use server.admin_token_file or server.admin_token_env"))
     #: CA, cache and state; created on first start
     data_dir: str = "./gateway-data"
     #: on SIGTERM: stop accepting, let in-flight transfers finish for this long, then exit

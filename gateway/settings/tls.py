@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ._parse import ConfigError, Duration
+from ._parse import ConfigError, Duration, secret
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class TLSSettings:
     ca_key_password_file: Optional[str] = None
     ca_key_password_env: Optional[str] = None
     #: resolved at load time from the two above; never logged
-    ca_key_password: str = field(default="", repr=False)
+    ca_key_password: str = field(default="", repr=False, metadata=secret(
+        "use tls.ca_key_password_file or tls.ca_key_password_env"))
     #: common name of a generated CA
     ca_common_name: str = "trivy-gateway CA"
     #: validity of minted leaf certificates (short: they are re-minted on restart anyway)

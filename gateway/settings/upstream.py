@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..hostport import repository_problem
 from ._parse import ConfigError, Duration
+from ._parse import secret as secret_field
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class CredentialSettings:
     secret_env: Optional[str] = None
     secret_file: Optional[str] = None
     #: resolved at load time; the file is re-read when it changes (rotated secrets)
-    secret: str = ""
+    secret: str = field(default="", metadata=secret_field("use secret_env or secret_file"))
 
     def validate(self, path: str) -> None:
         if self.type not in ("bearer", "basic"):
@@ -93,7 +94,7 @@ class ParentProxySettings:
     url: str = ""
     username: str = ""
     password_env: Optional[str] = None
-    password: str = ""
+    password: str = field(default="", metadata=secret_field("use password_env"))
     #: hosts reached directly, not through the parent (NO_PROXY style): ``registry.corp``
     #: (that host), ``.corp.example`` or ``*.corp.example`` (that domain and its subdomains)
     no_proxy: tuple[str, ...] = ()

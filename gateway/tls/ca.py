@@ -291,9 +291,18 @@ def bundle_pem(ca: CertificateAuthority, cafile: Optional[str] = None,
     Duplicates are removed, so pointing ``SSL_CERT_FILE`` at an earlier bundle and regenerating
     it does not grow it.
     """
-    gateway = {b"".join(m.group(1).split()) for m in _PEM_BLOCK.finditer(ca.chain_pem)}
+    return bundle_from_pem(ca.chain_pem, cafile, capath)
+
+
+def bundle_from_pem(chain_pem: bytes, cafile: Optional[str] = None,
+                    capath: Optional[str] = None) -> str:
+    """:func:`bundle_pem` for a CA known only by its certificate(s): read from the data dir
+    without the key, or fetched from a running gateway's /ca.pem."""
+    cert = x509.load_pem_x509_certificate(chain_pem)
+    sha256 = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    gateway = {b"".join(m.group(1).split()) for m in _PEM_BLOCK.finditer(chain_pem)}
     parts = [pem for pem in system_root_certificates(cafile, capath)
              if "".join(pem.split("\n")[1:-2]).encode() not in gateway]
     header = (f"# trivy-gateway trust bundle: {len(parts)} system root(s) + the gateway CA\n"
-              f"# gateway CA: {ca.cert.subject.rfc4514_string()} sha256={ca.fingerprint_sha256}\n")
-    return header + "".join(parts) + export_pem(ca)
+              f"# gateway CA: {cert.subject.rfc4514_string()} sha256={sha256}\n")
+    return header + "".join(parts) + chain_pem.decode("ascii")

@@ -121,7 +121,8 @@ class CircuitBreaker:
         self.failures += 1
         if self.failures >= self.cfg.failure_threshold:
             self._open(self.cfg.open_for, 429 if status == 429 else 503,
-                       f"{self.failures} consecutive failures, last: {what}")
+                       f"{self.failures} consecutive failed requests (each after its retries), "
+                       f"last: {what}")
 
     def open_for_retry_after(self, seconds: float, status: int) -> float:
         """Open for a long Retry-After window (capped by max_open_for); return the window."""

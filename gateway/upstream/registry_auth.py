@@ -16,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import TYPE_CHECKING, Optional
+from typing import Awaitable, Callable, Optional
 
 from multidict import CIMultiDict
 from yarl import URL
 
 from ..hostport import canonical_authority, url_authority
 from ..observability.logging import get_logger
-from .types import UpstreamError, UpstreamRequest
+from .credentials import CredentialStore
+from .types import UpstreamError, UpstreamRequest, UpstreamResponse
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .client import UpstreamClient, _Response
+#: sends a request (redirects followed, no injected credentials): the client's, handed in so
+#: that this module does not import the client (which builds it)
+Fetch = Callable[[UpstreamRequest], Awaitable[UpstreamResponse]]
 
 log = get_logger("gateway.upstream")
 
@@ -36,7 +38,7 @@ _PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
 class TokenFailed(Exception):
-    def __init__(self, response: "_Response") -> None:
+    def __init__(self, response: UpstreamResponse) -> None:
         super().__init__(f"token flow answered {response.status}")
         self.response = response
 
@@ -49,8 +51,9 @@ def parse_challenge(value: str) -> tuple[str, dict[str, str]]:
 
 
 class RegistryTokens:
-    def __init__(self, client: "UpstreamClient") -> None:
-        self._client = client
+    def __init__(self, fetch: Fetch, credentials: CredentialStore) -> None:
+        self._fetch = fetch
+        self.credentials = credentials
         #: registry → (scheme, params, fetched_at); scheme "" = no auth needed
         self._challenges: dict[str, tuple[str, dict[str, str], float]] = {}
         #: (registry, repository) → (Authorization value or None, valid_until)
@@ -92,10 +95,10 @@ class RegistryTokens:
             return value
 
     async def _get(self, url: str, deadline: float, headers: Optional[CIMultiDict] = None,
-                   kind: str = "oci_auth") -> "_Response":
-        req = UpstreamRequest("GET", url, headers=headers or CIMultiDict(), deadline=deadline,
-                              kind=kind, follow_redirects=True)
-        return await self._client._follow(req, CIMultiDict(req.headers), deadline, inject=False)
+                   kind: str = "oci_auth") -> UpstreamResponse:
+        return await self._fetch(UpstreamRequest("GET", url, headers=headers or CIMultiDict(),
+                                                 deadline=deadline, kind=kind,
+                                                 follow_redirects=True))
 
     async def _challenge(self, registry: str, deadline: float) -> tuple[str, dict[str, str]]:
         loop = asyncio.get_running_loop()
@@ -117,7 +120,7 @@ class RegistryTokens:
     async def _obtain(self, registry: str, repository: str, deadline: float
                       ) -> tuple[Optional[str], float]:
         scheme, params = await self._challenge(registry, deadline)
-        creds = self._client.credentials
+        creds = self.credentials
         if scheme == "":
             return None, ANONYMOUS_TTL
         if scheme == "basic":

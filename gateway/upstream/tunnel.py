@@ -9,29 +9,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .resolver import GuardRefused, is_ip
-from .types import UpstreamError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .client import UpstreamClient
+from ..settings import UpstreamSettings
+from .failure import describe
+from .resolver import GuardRefused, OverrideResolver, is_ip
+from .types import Reason, UpstreamError
 
 _HEAD_LIMIT = 64 * 1024
 
 
-async def open_tunnel(client: "UpstreamClient", host: str, port: int
-                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_tunnel(settings: UpstreamSettings, resolver: OverrideResolver, host: str,
+                      port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host = host.lower().rstrip(".")
-    timeout = float(client.settings.connect_timeout)
-    resolver = client.resolver
+    timeout = float(settings.connect_timeout)
     override = resolver.override_for(host, port)
     try:
         async with asyncio.timeout(timeout):
             if override is not None:
                 return await asyncio.open_connection(override[0], override[1])
-            parent = client.settings.parent_proxy
+            parent = settings.parent_proxy
             if parent.url and not parent.bypasses(host):
                 if is_ip(host):
                     why = resolver.check_literal(host)
@@ -52,15 +49,15 @@ async def open_tunnel(client: "UpstreamClient", host: str, port: int
                     last = exc
             raise last or OSError(f"{host} has no address")
     except GuardRefused as exc:
-        raise UpstreamError("ssrf", host, str(exc), status=403) from None
+        raise UpstreamError(Reason.SSRF, host, exc.reason, status=403) from None
     except TimeoutError:
-        raise UpstreamError("timeout", host, f"connecting to {host}:{port} took longer than "
+        raise UpstreamError(Reason.TIMEOUT, host, f"connecting to {host}:{port} took longer than "
                             f"{timeout:.0f}s", status=504) from None
     except UpstreamError:
         raise
     except OSError as exc:
-        raise UpstreamError("connect", host, f"cannot connect to {host}:{port}: {exc}",
-                            status=502) from None
+        raise UpstreamError(Reason.CONNECT, host, f"cannot connect to {host}:{port}: "
+                            f"{describe(exc)}", status=502) from None
 
 
 async def _via_parent(url: str, username: str, password: str, host: str, port: int
@@ -83,6 +80,6 @@ async def _via_parent(url: str, username: str, password: str, host: str, port: i
     fields = status_line.split(" ", 2)
     if len(fields) < 2 or fields[1] != "200":
         writer.close()
-        raise UpstreamError("connect", host, f"parent proxy refused CONNECT {authority}: "
+        raise UpstreamError(Reason.CONNECT, host, f"parent proxy refused CONNECT {authority}: "
                             f"{status_line}", status=502)
     return reader, writer

@@ -10,6 +10,7 @@ to give (connection refused, deadline, circuit open, queue full).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import AsyncIterable, AsyncIterator, Optional
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -66,14 +67,31 @@ class UpstreamResponse:
         raise NotImplementedError
 
 
+class Reason(StrEnum):
+    """Why there is no response (:attr:`UpstreamError.reason`; a metric/log label value)."""
+
+    CONNECT = "connect"                  # refused, reset, unreachable, parent proxy refused
+    DNS = "dns"                          # the name does not exist (permanent: not retried)
+    TLS = "tls"                          # handshake or certificate verification failed
+    TIMEOUT = "timeout"                  # connect or read timeout (retried)
+    DEADLINE = "deadline"                # the request's overall deadline passed
+    CIRCUIT_OPEN = "circuit_open"        # the host's circuit is open: nothing was sent
+    QUEUE_FULL = "queue_full"            # the host's limiter queue is full
+    QUEUE_TIMEOUT = "queue_timeout"      # waited queue_timeout for a limiter slot
+    BODY = "body"                        # the response body broke and could not be resumed
+    SSRF = "ssrf"                        # the address guard refused every address
+    PROTOCOL = "protocol"                # malformed response, bad URL, too many redirects …
+    CLIENT_BODY = "client_body"          # the *client's* request body failed (not the host's)
+    INSECURE_REDIRECT = "insecure_redirect"  # an https URL redirected to plain http: refused
+    CANCELLED = "cancelled"              # the gateway is shutting down
+
+
 class UpstreamError(Exception):
     """No usable response. ``status`` is what a client should get if nothing else can answer."""
 
-    def __init__(self, reason: str, host: str, message: str, *, status: int = 502,
+    def __init__(self, reason: Reason, host: str, message: str, *, status: int = 502,
                  retry_after: Optional[float] = None) -> None:
-        #: connect | tls | timeout | deadline | circuit_open | queue_full | queue_timeout | body |
-        #: ssrf | protocol
-        self.reason = reason
+        self.reason = Reason(reason)
         self.host = host
         self.status = status
         self.retry_after = retry_after
