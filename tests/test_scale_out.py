@@ -71,6 +71,16 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def logged(gw, event: str, **fields) -> list[dict]:
+    """The gateway's log lines for ``event`` (with ``fields``), waiting (bounded) for the first:
+    the gateway writes its log in batches up to 20 ms after the line was logged
+    (observability/logging.py), so a metric or a response can be seen before its log line."""
+    def lines() -> list[dict]:
+        return [e for e in gw.log_events() if e.get("event") == event
+                and all(e.get(k) == v for k, v in fields.items())]
+    return wait_for(lines, 5.0, f"log event {event} {fields or ''}")
+
+
 # -- 1. shared state: circuits, budget, leases -----------------------------------------------
 async def test_maven_429_retry_after_1800_on_one_replica_opens_the_circuit_on_all(
         clean_upstreams, make_gateway, redis_server):
@@ -297,7 +307,7 @@ async def test_wrong_s3_credentials_are_reported_and_the_replica_keeps_serving(
     a, = replicas(make_gateway, world, 1, redis_server, s3_server)
     status, _, body = await get(a, f"https://{MIRROR}{blob_path(world, 'checks')}")
     assert status == 200 and sha(body) == world.digest("checks", "layer")
-    events = [e for e in a.log_events() if e.get("event") == "shared_backend_unavailable"]
+    events = await asyncio.to_thread(logged, a, "shared_backend_unavailable")
     assert events and events[0]["backend"] == "s3"
     # HeadBucket's 403 has no body; a GetObject names SignatureDoesNotMatch
     assert "403" in events[0]["error"] or "SignatureDoesNotMatch" in events[0]["error"]
@@ -392,14 +402,14 @@ async def test_redis_down_keeps_serving_and_recovers(clean_upstreams, make_gatew
     assert status == 200 and sha(body) == world.digest("checks", "layer")
     status, _, _ = await get(a, f"https://{MAVEN}{POM}")
     assert status == 200
-    down = [e for e in a.log_events() if e.get("event") == "shared_backend_unavailable"]
+    down = await asyncio.to_thread(logged, a, "shared_backend_unavailable")
     assert down and down[0]["backend"] == "redis" and "works alone" in down[0]["effect"]
     assert a.metric("trivy_gateway_shared_backend_up", backend="redis") == 0
     assert a.status()["fleet"]["redis_up"] is False
     redis_server.start()  # same port
     await asyncio.to_thread(wait_for, lambda: a.metric(
         "trivy_gateway_shared_backend_up", backend="redis") == 1, 20, "Redis to be seen again")
-    assert any(e.get("event") == "shared_backend_recovered" for e in a.log_events())
+    assert await asyncio.to_thread(logged, a, "shared_backend_recovered")
     world.clear_log()
     world.too_many_requests(MAVEN, path="/maven2/", times=None, retry_after=1800)
     b, = replicas(make_gateway, world, 1, redis_server)
@@ -452,7 +462,7 @@ async def test_s3_down_keeps_serving_from_upstream_and_recovers(
     world.publish_db(revision=1301, size_mib=1)
     status, _, body = await get(a, f"https://{MIRROR}{blob_path(world)}")
     assert status == 200 and sha(body) == world.digest("db", "layer")
-    down = [e for e in a.log_events() if e.get("event") == "shared_backend_unavailable"]
+    down = await asyncio.to_thread(logged, a, "shared_backend_unavailable")
     assert down and down[0]["backend"] == "s3"
     assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 0
     s3_server.start()  # same ports, same data
@@ -467,8 +477,7 @@ async def test_s3_down_keeps_serving_from_upstream_and_recovers(
         world.publish_db(revision=1303 + i, size_mib=0.1)  # a new cold blob: S3 is asked again
         url = f"https://{MIRROR}{blob_path(world)}"
     assert a.metric("trivy_gateway_shared_backend_up", backend="s3") == 1
-    assert any(e.get("event") == "shared_backend_recovered" and e.get("backend") == "s3"
-               for e in a.log_events())
+    assert await asyncio.to_thread(logged, a, "shared_backend_recovered", backend="s3")
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -598,6 +607,41 @@ def test_a_worker_killed_is_started_again(clean_upstreams, make_gateway, redis_s
                           and e["worker"] == 1]) == 2, 10, "worker 1 to be started again")
     wait_for(lambda: _ready(admins[1]), 30, "the new worker 1 to be ready")
     assert gw.stop() == 0  # SIGTERM to the supervisor drains both workers
+
+
+def test_workers_hold_the_data_dir_lock_and_a_reload_reaches_every_worker(
+        clean_upstreams, make_gateway, redis_server):
+    import subprocess
+    import sys
+
+    from tests.gateway_harness import REPO
+
+    gw, admins = workers_gateway(make_gateway, clean_upstreams, redis_server, name="lock-")
+    # the supervisor holds <data_dir>/gateway.lock (each worker its own workers/<i>)
+    assert (gw.data_dir / "gateway.lock").read_text().strip() == str(gw.proc.pid)
+    for i in (0, 1):
+        assert (gw.data_dir / "workers" / str(i) / "gateway.lock").read_text().strip()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gateway", *args, "--config",
+                               str(gw.config_path)], cwd=str(REPO), capture_output=True,
+                              text=True, timeout=60)
+
+    # a second gateway on the same data dir (other ports) is refused, naming the supervisor
+    second = cli("serve", "--listen", f"127.0.0.1:{free_port()}",
+                 "--admin-listen", f"127.0.0.1:{two_free_ports()}")
+    assert second.returncode == 1, second.stderr
+    assert f"another gateway (pid {gw.proc.pid})" in second.stderr
+    # `trivy-gateway reload` signals the supervisor, which passes SIGHUP to every worker; each
+    # re-derives its own settings, so an unchanged file changes nothing anywhere
+    reload = cli("reload")
+    assert reload.returncode == 0, reload.stderr
+    for admin in admins:
+        report = wait_for(lambda a=admin: _status(a)["config"]["last_reload"], 10,
+                          "the worker's reload report")
+        assert report["result"] == "applied", report
+        assert report["applied"] == [] and report["restart_needed"] == [], report
+    assert all(_ready(a) for a in admins)
 
 
 def test_more_than_one_worker_needs_redis(tmp_path):
