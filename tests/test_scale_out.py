@@ -644,6 +644,33 @@ def test_workers_hold_the_data_dir_lock_and_a_reload_reaches_every_worker(
     assert all(_ready(a) for a in admins)
 
 
+def test_a_start_up_failure_after_the_shared_state_started_closes_it(tmp_path, redis_server,
+                                                                     s3_server):
+    """The mirror door's certificate is missing: the gateway fails after its Redis, S3 and peer
+    clients were opened, and closes them (Gateway._close_all) before it exits."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.gateway_harness import REPO
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "server": {"listen": f"127.0.0.1:{free_port()}",
+                   "admin_listen": f"127.0.0.1:{free_port()}",
+                   "mirror_listen": f"127.0.0.1:{free_port()}", "data_dir": str(tmp_path / "d")},
+        "mirror": {"tls": {"cert": str(tmp_path / "missing.pem"),
+                           "key": str(tmp_path / "missing.key")}},
+        **shared_config(redis_server, s3_server)}))
+    r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+                       cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "cannot start" in r.stderr and "No such file" in r.stderr, r.stderr
+    assert "shared_state_started" in r.stderr, r.stderr    # it failed after the shared state
+    assert "Unclosed" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_more_than_one_worker_needs_redis(tmp_path):
     import yaml
 
