@@ -16,11 +16,15 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
+# optional extras in the image: `scale` (redis, aiobotocore) lets the same image run as one of
+# several replicas (cache.shared, docs/scale-out.md); imported only when configured.
+# `--build-arg EXTRAS=` builds the single-process image without them.
+ARG EXTRAS=scale
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 
 FROM ${PYTHON_IMAGE}
 ARG GATEWAY_UID=10001

@@ -29,6 +29,7 @@ from .proxy import ProxyServer
 from .proxy.auth import ProxyAuth
 from .reload import ReloadResult, split_changes
 from .settings import ConfigError, Settings, settings_digest, split_hostport
+from .shared import Shared, build as build_shared, shared_memory_front
 from .startup import DataDirLock, check_addresses, data_dir_error
 from .tls.ca import CertificateAuthority
 from .tls.leaf import LeafIssuer
@@ -76,6 +77,7 @@ class Gateway:
         self.admin: Optional[AdminServer] = None
         self.upstream: Optional[UpstreamClient] = None
         self.pipeline: Optional[Pipeline] = None
+        self.shared: Optional[Shared] = None
         self._lock = DataDirLock(settings)
         self.denials = DenialLog()
         self.prefetcher: Optional[Prefetcher] = None
@@ -108,7 +110,7 @@ class Gateway:
             self.blobs = BlobStore(cache_root, s.cache.max_size, s.cache.min_free_space,
                                    self.metrics, s.cache.max_object_size)
             self.blobs.open()
-            self.entries = EntryStore(cache_root, self.blobs, s.cache.memory, self.metrics)
+            self.entries = EntryStore(cache_root, self.blobs, shared_memory_front(s), self.metrics)
             self.entries.open()
         except OSError as exc:
             raise data_dir_error(s, exc) from None
@@ -116,7 +118,11 @@ class Gateway:
         self.upstream = UpstreamClient(s.upstream, self.metrics,
                                        address_guard=lambda h, ip: self.policy.address_allowed(h, ip))
         await self.upstream.start()
-        self.pipeline = Pipeline(s, self.blobs, self.entries, self.upstream, self.metrics)
+        self.shared = build_shared(s, self.metrics, self.blobs, self.entries)
+        if self.shared is not None:
+            await self.shared.start(self.upstream)
+        self.pipeline = Pipeline(s, self.blobs, self.entries, self.upstream, self.metrics,
+                                 fleet=self.shared.fleet if self.shared else None)
         self.proxy = ProxyServer(s, policy, leaf, self.pipeline, self.metrics,
                                  open_tunnel=self.upstream.open_tunnel)
         await self.proxy.start()
@@ -171,6 +177,8 @@ class Gateway:
             await door.close()
         if self.pipeline:
             await self.pipeline.close()
+        if self.shared:
+            await self.shared.close()
         if self.upstream:
             await self.upstream.close()
         if self.admin:
@@ -284,6 +292,7 @@ class Gateway:
             "cache": {"size_bytes": self.blobs.size, "max_size_bytes": self.blobs.max_size,
                       "blobs": self.blobs.count, "entries": self.entries.count,
                       "disk_free_bytes": disk_free},
+            "fleet": self.shared.status() if self.shared else None,
             "ca": {"subject": ca.cert.subject.rfc4514_string(),
                    "fingerprint_sha256": ca.fingerprint_sha256,
                    "not_after": ca.cert.not_valid_after_utc.isoformat()} if ca else None,

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import __version__
 from .cli_state import StateMissing, cache_command, ca_command
@@ -150,7 +150,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
 
-def _serve(settings: Settings, loader) -> int:
+def _serve(settings: Settings, loader: Callable[[], Settings]) -> int:
+    """Run the gateway; ``loader`` re-reads the configuration for a live reload."""
+    if settings.server.worker_count > 1:
+        from .workers import run_workers  # noqa: PLC0415
+
+        return run_workers(settings, loader, _serve)
     from .app import Gateway  # noqa: PLC0415 - keep `ca export` and friends light
     from .startup import StartupError  # noqa: PLC0415
 

@@ -10,7 +10,8 @@ is refused with its errors and the running one stays. A valid one is split in tw
   sees half of the old and half of the new configuration; transfers in flight keep the objects
   they started with;
 * every other changed key (listen addresses, data dir, CA, cache size, upstream TLS trust,
-  overrides, parent proxy, logging set-up, …) needs a restart: it is reported and the running
+  overrides, parent proxy, logging set-up, shared state ``cache.shared`` and
+  ``server.workers``, …) needs a restart: it is reported and the running
   value is kept. Keys added later are in this group until listed here: safe by default.
 
 Every settled configuration has a short digest (:func:`gateway.settings.settings_digest`), in the

@@ -34,7 +34,8 @@ def _describe(settings: Settings, key: str) -> str:
 
 def check_addresses(settings: Settings) -> None:
     """Bind each listen address once and release it, so a taken port fails before any state
-    exists. The real listeners bind moments later with SO_REUSEADDR, like this probe."""
+    exists. The real listeners bind moments later with SO_REUSEADDR (and SO_REUSEPORT when
+    ``server.reuse_port``), like this probe."""
     keys = ["server.listen", "server.admin_listen"]
     if settings.server.mirror_listen:
         keys.append("server.mirror_listen")
@@ -50,6 +51,10 @@ def check_addresses(settings: Settings) -> None:
         family, kind, proto, _, addr = infos[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if settings.server.reuse_port and key != "server.admin_listen":
+                # a worker (gateway.workers) shares the proxy and mirror ports with the others
+                # (SO_REUSEPORT); a foreign listener without it still makes the probe fail
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 probe.bind(addr)
             except OSError as exc:

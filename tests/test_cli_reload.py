@@ -156,3 +156,19 @@ def test_split_changes_applies_live_keys_and_keeps_restart_keys(tmp_path):
     assert effective.upstream.limit_for("ghcr.io").rate == 1.0
     assert effective.cache.oci.ttl_for("mirror.gcr.io", "x/y") == 300
     assert effective.server.listen == "127.0.0.1:1" and effective.cache.max_size == old.cache.max_size
+
+
+def test_shared_state_and_workers_need_a_restart():
+    """cache.shared (Redis, S3, peer endpoint) and server.workers are wired once at start-up
+    (docs/scale-out.md): a reload reports them as restart-needed and keeps the running values."""
+    from gateway.reload import RELOADABLE, split_changes
+
+    redis = "redis://127.0.0.1:6379/0"
+    old = load_settings(env={}, overrides={"cache": {"shared": {"redis_url": redis}}})
+    new = load_settings(env={}, overrides={
+        "server": {"workers": "2"},
+        "cache": {"shared": {"redis_url": "redis://127.0.0.1:6380/0", "lease_ttl": "9s"}}})
+    effective, applied, restart = split_changes(old, new)
+    assert applied == [] and sorted(restart) == ["cache.shared", "server.workers"]
+    assert effective.cache.shared == old.cache.shared and effective.server.workers == "1"
+    assert not {"cache", "cache.shared", "server", "server.workers"} & RELOADABLE

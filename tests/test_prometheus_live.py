@@ -64,7 +64,11 @@ MAY_BE_ZERO = {"Open circuits [A]", "Fills in flight [A]", "Circuit state per ho
                "Rate limiter [A]", "Rate limiter [B]", "Client connections [A]",
                "Cached objects and fills in flight [B]",
                # failed checks in a row and "upstream is ahead": 0 while prefetch is healthy
-               "Prefetch checks and upstream ahead [B]", "Prefetch checks and upstream ahead [C]"}
+               "Prefetch checks and upstream ahead [B]", "Prefetch checks and upstream ahead [C]",
+               # fleet-only series: exported at 0 by every gateway, above 0 only with
+               # cache.shared (tests/test_scale_out.py checks them on real replicas)
+               "Fills by source (fleet) [A]", "Shared store and fleet circuits [A]",
+               "Shared store and fleet circuits [B]"}
 #: the artifact prefetched here: the only one whose blobs no traffic phase needs as misses (the
 #: DB blobs meet one-shot faults, the checks layer a corruption, the Java DB layer the 307 to the
 #: CDN); its checks go to github.com and codeload.github.com, where no fault is ever set

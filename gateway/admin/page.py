@@ -395,6 +395,38 @@ def _doors(status: Mapping) -> str:
 </section>"""
 
 
+def _fleet(status: Mapping) -> str:
+    """Replicas acting as one cache (cache.shared): each live replica's fills by source."""
+    fleet = _mapping(status.get("fleet"))
+    me = fleet.get("replica")
+    rows = []
+    for r in fleet.get("replicas") or []:
+        r = _mapping(r)
+        fills = _mapping(r.get("fills"))
+        moved = _mapping(r.get("s3_bytes"))
+        here = " (this one)" if r.get("replica") == me else ""
+        rows.append(
+            f'<tr class="replica"><td class="mono">{esc(r.get("replica"))}{esc(here)}</td>'
+            f'<td class="mono">{esc(r.get("peer") or DASH)}</td>'
+            + "".join(f"<td>{_val(fills.get(k))}</td>" for k in ("led", "followed", "s3",
+                                                                 "peer", "takeover"))
+            + f'<td>{esc(human_bytes(moved.get("upload")))} / '
+              f'{esc(human_bytes(moved.get("download")))}</td></tr>')
+
+    def up(value: Any) -> str:
+        return "not configured" if value is None else "up" if value else "DOWN (working alone)"
+    return f"""<section id="fleet-section">
+<h2>Fleet</h2>
+<dl>
+  <dt>Redis</dt><dd id="fleet-redis">{esc(up(fleet.get("redis_up")))}</dd>
+  <dt>S3</dt><dd id="fleet-s3">{esc(up(fleet.get("s3_up")))}</dd>
+</dl>
+<table><thead><tr><th>Replica</th><th>Peer</th><th>Fills led</th><th>Followed from a peer</th>
+<th>From S3</th><th>From a peer's disk</th><th>Taken over</th><th>S3 up / down</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+</section>"""
+
+
 def _ca(status: Mapping) -> str:
     ca = _mapping(status.get("ca"))
     return f"""<section id="ca-section">
@@ -420,7 +452,7 @@ def render_status_page(status: Mapping, *, refresh_seconds: int = 10, error: str
                         f"<p>{esc(error)}</p></section>")
     sections += [_health(status), _summary(status), _errors(status), _denied(status),
                  _artifacts(status), _lifecycle(status), _upstreams(status), _cache(status),
-                 _doors(status), _ca(status)]
+                 _doors(status), _fleet(status) if status.get("fleet") else "", _ca(status)]
     sections = [s for s in sections if s]
     refresh = (f'<meta http-equiv="refresh" content="{int(refresh_seconds)}">'
                if refresh_seconds > 0 else "")

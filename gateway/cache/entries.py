@@ -117,6 +117,9 @@ class _FrontSerializer(BaseSerializer):
 #: with the shared (Redis) backend, how long a replica serves an immutable entry from its own
 #: process before asking Redis again (see :class:`_MemoryFront`)
 SHARED_HOT_SECONDS = 1.0
+#: with the shared (Redis) backend, after a failed call Redis is skipped (answers come from this
+#: process and the disk) for this long
+REDIS_RETRY_SECONDS = 1.0
 #: file in the entries directory the operator commands touch after purging (not an entry)
 PURGE_MARKER = ".operator-changed"
 #: how often a running gateway looks at it (one stat; a purge takes effect within this)
@@ -164,6 +167,9 @@ class _MemoryFront:
         else:
             # timeouts are meaningless for a dict lookup: no per-call wait_for
             self.cache = AioCache(AioCache.MEMORY, timeout=None)
+        #: after a failed Redis call, Redis is not asked again before this (monotonic) time:
+        #: a Redis that does not answer must not cost every request its timeout
+        self._redis_skip_until = 0.0
         #: key → size of what this process put into the backend (its byte budget, LRU order)
         self._sizes: "OrderedDict[str, int]" = OrderedDict()
         self._total = 0
@@ -205,10 +211,12 @@ class _MemoryFront:
                     self._sizes.move_to_end(key)
                 return hot[0]
             self._hot_pop(key)
+        if self._skipping():
+            return None  # a miss here; the disk is the truth
         try:
             value = await self.cache.get(key)
         except Exception as exc:  # noqa: BLE001 - a broken Redis must not fail requests
-            log.warning("memory_front_unavailable", error=str(exc))
+            self._unavailable(exc)
             return None
         if value is not None:
             if key in self._sizes:
@@ -222,10 +230,12 @@ class _MemoryFront:
             body = None
         size = self._size(entry, body)
         await self.delete(key)
+        if self._skipping():
+            return
         try:
             await self.cache.set(key, (entry, body))
         except Exception as exc:  # noqa: BLE001
-            log.warning("memory_front_unavailable", error=str(exc))
+            self._unavailable(exc)
             return
         self._sizes[key] = size
         self._total += size
@@ -239,15 +249,26 @@ class _MemoryFront:
             except Exception:  # noqa: BLE001
                 pass
 
+    def _skipping(self) -> bool:
+        return self.shared and self.monotonic() < self._redis_skip_until
+
+    def _unavailable(self, exc: BaseException) -> None:
+        if self.shared:
+            self._redis_skip_until = self.monotonic() + REDIS_RETRY_SECONDS
+        log.warning("memory_front_unavailable", error=str(exc) or type(exc).__name__,
+                    retry_in=REDIS_RETRY_SECONDS if self.shared else None)
+
     async def delete(self, key: str) -> None:
         size = self._sizes.pop(key, None)
         if size is not None:
             self._total -= size
         self._hot_pop(key)
+        if self._skipping():
+            return  # Redis does not answer: it could not be deleted there anyway
         try:
             await self.cache.delete(key)
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as exc:  # noqa: BLE001
+            self._unavailable(exc)
 
     async def clear(self) -> None:
         self._sizes.clear()
@@ -257,7 +278,7 @@ class _MemoryFront:
         try:
             await self.cache.clear()
         except Exception as exc:  # noqa: BLE001 - a broken Redis must not fail requests
-            log.warning("memory_front_unavailable", error=str(exc))
+            self._unavailable(exc)
 
 
 class EntryStore:

@@ -49,6 +49,8 @@ CLIENT_ERROR_REASONS = ("malformed", "bad_target", "not_proxy_request", "early_d
                         "too_many_connections")
 #: ``reason`` of trivy_gateway_cache_store_errors_total
 STORE_ERROR_REASONS = ("disk_full", "io_error")
+#: ``role`` of trivy_gateway_fleet_fills_total
+FLEET_ROLES = ("led", "followed", "s3", "peer", "takeover")
 #: ``reason`` of trivy_gateway_denied_total
 DENY_REASONS = ("not_allowed", "rule", "ssrf", "port")
 
@@ -225,7 +227,37 @@ class Metrics:
             p + "upstream_resumed_downloads_total",
             "Upstream bodies cut mid-way and resumed with a Range request.", ["host"], registry=r)
 
+        # -- replicas acting as one cache (gateway/shared/, docs/scale-out.md) ----------------
+        self.shared_backend_up = Gauge(
+            p + "shared_backend_up",
+            "1 while the shared backend (redis, s3) answers, 0 while this replica works without "
+            "it (local tier + upstream); absent when not configured.", ["backend"], registry=r)
+        self.fleet_fills = Counter(
+            p + "fleet_fills_total",
+            "Fills on this replica by source: led (fetched from the upstream under the fleet "
+            "lease), followed (streamed from the leading replica), s3 (read from the shared "
+            "store), peer (read from another replica's local tier), takeover (the leader died; "
+            "resumed or refetched here).", ["role"], registry=r)
+        self.shared_store_bytes = Counter(
+            p + "shared_store_bytes_total",
+            "Bytes this replica moved to (upload) or from (download) the shared S3 store.",
+            ["direction"], registry=r)
+        self.fleet_circuit_events = Counter(
+            p + "fleet_circuit_events_total",
+            "Circuit openings shared through Redis: sent (opened here) or received (opened here "
+            "because another replica's opened).", ["direction"], registry=r)
+        self.fleet_budget_wait = Histogram(
+            p + "fleet_budget_wait_seconds",
+            "Time an upstream request waited for a token of the host's fleet budget (Redis).",
+            ["host"], buckets=_WAIT_BUCKETS, registry=r)
+
         self.cache_max_size_bytes.set(0)
+        for role in FLEET_ROLES:
+            self.fleet_fills.labels(role=role)
+        for direction in ("upload", "download"):
+            self.shared_store_bytes.labels(direction=direction)
+        for direction in ("sent", "received"):
+            self.fleet_circuit_events.labels(direction=direction)
         for source in ("cache", "upstream"):
             self.served_bytes.labels(source=source)
         for direction in ("upstream", "downstream"):

@@ -43,8 +43,12 @@ class Pipeline:
     """Implements :class:`gateway.exchange.Handler`."""
 
     def __init__(self, settings: Settings, blobs: BlobStore, entries: EntryStore, upstream,
-                 metrics: Metrics, clock: Clock = time.time) -> None:
+                 metrics: Metrics, clock: Clock = time.time, fleet=None) -> None:
         self.settings = settings
+        #: replicas acting as one cache (gateway/shared/fleet.py): chooses each job's source
+        #: (S3, the upstream under the fleet lease, or the leading replica); None: this process
+        #: alone, jobs fetch from the upstream as they always did
+        self.fleet = fleet
         self.cfg = settings.cache
         self.blobs = blobs
         self.entries = entries
@@ -236,13 +240,19 @@ class Pipeline:
         if res.kind in ("oci_blob", "oci_manifest") and res.public and res.registry:
             equivalents = [eq for eq in self.upstream.equivalents(res.registry, res.repository)
                            if f"{eq[0]}/{eq[1]}" in self.cfg.oci.public_repositories]
+        request = self.upstream.request
+        source = None
+        if self.fleet is not None and res.kind != "oci_auth":
+            request = source = self.fleet.fetcher(res.cache_key, res, self.upstream.request)
         job = FetchJob(res.cache_key, res, ex.url, headers, stale, self.blobs,
-                       self.entries, self.upstream.request, equivalents, self.metrics,
+                       self.entries, request, equivalents, self.metrics,
                        self.upstream.record_failover, ex.authority,
                        on_stored=lambda entry: self._note_artifact(res, entry, stale=False),
                        deadline=asyncio.get_running_loop().time()
                        + self.settings.upstream.retry.deadline, clock=self.clock)
         self._jobs[res.cache_key] = job
+        if source is not None:
+            self.fleet.attach(job, source)
         task = asyncio.get_running_loop().create_task(job.run(), name=f"fetch {res.cache_key}")
         job.task = task
         self._background.add(task)
@@ -251,6 +261,8 @@ class Pipeline:
             self._background.discard(t)
             if self._jobs.get(key) is job:
                 del self._jobs[key]
+            if source is not None:
+                self.fleet.detach(job, source)
         task.add_done_callback(_done)
         return job
 

@@ -96,7 +96,7 @@ class ProxyServer:
         host = host.strip("[]") or None
         self._server = await asyncio.start_server(
             self._on_client, host, int(port), limit=2 ** 16, reuse_address=True, backlog=512,
-            ssl=self.ssl_context)
+            ssl=self.ssl_context, reuse_port=self.settings.server.reuse_port or None)
         log.info(f"{self.door_name}_listening", address=f"{self.address[0]}:{self.address[1]}",
                  auth=self.auth.enabled, tls=self.ssl_context is not None)
 

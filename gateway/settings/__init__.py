@@ -24,7 +24,8 @@ import yaml
 
 from ._parse import (INTERNAL, ByteSize, ConfigError, ConfigErrors, Duration, from_mapping,
                      parse_duration, parse_size)
-from .cache import CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings
+from .cache import (CacheSettings, GitHubSettings, MavenSettings, MemoryFrontSettings, OCISettings,
+                    S3Settings, SharedSettings)
 from .lifecycle import (LifecycleSettings, PrefetchArtifactSettings, PrefetchSettings,
                         PrefetchSource)
 from .logging import LoggingSettings
@@ -43,8 +44,8 @@ __all__ = [
     "CircuitSettings", "CredentialSettings", "ParentProxySettings", "CacheSettings",
     "MemoryFrontSettings", "OCISettings", "MavenSettings", "GitHubSettings", "LoggingSettings",
     "split_hostport", "default_config_text", "MirrorSettings", "MirrorOCISettings",
-    "MirrorTLSSettings", "settings_view", "settings_digest", "LifecycleSettings",
-    "PrefetchSettings", "PrefetchArtifactSettings", "PrefetchSource",
+    "MirrorTLSSettings", "SharedSettings", "S3Settings", "settings_view", "settings_digest",
+    "LifecycleSettings", "PrefetchSettings", "PrefetchArtifactSettings", "PrefetchSource",
 ]
 
 ENV_PREFIX = "TRIVY_GATEWAY_"
@@ -91,6 +92,10 @@ class Settings:
         Checked only when the door is on: the embedded ``mirror`` routes must not turn an
         operator's own ``cache.oci.public_repositories`` list (lists replace) into an error
         about a door they never opened."""
+        if self.server.worker_count > 1 and not self.cache.shared.redis_url:
+            raise ConfigError("server.workers", "more than one worker needs "
+                              "cache.shared.redis_url: the workers share single flight, circuits "
+                              "and budget through Redis (docs/scale-out.md)")
         if not self.server.mirror_listen:
             return
         if not self.cache.enabled:
@@ -270,6 +275,14 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
     for i, cred in enumerate(settings.upstream.credentials):
         secret = _read_secret(cred.secret_env, cred.secret_file, env, f"upstream.credentials[{i}]")
         creds.append(dataclasses.replace(cred, secret=secret))
+    shared = settings.cache.shared
+    if shared.redis_password_env:
+        secret = env.get(shared.redis_password_env, "")
+        if not secret:
+            raise ConfigError("cache.shared.redis_password_env",
+                              f"{shared.redis_password_env} is empty", settings.source)
+        settings = dataclasses.replace(settings, cache=dataclasses.replace(
+            settings.cache, shared=dataclasses.replace(shared, redis_password=secret)))
     parent = settings.upstream.parent_proxy
     if parent.password_env:
         parent = dataclasses.replace(parent, password=env.get(parent.password_env, ""))

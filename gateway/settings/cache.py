@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..hostport import registry_problem, repository_problem
-from ._parse import ByteSize, ConfigError, Duration, at_least
+from ._parse import ByteSize, ConfigError, Duration, at_least, secret
 
 MIB = 1024 * 1024
 
@@ -26,6 +26,82 @@ class MemoryFrontSettings:
             raise ConfigError(f"{path}.backend", "must be memory or redis")
         if self.max_item_size > self.max_size:
             raise ConfigError(f"{path}.max_item_size", "cannot be larger than memory.max_size")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The shared blob tier: verified bodies in an S3-compatible bucket (docs/scale-out.md).
+    Credentials come from the AWS SDK's standard chain (env, IRSA, instance metadata)."""
+
+    #: "" = no S3 tier; e.g. https://s3.eu-west-1.amazonaws.com or http://seaweedfs:8333
+    endpoint: str = ""
+    bucket: str = "trivy-gateway"
+    #: key prefix inside the bucket (several gateways may share one bucket)
+    prefix: str = ""
+    region: str = "us-east-1"
+    #: send unsigned requests (test setups only; production S3 always needs credentials)
+    anonymous: bool = False
+    #: multipart upload part size (S3's minimum is 5 MiB)
+    part_size: ByteSize = ByteSize(8 * 1024 * 1024)
+
+    def validate(self, path: str) -> None:
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}.endpoint", "must be an http:// or https:// URL")
+        if self.endpoint and not 3 <= len(self.bucket) <= 63:
+            raise ConfigError(f"{path}.bucket", "must be 3 to 63 characters (S3 bucket name)")
+        if self.part_size < 5 * 1024 * 1024:
+            raise ConfigError(f"{path}.part_size", "must be at least 5MiB (S3 minimum part size)")
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """State shared by replicas (docs/scale-out.md); all empty = one process, today's behaviour."""
+
+    #: "" = in-process state; redis://[:password@]host:port/db = circuits, budget, fill leases
+    #: and entries shared through Redis (needs the ``scale`` extra)
+    redis_url: str = ""
+    #: environment variable holding the Redis password (kept out of the YAML and the URL; a
+    #: Kubernetes Secret); resolved into ``redis_password`` at load
+    redis_password_env: str = ""
+    redis_password: str = field(default="", repr=False, metadata=secret(
+        "use cache.shared.redis_password_env"))
+    #: a leader that died blocks other replicas' clients at most this long
+    lease_ttl: Duration = Duration(15)
+    #: host:port of this replica's peer endpoint (other replicas stream fills from it); "" = off
+    peer_listen: str = ""
+    #: host:port other replicas connect to; default: peer_listen, and with a wildcard host
+    #: (0.0.0.0, ::) this host's address by its hostname (the pod IP in Kubernetes)
+    peer_advertise: str = ""
+    s3: S3Settings = S3Settings()
+
+    def validate(self, path: str) -> None:
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"{path}.redis_url", "must be a redis:// or rediss:// URL")
+        if self.lease_ttl < 1:
+            raise ConfigError(f"{path}.lease_ttl", "must be at least 1s")
+        for key in ("peer_listen", "peer_advertise"):
+            value = getattr(self, key)
+            host, _, port = value.rpartition(":")
+            if value and (not host or not port.isdigit()):
+                raise ConfigError(f"{path}.{key}", f"must be host:port, got {value!r}")
+        if (self.peer_listen or self.s3.endpoint) and not self.redis_url:
+            raise ConfigError(f"{path}.redis_url", "peer_listen and s3 need redis_url (leases "
+                              "and entries are shared through Redis)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+    @property
+    def redis_url_with_password(self) -> str:
+        """``redis_url`` with ``redis_password`` in it (for clients that take only a URL)."""
+        if not self.redis_password:
+            return self.redis_url
+        from urllib.parse import quote  # noqa: PLC0415
+
+        scheme, _, rest = self.redis_url.partition("://")
+        rest = rest.rpartition("@")[2]
+        return f"{scheme}://:{quote(self.redis_password, safe='')}@{rest}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +166,8 @@ class CacheSettings:
     #: how long past expiry content may still be served when the upstream fails, per kind
     max_stale: dict[str, Duration] = field(default_factory=dict)
     memory: MemoryFrontSettings = MemoryFrontSettings()
+    #: replicas acting as one cache (Redis + S3); empty = this process alone
+    shared: SharedSettings = SharedSettings()
     oci: OCISettings = OCISettings()
     maven: MavenSettings = MavenSettings()
     github: GitHubSettings = GitHubSettings()

@@ -1,6 +1,7 @@
 """Where the gateway listens and keeps its state, and how it shuts down."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,10 +41,20 @@ class ServerSettings:
     #: "asyncio" (stdlib; zero-copy sendfile for plain-HTTP hits) or "uvloop" (faster TLS and
     #: small responses; needs the uvloop extra). bench/run.py measures both.
     event_loop: str = "asyncio"
+    #: processes serving the same ports (SO_REUSEPORT), each a replica of one cache
+    #: (docs/scale-out.md): a number, or "auto" = one per CPU; more than 1 needs
+    #: cache.shared.redis_url
+    workers: str = "1"
+    #: open the proxy and mirror listeners with SO_REUSEPORT (set for each worker by
+    #: server.workers; set it yourself to run several gateways on the same port)
+    reuse_port: bool = False
 
     def validate(self, path: str) -> None:
         if self.event_loop not in ("asyncio", "uvloop"):
             raise ConfigError(f"{path}.event_loop", "must be asyncio or uvloop")
+        if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
+            raise ConfigError(f"{path}.workers", f"must be a number >= 1 or auto, got "
+                              f"{self.workers!r}")
         split_hostport(self.listen, f"{path}.listen")
         split_hostport(self.admin_listen, f"{path}.admin_listen")
         if self.mirror_listen:
@@ -58,6 +69,13 @@ class ServerSettings:
         if not self.mirror_listen:
             return None
         return split_hostport(self.mirror_listen, "server.mirror_listen")
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else os.cpu_count() or 1)
+        return int(self.workers)
 
     @property
     def admin_addr(self) -> tuple[str, int]:

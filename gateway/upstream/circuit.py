@@ -140,6 +140,14 @@ class CircuitBreaker:
         self._open(window, 429, f"{status} {why}")
         return window
 
+    def open_shared(self, window: float, status: int, why: str) -> None:
+        """Open because another replica's breaker for this host opened (gateway/shared/):
+        for the window left there, with its status and reason."""
+        if window <= 0 or (self.state == OPEN and self.open_until >= self._clock() + window):
+            return
+        self.probe_in_flight = False
+        self._open(window, status, why)
+
     def _open(self, window: float, status: int, why: str) -> None:
         now = self._clock()
         # never shorten an open window already in force

@@ -16,7 +16,7 @@ import asyncio
 import base64
 import os
 import ssl
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,6 +28,7 @@ from ..hostport import canonical_authority, url_authority
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
 from ..settings import UpstreamSettings
+from .circuit import CircuitBreaker
 from .credentials import CredentialStore
 from .failover import Failover
 from .hop import HopSender
@@ -71,7 +72,10 @@ class UpstreamClient:
         self.resolver = OverrideResolver(settings.address_overrides, address_guard,
                                          trusted_hosts=(proxy_host,) if proxy_host else (),
                                          inner=dns)
-        self.hosts = HostTable(settings, metrics)
+        #: seam for state shared by replicas (gateway/shared/, wired by the app; None: this
+        #: process alone): told of every circuit transition
+        self.on_circuit_change: Optional[Callable[[str, CircuitBreaker, str, str], None]] = None
+        self.hosts = HostTable(settings, metrics, on_circuit_change=self._circuit_changed)
         self._hop = HopSender(
             settings, metrics, self.hosts, self.credentials, self.resolver,
             proxy=parent.url or None,
@@ -151,6 +155,27 @@ class UpstreamClient:
         self._hop.resumer.retry = settings.retry  # type: ignore[union-attr]
         self.tokens.credentials = self.credentials
         self.hosts.reconfigure(settings)
+
+    # -- seams for state shared by replicas (gateway/shared/) ------------------------------------
+    def _circuit_changed(self, host: str, br: CircuitBreaker, old: str, new: str) -> None:
+        # read at the transition: the shared state is wired after the host table exists
+        if self.on_circuit_change is not None:
+            self.on_circuit_change(host, br, old, new)
+
+    @property
+    def fleet_budget(self) -> Optional[Callable[[str, float], Awaitable[None]]]:
+        """Asked for a token of the host's fleet budget before each attempt (may wait up to the
+        given seconds; raises LimiterTimeout); None: this process alone. Lives on the hop sender,
+        which takes the token."""
+        return self._hop.fleet_budget
+
+    @fleet_budget.setter
+    def fleet_budget(self, take: Optional[Callable[[str, float], Awaitable[None]]]) -> None:
+        self._hop.fleet_budget = take
+
+    def breaker(self, host: str) -> CircuitBreaker:
+        """The host's circuit breaker (created on first use): shared state opens it remotely."""
+        return self.hosts.state(host).breaker
 
     # -- status ---------------------------------------------------------------------------------
     def circuit_remaining(self, host: str) -> Optional[float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import AsyncIterable, Optional
+from typing import AsyncIterable, Awaitable, Callable, Optional
 
 import aiohttp
 from multidict import CIMultiDict
@@ -78,6 +78,10 @@ class HopSender:
         #: set by the client: the shared session (start) and how broken bodies are resumed
         self.session: Optional[aiohttp.ClientSession] = None
         self.resumer: Optional[Resumer] = None
+        #: set by the client when replicas share state (gateway/shared/; None: this process
+        #: alone): one token of the host's fleet budget, waiting at most the given seconds
+        #: (raises LimiterTimeout), taken before the host's own limiter
+        self.fleet_budget: Optional[Callable[[str, float], Awaitable[None]]] = None
 
     def hop_headers(self, url: URL, headers: CIMultiDict, inject: bool) -> CIMultiDict:
         """The headers this hop is sent with: a User-Agent, and credentials only over https."""
@@ -306,6 +310,8 @@ class HopSender:
         host = st.host
         qt = float(st.limiter.cfg.queue_timeout)
         try:
+            if self.fleet_budget is not None:
+                await self.fleet_budget(host, min(qt, remaining))
             return await st.limiter.acquire(min(qt, remaining))
         except LimiterFull:
             raise UpstreamError(

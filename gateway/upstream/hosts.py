@@ -9,7 +9,7 @@ entry, as they share the ``other`` metric label.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from ..observability.logging import get_logger
 from ..observability.metrics import CIRCUIT_STATES, Metrics
@@ -23,6 +23,8 @@ log = get_logger("gateway.upstream")
 MAX_TRACKED_HOSTS = 256
 #: the /api/status entry that stands for every host not named in the configuration
 OTHER = "other"
+#: told of every circuit transition: (host, breaker, old state, new state)
+CircuitListener = Callable[[str, CircuitBreaker, str, str], None]
 _SUMMED = ("queue_depth", "in_flight", "requests", "responses", "errors", "failed_requests",
            "retries", "resumed", "queue_rejected", "queue_timeouts", "opened_count")
 
@@ -30,7 +32,10 @@ _SUMMED = ("queue_depth", "in_flight", "requests", "responses", "errors", "faile
 class HostState:
     """What the client knows about one upstream host."""
 
-    def __init__(self, host: str, settings: UpstreamSettings, metrics: Metrics) -> None:
+    def __init__(self, host: str, settings: UpstreamSettings, metrics: Metrics,
+                 on_circuit_change: Optional[CircuitListener] = None) -> None:
+        """``on_circuit_change``: the client's seam for state shared by replicas
+        (gateway/shared/ publishes this replica's openings to the others)."""
         self.host = host
         self.label = label = metrics.host_label(host)
         m = metrics
@@ -43,6 +48,8 @@ class HostState:
         def circuit_changed(br: CircuitBreaker, old: str, new: str) -> None:
             m.circuit_state.labels(host=label).set(CIRCUIT_STATES[new])
             self._log_transition(br, old, new)
+            if on_circuit_change is not None:
+                on_circuit_change(host, br, old, new)
 
         self.limiter = HostLimiter(host, settings.limit_for(host), on_change=limiter_changed)
         self.breaker = CircuitBreaker(host, settings.circuit, on_change=circuit_changed)
@@ -141,8 +148,10 @@ class HostTable:
     """Host → :class:`HostState`, most recently used last, bounded for unconfigured hosts."""
 
     def __init__(self, settings: UpstreamSettings, metrics: Metrics,
-                 max_hosts: int = MAX_TRACKED_HOSTS) -> None:
+                 max_hosts: int = MAX_TRACKED_HOSTS,
+                 on_circuit_change: Optional[CircuitListener] = None) -> None:
         self._settings = settings
+        self._on_circuit_change = on_circuit_change
         self._metrics = metrics
         self._max = max_hosts
         self._hosts: dict[str, HostState] = {}
@@ -171,7 +180,7 @@ class HostTable:
         host = host.lower()
         st = self._hosts.pop(host, None)
         if st is None:
-            st = HostState(host, self._settings, self._metrics)
+            st = HostState(host, self._settings, self._metrics, self._on_circuit_change)
         self._hosts[host] = st
         if len(self._hosts) > self._max:
             self._evict_idle()
