@@ -1,5 +1,5 @@
 """The layout is the architecture: data flows one way, front doors → policy → pipeline →
-resources → cache → upstream, and no module imports a layer above its own. Checked on the
+resources → shared (fleet) → cache → upstream, and no module imports a layer above its own. Checked on the
 source (ast), so a new reach-back fails here before it becomes a habit."""
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent / "gateway"
 
 #: top to bottom; a package may import the ones after it, never the ones before it
 LAYERS = [
-    {"app", "cli", "cli_state", "cli_running", "startup", "reload", "health", "admin"},
+    {"app", "cli", "cli_state", "cli_running", "startup", "reload", "health", "admin", "workers"},
     {"proxy", "mirror", "lifecycle"},             # front doors (the prefetcher is an internal client)
     {"policy"},
     {"pipeline"},
     {"resources"},
+    {"shared"},                                   # fleet coordination: Redis, S3, peers (wired by app)
     {"cache"},
     {"upstream"},
 ]
 #: beside the path: anyone may use them, they use nothing on the path
-BESIDE = {"settings", "observability", "hostport", "exchange", "tls", "shared"}
+BESIDE = {"settings", "observability", "hostport", "exchange", "tls"}
 
 
 def _layer_of(name: str) -> int | None:
