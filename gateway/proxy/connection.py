@@ -23,6 +23,7 @@ from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
 from .respond import CLOSE, SWITCHED, ResponseWriter
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
+from .tls_upgrade import start_tls
 from .tunnel import pipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -368,9 +369,8 @@ class ClientConnection(ResponseWriter):
         reader = asyncio.StreamReader(limit=2 ** 16, loop=self._loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
         try:
-            transport = await self._loop.start_tls(
-                self.writer.transport, protocol, context, server_side=True,
-                ssl_handshake_timeout=self._header_timeout)
+            transport = await start_tls(self._loop, self.writer.transport, protocol, context,
+                                        ssl_handshake_timeout=self._header_timeout)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             self.metrics.tls_handshake_errors.inc()
             rec.error = f"TLS handshake failed: {exc}"
@@ -378,7 +378,6 @@ class ClientConnection(ResponseWriter):
                      error=str(exc) or type(exc).__name__,
                      hint="does the client trust the gateway CA? (trivy-gateway ca export)")
             return CLOSE
-        protocol.connection_made(transport)
         self.reader = reader
         self.writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
         self.conn = self._new_http1()

@@ -7,6 +7,7 @@ from typing import Optional
 from ..observability.logging import get_logger
 from .auth import ProxyAuth
 from .connection import ClientConnection
+from .memory import MemoryReleaser
 from .tunnel import TunnelOpener
 
 log = get_logger("gateway.proxy")
@@ -41,6 +42,7 @@ class ProxyServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_refusal_log = -1e9
+        self.memory = MemoryReleaser()
         metrics.add_known_hosts(policy.hosts)
         #: prometheus children by label values (``labels()`` costs a lock and a tuple build on
         #: every call); bounded, the label values are
@@ -120,6 +122,7 @@ class ProxyServer:
         """Stop accepting and abort every connection (no grace)."""
         self.stop_accepting()
         self.draining = True
+        self.memory.cancel()
         await self._abort_all()
         if self._server is not None:
             self._server.close()
@@ -161,6 +164,7 @@ class ProxyServer:
             pass
         finally:
             self._connections.pop(conn, None)
+            self.memory.connection_closed()
             if not self._connections:
                 self._idle.set()
 
