@@ -50,11 +50,14 @@ class RequestFields:
     fields, those named in ``Connection``, ``Host`` and ``Via`` removed) and the few the proxy
     reads itself."""
 
-    __slots__ = ("forward", "host", "vias", "content_length", "chunked", "proxy_auth")
+    __slots__ = ("forward", "host", "host_count", "vias", "content_length", "chunked",
+                 "proxy_auth")
 
     def __init__(self, raw: list[tuple[str, str]]) -> None:
         forward = CIMultiDict()
         self.host: Optional[str] = None
+        #: Host field lines seen (RFC 9112 §3.2: exactly one in an HTTP/1.1 request)
+        self.host_count = 0
         self.vias: list[str] = []
         self.content_length: Optional[str] = None
         self.chunked = False
@@ -65,6 +68,7 @@ class RequestFields:
             if lk not in _WATCHED:
                 forward.add(k, v)
             elif lk == "host":
+                self.host_count += 1
                 if self.host is None:
                     self.host = v
             elif lk == "via":
