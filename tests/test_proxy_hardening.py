@@ -4,6 +4,7 @@ failures), over real sockets and real TLS."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import logging
 import socket
@@ -14,9 +15,10 @@ import tracemalloc
 import pytest
 from structlog.testing import capture_logs
 
+from gateway.proxy.auth import FailureLimiter
 from gateway.proxy.memory import MemoryReleaser
 
-from proxy_support import make_settings, raw_request, running_gateway, status_line
+from proxy_support import PASSWORD, make_settings, raw_request, running_gateway, status_line
 
 RULES = [{"host": "registry.test", "action": "intercept"}]
 
@@ -146,3 +148,215 @@ async def test_client_closing_right_after_handshake_logs_no_asyncio_warning(tmp_
         asyncio_logger.removeHandler(handler)
     messages = [r.getMessage() for r in handler.records]
     assert not [m for m in messages if "eof_received" in m], messages
+
+
+# -- D8: first byte within header_timeout; per-address connection cap --------------------------
+
+async def test_silent_connection_is_closed_after_header_timeout_not_idle_timeout(tmp_path):
+    settings = make_settings(tmp_path, rules=RULES,
+                             proxy={"header_timeout": 0.3, "idle_timeout": 3600})
+    async with running_gateway(settings) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        async with asyncio.timeout(10):               # a bound for the test, not a timing claim
+            assert await reader.read() == b""         # closed quietly, nothing sent
+        writer.close()
+        assert gw.metric("trivy_gateway_client_errors_total", reason="first_byte_timeout") == 1
+        # the same after CONNECT + TLS: the first request must come within header_timeout too
+        ctx = ssl.create_default_context(cafile=gw.ca_path)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"CONNECT registry.test:443 HTTP/1.1\r\nHost: registry.test:443\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        await writer.start_tls(ctx, server_hostname="registry.test")
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        writer.close()
+        assert gw.metric("trivy_gateway_client_errors_total", reason="first_byte_timeout") == 2
+
+
+async def test_one_address_cannot_take_every_connection(tmp_path):
+    settings = make_settings(tmp_path, rules=RULES, proxy={"max_connections_per_client": 3,
+                                                           "max_connections": 100})
+    async with running_gateway(settings) as gw:
+        held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(3)]
+        await _wait_for(lambda: gw.server.active_connections == 3)
+        raw = await raw_request(gw.port, b"GET http://registry.test/hello HTTP/1.1\r\n"
+                                         b"Host: registry.test\r\n\r\n")
+        assert status_line(raw).startswith("HTTP/1.1 429"), raw[:200]
+        assert b"Retry-After: 1\r\n" in raw and b"max_connections_per_client = 3" in raw
+        assert gw.metric("trivy_gateway_client_errors_total",
+                         reason="too_many_connections_per_client") == 1
+        # another client address (127.0.0.2 as the source address) is not affected
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port,
+                                                       local_addr=("127.0.0.2", 0))
+        writer.write(b"GET http://registry.test/hello HTTP/1.1\r\nHost: registry.test\r\n"
+                     b"Connection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        # one of the three closes: the address gets a slot again
+        held.pop()[1].close()
+        await _wait_for(lambda: gw.server.active_connections == 2)
+        raw = await raw_request(gw.port, b"GET http://registry.test/hello HTTP/1.1\r\n"
+                                         b"Host: registry.test\r\nConnection: close\r\n\r\n")
+        assert status_line(raw) == "HTTP/1.1 200 OK"
+        for _, w in held:
+            w.close()
+
+
+# -- D11, D13: OPTIONS * in a tunnel, Host field rules ------------------------------------------
+
+async def _intercepted(gw) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"CONNECT registry.test:443 HTTP/1.1\r\nHost: registry.test:443\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await writer.start_tls(ssl.create_default_context(cafile=gw.ca_path),
+                           server_hostname="registry.test")
+    return reader, writer
+
+
+async def test_options_asterisk_in_intercepted_connection_is_answered_locally(tmp_path):
+    async with running_gateway(make_settings(tmp_path, rules=RULES)) as gw:
+        reader, writer = await _intercepted(gw)
+        writer.write(b"OPTIONS * HTTP/1.1\r\nHost: registry.test\r\n\r\n"
+                     b"GET /hello HTTP/1.1\r\nHost: registry.test\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            raw = await reader.read()
+        writer.close()
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 0" in first
+    assert b"Allow: " in first
+    assert rest.startswith(b"HTTP/1.1 200 OK")             # the connection carried on
+    assert rest.endswith(b"hello https://registry.test/hello\n")
+    assert [ex.target for ex in gw.handler.exchanges] == ["/hello"]   # nothing forwarded for *
+
+
+HOST_CASES = [
+    # (request head, expected status line prefix)
+    (b"GET http://registry.test/hello HTTP/1.1\r\nConnection: close\r\n\r\n", "HTTP/1.1 400"),
+    (b"GET http://registry.test/hello HTTP/1.1\r\nHost: registry.test\r\nHost: other.test\r\n"
+     b"Connection: close\r\n\r\n", "HTTP/1.1 400"),
+    (b"GET http://registry.test/hello HTTP/1.1\r\nHost: registry.test\r\nHost: registry.test\r\n"
+     b"Connection: close\r\n\r\n", "HTTP/1.1 400"),
+    (b"GET http://registry.test/hello HTTP/1.1\r\nHost: bad host!\r\nConnection: close\r\n\r\n",
+     "HTTP/1.1 400"),
+    (b"CONNECT registry.test:443 HTTP/1.1\r\n\r\n", "HTTP/1.1 400"),
+    (b"GET http://registry.test/hello HTTP/1.0\r\n\r\n", "HTTP/1.1 200"),     # 1.0: optional
+    (b"GET http://registry.test/hello HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", "HTTP/1.1 400"),
+    (b"GET http://registry.test/hello HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+     "HTTP/1.1 200"),                                                          # empty: allowed
+]
+
+
+@pytest.mark.parametrize("head,expected", HOST_CASES)
+async def test_host_field_rules(tmp_path, head, expected):
+    async with running_gateway(make_settings(tmp_path, rules=RULES)) as gw:
+        raw = await raw_request(gw.port, head)
+    assert status_line(raw).startswith(expected), raw[:300]
+    if expected.endswith("400"):
+        assert gw.handler.exchanges == []
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: registry.test\r\nHost: registry.test\r\n\r\n",
+])
+async def test_host_field_rules_inside_an_intercepted_connection(tmp_path, head):
+    async with running_gateway(make_settings(tmp_path, rules=RULES)) as gw:
+        reader, writer = await _intercepted(gw)
+        writer.write(head)
+        async with asyncio.timeout(5):
+            raw = await reader.read()
+        writer.close()
+    assert status_line(raw).startswith("HTTP/1.1 400"), raw[:300]
+    assert gw.handler.exchanges == []
+
+
+# -- D14: every error answer leaves an access-log line ------------------------------------------
+
+@pytest.mark.parametrize("data,status", [
+    (b"GET http://registry.test/hello HTTP/1.1\r\nHo", 408),
+    (b"GET http://registry.test/ HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+    (b"GET http://registry.test/ HTTP/1.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 431),
+])
+async def test_head_errors_leave_an_access_log_line(tmp_path, data, status):
+    settings = make_settings(tmp_path, rules=RULES,
+                             proxy={"header_timeout": 0.3, "max_header_bytes": 4096})
+    with capture_logs() as logs:
+        async with running_gateway(settings) as gw:
+            raw = await raw_request(gw.port, data)
+    assert status_line(raw).startswith(f"HTTP/1.1 {status}")
+    lines = [e for e in logs if e.get("event") == "request"]
+    assert [e["status"] for e in lines] == [status], lines
+    assert lines[0]["error"] and lines[0]["client"].startswith("127.0.0.1:")
+
+
+# -- D17: proxy-auth failures are rate-limited per client address --------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failure_limiter_window_lockout_and_reset():
+    clock = FakeClock()
+    limiter = FailureLimiter(3, window=60, lockout=30, clock=clock)
+    assert limiter.failed("a") is None and limiter.failed("a") is None
+    clock.now += 61                                   # the first two fell out of the window
+    assert limiter.failed("a") is None and limiter.failed("a") is None
+    assert limiter.locked_for("a") is None
+    assert limiter.failed("a") == 30                  # third within the window: locked out
+    assert limiter.locked_for("a") == 30 and limiter.locked_for("b") is None
+    clock.now += 29.5
+    assert limiter.locked_for("a") == pytest.approx(0.5)
+    clock.now += 0.5
+    assert limiter.locked_for("a") is None            # the lockout is over
+    limiter.failed("b")
+    limiter.failed("b")
+    limiter.succeeded("b")                            # a good password clears the count
+    assert limiter.failed("b") is None
+    assert FailureLimiter(0, 60, 60, clock).failed("c") is None   # 0: no limit
+
+
+def test_failure_limiter_table_is_bounded():
+    limiter = FailureLimiter(2, window=60, lockout=60, clock=FakeClock(), max_addresses=5)
+    for i in range(50):
+        limiter.failed(f"10.0.0.{i}")
+        limiter.failed(f"10.1.0.{i}")
+        limiter.failed(f"10.1.0.{i}")
+    assert len(limiter._failures) <= 5 and len(limiter._locked) <= 5
+
+
+async def test_wrong_proxy_passwords_lock_the_address_out(tmp_path):
+    settings = make_settings(tmp_path, rules=RULES, auth=True,
+                             proxy={"auth": {"enabled": True, "username": "scanner",
+                                             "max_failures": 3, "failure_window": "1m",
+                                             "lockout": "2m"}})
+    bad = base64.b64encode(b"scanner:wrong").decode()
+    good = base64.b64encode(f"scanner:{PASSWORD}".encode()).decode()
+
+    def connect(credential: str = "") -> bytes:
+        auth = f"Proxy-Authorization: Basic {credential}\r\n" if credential else ""
+        return (f"CONNECT registry.test:443 HTTP/1.1\r\nHost: registry.test:443\r\n{auth}"
+                f"Connection: close\r\n\r\n").encode()
+
+    async with running_gateway(settings) as gw:
+        clock = FakeClock()
+        gw.server.auth.failures.clock = clock
+        for _ in range(5):                            # no credentials at all: not guesses
+            assert status_line(await raw_request(gw.port, connect())).startswith("HTTP/1.1 407")
+        for _ in range(3):
+            assert status_line(await raw_request(gw.port, connect(bad))).startswith("HTTP/1.1 407")
+        raw = await raw_request(gw.port, connect(good))    # locked: not even the right one
+        assert status_line(raw).startswith("HTTP/1.1 429"), raw[:200]
+        assert b"Retry-After: 120\r\n" in raw
+        raw = await raw_request(gw.port, b"GET http://registry.test/hello HTTP/1.1\r\n"
+                                         b"Host: registry.test\r\nConnection: close\r\n"
+                                         + f"Proxy-Authorization: Basic {good}\r\n\r\n".encode())
+        assert status_line(raw).startswith("HTTP/1.1 429")
+        assert gw.metric("trivy_gateway_client_errors_total", reason="auth_locked_out") == 2
+        clock.now += 121
+        raw = await raw_request(gw.port, connect(good), read_until_close=False)
+        assert status_line(raw) == "HTTP/1.1 200 Connection established"
