@@ -330,7 +330,7 @@ def test_failure_limiter_table_is_bounded():
 
 
 async def test_wrong_proxy_passwords_lock_the_address_out(tmp_path):
-    settings = make_settings(tmp_path, rules=RULES, auth=True,
+    settings = make_settings(tmp_path, rules=RULES,
                              proxy={"auth": {"enabled": True, "username": "scanner",
                                              "max_failures": 3, "failure_window": "1m",
                                              "lockout": "2m"}})
