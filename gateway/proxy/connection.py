@@ -425,8 +425,11 @@ class ClientConnection(ResponseWriter):
             return await self._error(
                 rec, 400, "the client sent data before the proxy answered CONNECT",
                 client_error="early_data", close=True)
+        # Nothing may be read while the leaf is minted (a worker thread, when not cached): the
+        # bytes after the 200 belong to the TLS protocol start_tls installs, not to our reader.
+        self.writer.transport.pause_reading()
         try:
-            context = self.server.leaf_issuer.context_for(host)
+            context = await self.server.leaf_issuer.acontext_for(host)
         except Exception as exc:  # noqa: BLE001
             log.exception("leaf_mint_failed", host=host)
             return await self._error(rec, 500, f"cannot mint a certificate for {host}: {exc}",
