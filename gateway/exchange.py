@@ -25,6 +25,14 @@ HOP_BY_HOP = frozenset({
 })
 
 
+class ClientBodyError(Exception):
+    """The client's request body could not be read to its end: bad chunk framing, a body
+    shorter than its Content-Length, the client hung up or went silent mid-upload.
+
+    Raised by :attr:`Exchange.body`'s iterator. It is the *client's* fault, never the
+    upstream's: layers below count and retry upstream faults, and must not count this one."""
+
+
 class InvalidHeader(ValueError):
     """A header field that cannot be sent as is (bad name, CR/LF or control characters)."""
 

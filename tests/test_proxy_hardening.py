@@ -15,10 +15,11 @@ import tracemalloc
 import pytest
 from structlog.testing import capture_logs
 
+from gateway.exchange import ClientBodyError, error_response
 from gateway.proxy.auth import FailureLimiter
 from gateway.proxy.memory import MemoryReleaser
 
-from proxy_support import PASSWORD, make_settings, raw_request, running_gateway, status_line
+from proxy_support import PASSWORD, MemoryHandler, make_settings, raw_request, running_gateway, status_line
 
 RULES = [{"host": "registry.test", "action": "intercept"}]
 
@@ -360,3 +361,48 @@ async def test_wrong_proxy_passwords_lock_the_address_out(tmp_path):
         clock.now += 121
         raw = await raw_request(gw.port, connect(good), read_until_close=False)
         assert status_line(raw) == "HTTP/1.1 200 Connection established"
+
+
+# -- the client's body failures are typed (never mistaken for an upstream fault) -----------------
+
+class BodyReadingHandler(MemoryHandler):
+    """Reads the whole request body and records how that ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outcomes: list[str] = []
+        self.done = asyncio.Event()
+
+    async def handle(self, ex):
+        self.exchanges.append(ex)
+        try:
+            async for _ in ex.body:
+                pass
+            self.outcomes.append("complete")
+        except Exception as exc:  # noqa: BLE001 - the type is what the test looks at
+            self.outcomes.append(type(exc).__name__)
+            raise
+        finally:
+            self.done.set()
+        return error_response(200, "read")
+
+
+@pytest.mark.parametrize("data,hang_up", [
+    (b"POST http://registry.test/x HTTP/1.1\r\nHost: registry.test\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", False),      # bad framing
+    (b"POST http://registry.test/x HTTP/1.1\r\nHost: registry.test\r\n"
+     b"Content-Length: 1000000\r\n\r\n" + b"a" * 1000, True),                   # hang-up
+])
+async def test_client_body_failure_is_a_client_body_error(tmp_path, data, hang_up):
+    handler = BodyReadingHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(data)
+        await writer.drain()
+        if hang_up:
+            writer.close()
+        async with asyncio.timeout(10):
+            await handler.done.wait()
+        writer.close()
+    assert handler.outcomes == ["ClientBodyError"]
+    assert issubclass(ClientBodyError, Exception) and not issubclass(ClientBodyError, OSError)

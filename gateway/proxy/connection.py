@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 
 from multidict import CIMultiDict
 
-from ..exchange import EmptyBody, Exchange, Response, error_response
+from ..exchange import ClientBodyError, EmptyBody, Exchange, Response, error_response
 from ..observability.logging import get_logger
 from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
@@ -602,7 +602,7 @@ class ClientConnection(ResponseWriter):
             response = await self.server.handler.handle(exchange)
         except asyncio.CancelledError:
             raise
-        except ClientGone as exc:
+        except (ClientGone, ClientBodyError) as exc:
             rec.error = f"client gone: {exc}"
             self.metrics.client_errors.labels(reason="disconnected").inc()
             return CLOSE

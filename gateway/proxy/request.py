@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 from multidict import CIMultiDict
 
-from ..exchange import HOP_BY_HOP, Exchange, new_request_id
+from ..exchange import HOP_BY_HOP, ClientBodyError, Exchange, new_request_id
 from . import http1
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,10 +110,13 @@ class RequestBody:
         return self
 
     async def __anext__(self) -> bytes:
+        """The next piece of the body; :class:`~gateway.exchange.ClientBodyError` when the
+        client's side fails (framing, hang-up, silence), so no layer takes it for an upstream
+        fault."""
         if self.done:
             raise StopAsyncIteration
         if self.closed:
-            raise ClientGone("the request body was read after the response was sent")
+            raise ClientBodyError("the request body was read after the response was sent")
         if self.active:
             raise RuntimeError("the request body is already being read")
         self.active = True
@@ -124,6 +127,8 @@ class RequestBody:
                 conn.writer.write(conn.conn.informational(100, b"Continue"))
                 await conn._drain()
             event = await conn._next_body_event()
+        except ClientGone as exc:
+            raise ClientBodyError(str(exc)) from None
         finally:
             self.active = False
             self.idle.set()
@@ -133,7 +138,7 @@ class RequestBody:
         if event is http1.END:
             self.done = True
             raise StopAsyncIteration
-        raise ClientGone(f"unexpected {type(event).__name__} in the request body")
+        raise ClientBodyError(f"unexpected {type(event).__name__} in the request body")
 
     async def aclose(self) -> None:
         self.closed = True

@@ -26,6 +26,7 @@ import ssl
 import tempfile
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +40,10 @@ from .ca import CertificateAuthority
 
 #: clocks of clients may lag; a leaf is valid from this long before it was minted
 BACKDATE = dt.timedelta(hours=1)
+#: leaf builds run here, not in the loop's default executor: a mint must never queue behind
+#: slow work others put there (DNS lookups, file operations), and two threads are plenty for
+#: ~1 ms jobs that mostly hold the GIL anyway
+_MINT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="leaf-mint")
 
 
 @dataclass
@@ -127,7 +132,7 @@ class LeafIssuer:
         pending = self._pending.get(key)
         if pending is None:
             loop = asyncio.get_running_loop()
-            pending = self._pending[key] = loop.run_in_executor(None, self._new_leaf, key)
+            pending = self._pending[key] = loop.run_in_executor(_MINT_POOL, self._new_leaf, key)
             try:
                 leaf = await asyncio.shield(pending)
             finally:
