@@ -406,3 +406,19 @@ async def test_client_body_failure_is_a_client_body_error(tmp_path, data, hang_u
         writer.close()
     assert handler.outcomes == ["ClientBodyError"]
     assert issubclass(ClientBodyError, Exception) and not issubclass(ClientBodyError, OSError)
+
+
+# -- house: the mixin's and the body's requirements are Protocols the connection satisfies ------
+
+async def test_client_connection_satisfies_the_protocols(tmp_path):
+    from gateway.proxy.connection import ClientConnection
+    from gateway.proxy.request import BodySource
+    from gateway.proxy.respond import ResponseWriterHost
+
+    async with running_gateway(make_settings(tmp_path, rules=RULES)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        await _wait_for(lambda: gw.server.active_connections == 1)
+        conn = next(iter(gw.server._connections))
+        assert isinstance(conn, ClientConnection)
+        assert isinstance(conn, ResponseWriterHost) and isinstance(conn, BodySource)
+        writer.close()

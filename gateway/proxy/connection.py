@@ -210,7 +210,7 @@ class ClientConnection(ResponseWriter):
                 return None                      # clean close between requests
             raise http1.RemoteProtocolError(f"unexpected {event!r}")
 
-    async def _next_body_event(self):
+    async def _next_body_event(self) -> "http1.Data | http1._Sentinel":
         while True:
             try:
                 event = self.conn.next_event()

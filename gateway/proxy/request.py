@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol, Union, runtime_checkable
 
 from multidict import CIMultiDict
 
 from ..exchange import HOP_BY_HOP, ClientBodyError, Exchange, new_request_id
 from . import http1
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .connection import ClientConnection
 
 
 class ClientGone(Exception):
@@ -89,6 +86,20 @@ class RequestFields:
         self.forward = forward
 
 
+@runtime_checkable
+class BodySource(Protocol):
+    """Where :class:`RequestBody` pulls from (the client connection): its HTTP/1.1 state (for
+    ``Expect: 100-continue``), its writer and drain (to send the ``100``), and the next body
+    event off the socket (raising :class:`ClientGone` when the client's side fails)."""
+
+    conn: http1.ServerConnection
+    writer: asyncio.StreamWriter
+
+    async def _drain(self) -> None: ...
+
+    async def _next_body_event(self) -> Union[http1.Data, http1._Sentinel]: ...
+
+
 class RequestBody:
     """The request body as an async iterator that reads the socket only when asked (backpressure).
 
@@ -97,7 +108,7 @@ class RequestBody:
     still in flight the connection is not reused (two readers must never share the socket).
     """
 
-    def __init__(self, conn: "ClientConnection", rec: AccessRecord) -> None:
+    def __init__(self, conn: BodySource, rec: AccessRecord) -> None:
         self._conn = conn
         self._rec = rec
         self.active = False
