@@ -104,21 +104,9 @@ class ResponseWriterHost(Protocol):
         """Keep a metric child for ``key`` (bounded cache on the server)."""
 
 
-class ResponseWriter:
-    """The response half of :class:`~.connection.ClientConnection`: a mixin whose host must
-    provide :class:`ResponseWriterHost` (the annotations below repeat it for the checker)."""
-
-    writer: asyncio.StreamWriter
-    conn: http1.ServerConnection
-    server: "ProxyServer"
-    metrics: "Metrics"
-    tls_host: Optional[str]
-    _loop: asyncio.AbstractEventLoop
-    _via: str
-    _idle_timeout: float
-
-    def _remember(self, key: tuple, child: object) -> None:  # pragma: no cover - host's
-        raise NotImplementedError
+class ResponseWriter(ResponseWriterHost):
+    """The response half of :class:`~.connection.ClientConnection`: a mixin that declares
+    (by subclassing it) the :class:`ResponseWriterHost` its host class must provide."""
 
     async def _drain(self) -> None:
         transport = self.writer.transport
