@@ -26,7 +26,7 @@ from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
 from .respond import CLOSE, SWITCHED, ResponseWriter
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
-from .tls_upgrade import start_tls
+from .tls_upgrade import TLSStreamReaderProtocol, start_tls
 from .tunnel import pipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -440,7 +440,7 @@ class ClientConnection(ResponseWriter):
         # the TLS protocol, not the plain reader. The handshake uses only the local leaf: it
         # never waits for an upstream connection.
         reader = asyncio.StreamReader(limit=2 ** 16, loop=self._loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        protocol = TLSStreamReaderProtocol(reader, loop=self._loop)
         try:
             transport = await start_tls(self._loop, self.writer.transport, protocol, context,
                                         ssl_handshake_timeout=self._header_timeout)
