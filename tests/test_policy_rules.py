@@ -113,6 +113,12 @@ def test_default_config_intercepts_trivy_hosts_and_denies_version_check():
     ("x.private-ok.example", "169.254.169.254", True),
     # IP-literal rule: connecting to that very address is what was asked for
     ("10.0.0.5", "10.0.0.5", True),
+    # IPv6 forms that carry a non-public IPv4 address (or are never global)
+    ("a.blind.example", "::127.0.0.1", False),
+    ("a.blind.example", "::ffff:169.254.169.254", False),
+    ("a.blind.example", "::ffff:0:10.0.0.1", False),
+    ("a.blind.example", "64:ff9b:1::a00:1", False),
+    ("a.blind.example", "::ffff:8.8.8.8", True),
     # hosts no rule matches (redirect targets) get the catch-all guard
     ("redirect.elsewhere", "8.8.8.8", True),
     ("redirect.elsewhere", "127.0.0.1", False),
@@ -142,6 +148,20 @@ def test_address_refusal_explains_rule_and_fix():
     ("0.0.0.0", "unspecified"), ("ff02::1", "multicast"), ("239.1.1.1", "multicast"),
     ("::ffff:10.0.0.1", "private"), ("64:ff9b::a9fe:a9fe", "metadata"),
     ("2002:7f00:1::1", "loopback"), ("100.100.100.200", "reserved"), ("not-an-ip", "invalid"),
+    # IPv4-compatible ::/96 (deprecated): the embedded address, else never global
+    ("::127.0.0.1", "loopback"), ("::7f00:1", "loopback"), ("::10.0.0.1", "private"),
+    ("::169.254.169.254", "metadata"), ("::8.8.8.8", "reserved"), ("::1", "loopback"),
+    # IPv4-mapped ::ffff:0:0/96: judged by the embedded address (a public one is public)
+    ("::ffff:127.0.0.1", "loopback"), ("::ffff:7f00:1", "loopback"),
+    ("::ffff:169.254.169.254", "metadata"), ("::ffff:8.8.8.8", None),
+    ("::ffff:0.0.0.0", "unspecified"),
+    # IPv4-translated ::ffff:0:0:0/96 (RFC 2765)
+    ("::ffff:0:127.0.0.1", "loopback"), ("::ffff:0:a00:1", "private"),
+    ("::ffff:0:8.8.8.8", "reserved"),
+    # NAT64: well-known prefix judged by the embedded address; local-use prefix never global
+    ("64:ff9b::7f00:1", "loopback"), ("64:ff9b::808:808", None),
+    ("64:ff9b:1::7f00:1", "reserved"), ("64:ff9b:1::808:808", "reserved"),
+    ("64:ff9b:1:ffff:ffff::1", "reserved"),
 ])
 def test_address_category(ip, category):
     assert address_category(ip) == category

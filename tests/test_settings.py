@@ -41,6 +41,9 @@ def test_file_merges_over_default_and_flags_win(tmp_path):
     ("server: {listen: nonsense}", "server.listen"),
     ("upstream: {retry: {attempts: 'x'}}", "upstream.retry.attempts"),
     ("proxy: {max_connections: -1}", "proxy.max_connections"),
+    ("proxy: {max_connections_per_client: -1}", "proxy.max_connections_per_client"),
+    ("proxy: {auth: {max_failures: -1}}", "proxy.auth.max_failures"),
+    ("proxy: {auth: {lockout: 0}}", "proxy.auth.lockout"),
     ("upstream: {parent_proxy: {no_proxy: ['http://x']}}", "upstream.parent_proxy.no_proxy[0]"),
     # the mirror door: every mirrored upstream must be one the cache knows
     ("server: {mirror_listen: 'nope'}", "server.mirror_listen"),

@@ -43,6 +43,15 @@ METADATA_ADDRESSES = frozenset({
     ipaddress.ip_address("fd00:ec2::254"),
 })
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: IPv6 ranges that carry an IPv4 address in their last 32 bits (besides NAT64 above): the
+#: deprecated IPv4-compatible ``::a.b.c.d`` (RFC 4291 §2.5.5.1) and IPv4-translated
+#: ``::ffff:0:a.b.c.d`` (RFC 2765). Neither is globally routable: a public embedded address makes
+#: them ``reserved``, a non-public one its own category. (IPv4-mapped ``::ffff:a.b.c.d`` is
+#: ``IPv6Address.ipv4_mapped``.)
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+_V4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+#: non-global IPv6 ranges Python's ``is_global`` (3.11) misses: local-use NAT64 (RFC 8215)
+_NOT_GLOBAL = (ipaddress.ip_network("64:ff9b:1::/48"),)
 
 
 
@@ -71,6 +80,14 @@ def address_category(ip: IPAddress | str) -> Optional[str]:
     parsed = parse_ip(ip)
     if parsed is None:
         return "invalid"
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.is_unspecified or parsed.is_loopback:      # :: and ::1 are in ::/96 too
+            return _category(parsed)
+        if parsed in _V4_COMPATIBLE or parsed in _V4_TRANSLATED:
+            inner = ipaddress.IPv4Address(int(parsed) & 0xFFFFFFFF)
+            return _category(inner) or "reserved"
+        if any(parsed in net for net in _NOT_GLOBAL):
+            return "reserved"
     inner = _embedded_ipv4(parsed)
     return _category(inner) if inner is not None else _category(parsed)
 

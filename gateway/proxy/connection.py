@@ -14,15 +14,19 @@ side (head, body forms, framing rules) is :mod:`.respond`, the request side's he
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from typing import TYPE_CHECKING, Optional
 
-from ..exchange import Exchange, error_response
+from multidict import CIMultiDict
+
+from ..exchange import ClientBodyError, EmptyBody, Exchange, Response, error_response
 from ..observability.logging import get_logger
 from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
 from .respond import CLOSE, SWITCHED, ResponseWriter
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
+from .tls_upgrade import TLSStreamReaderProtocol, start_tls
 from .tunnel import pipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,6 +60,8 @@ class ClientConnection(ResponseWriter):
         self.writer = writer
         peer = writer.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        #: the client's address without the port (per-address limits)
+        self.client_ip: str = peer[0] if peer else "?"
         self.kind: Optional[str] = None
         #: True while a request is being read or answered (drain waits for it)
         self.busy = False
@@ -74,6 +80,10 @@ class ClientConnection(ResponseWriter):
         self._read_timed_out: Optional[asyncio.Task] = None
         #: a Host header already checked against the CONNECT authority on this connection
         self._host_ok: Optional[str] = None
+        #: no request read yet on this connection (or since it switched to TLS): the wait for
+        #: the first byte is bounded by header_timeout, not idle_timeout (a socket that never
+        #: sends must not hold a slot of max_connections for the idle timeout)
+        self._fresh = True
         # bound once per connection: the lazy module-level proxy binds anew on every call
         self._access_log = access_log.bind()
 
@@ -171,14 +181,22 @@ class ClientConnection(ResponseWriter):
         while True:
             event = conn.next_event()            # raises RemoteProtocolError (400/431/505)
             if event is http1.NEED_DATA:
-                timeout = self._idle_timeout if deadline is None else deadline - self._loop.time()
+                if deadline is not None:
+                    timeout = deadline - self._loop.time()
+                else:
+                    timeout = self._header_timeout if self._fresh else self._idle_timeout
                 if timeout <= 0:
                     raise _HeaderTimeout()
                 try:
                     data = await self._read(timeout)
                 except TimeoutError:
                     if deadline is None:
-                        return None              # idle keep-alive connection: close quietly
+                        # idle keep-alive connection, or one that never said anything: close
+                        # quietly (a 408 to an idle connection can be taken as the answer to a
+                        # request the client sends at the same moment)
+                        if self._fresh:
+                            self.metrics.client_errors.labels(reason="first_byte_timeout").inc()
+                        return None
                     raise _HeaderTimeout() from None
                 except OSError:                  # reset, or a TLS error (ssl.SSLError)
                     return None
@@ -189,12 +207,13 @@ class ClientConnection(ResponseWriter):
                 continue
             if type(event) is http1.RequestHead:
                 self.busy = True
+                self._fresh = False
                 return event
             if event is http1.CLOSED:
                 return None                      # clean close between requests
             raise http1.RemoteProtocolError(f"unexpected {event!r}")
 
-    async def _next_body_event(self):
+    async def _next_body_event(self) -> "http1.Data | http1._Sentinel":
         while True:
             try:
                 event = self.conn.next_event()
@@ -247,8 +266,8 @@ class ClientConnection(ResponseWriter):
                 request = await self._read_head()
             except _HeaderTimeout:
                 self.metrics.client_errors.labels(reason="header_timeout").inc()
-                await self._send_raw_error(408, "request head not received within "
-                                                "proxy.header_timeout")
+                await self._head_error(408, "request head not received within "
+                                            "proxy.header_timeout")
                 return
             except http1.RemoteProtocolError as exc:
                 if self.conn.trailing_data[1]:
@@ -262,7 +281,7 @@ class ClientConnection(ResponseWriter):
                 else:
                     self.metrics.client_errors.labels(reason="malformed").inc()
                     msg = f"malformed HTTP request: {exc}"
-                await self._send_raw_error(status, msg)
+                await self._head_error(status, msg)
                 return
             if request is None:
                 return
@@ -280,12 +299,27 @@ class ClientConnection(ResponseWriter):
             except http1.ProtocolError:
                 return
 
+    async def _head_error(self, status: int, message: str) -> None:
+        """Answer a request whose head could not be read (raw, then close), and log it."""
+        rec = AccessRecord(client=self.client, method="", started=self._loop.time())
+        if self.tls_host is not None:
+            rec.scheme, rec.host, rec.port = "https", self.tls_host, self.tls_port
+            rec.decision = "intercept"
+        rec.status, rec.error = status, message
+        await self._send_raw_error(status, message)
+        self._account(rec)
+
     async def _dispatch(self, request: http1.RequestHead) -> str:
         method = request.method
         target = request.target
         headers = RequestFields(request.headers)
         rec = AccessRecord(client=self.client, method=method, started=self._loop.time())
         try:
+            host_problem = self._host_field_problem(request, headers)
+            if host_problem:
+                rec.path = target.split("?", 1)[0][:200]
+                return await self._error(rec, 400, host_problem, reason=f"Bad Request: "
+                                         f"{host_problem}", client_error="bad_host")
             if self.tls_host is not None:
                 return await self._intercepted_request(request, rec, target, headers)
             if method == "CONNECT":
@@ -303,19 +337,55 @@ class ClientConnection(ResponseWriter):
         finally:
             self._account(rec)
 
-    # -- CONNECT ----------------------------------------------------------------------------
-    def _authorized(self, headers: RequestFields) -> bool:
-        if self.server.auth.check(headers.proxy_auth):
-            return True
-        self.metrics.proxy_auth_failures.inc()
-        return False
+    @staticmethod
+    def _host_field_problem(request: http1.RequestHead, headers: RequestFields) -> str:
+        """RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host field, any request at most
+        one, and its value is a valid authority (or empty); '' when all is well."""
+        count = headers.host_count
+        if count > 1:
+            return f"{count} Host header fields (exactly one is allowed)"
+        if count == 0:
+            return "missing Host header field" if request.http_version == "1.1" else ""
+        value = headers.host
+        if value:                                # an empty value is allowed (§3.2)
+            try:
+                parse_authority(value, 80)
+            except TargetError as exc:
+                return f"bad Host header {value[:100]!r}: {exc}"
+        return ""
 
-    async def _auth_required(self, rec: AccessRecord) -> str:
+    # -- CONNECT ----------------------------------------------------------------------------
+    async def _check_auth(self, rec: AccessRecord, headers: RequestFields) -> Optional[str]:
+        """None when the request may go on; otherwise the outcome of the 407 or 429 sent.
+
+        Wrong credentials count against the client's address (:class:`~.auth.FailureLimiter`);
+        a locked-out address is answered 429 without its credentials being looked at.
+        """
+        auth = self.server.auth
+        if not auth.enabled:
+            return None
+        limiter = auth.failures
+        locked = limiter.locked_for(self.client_ip)
+        if locked is not None:
+            self.metrics.client_errors.labels(reason="auth_locked_out").inc()
+            message = (f"too many failed proxy authentications from {self.client_ip}; "
+                       f"retry in {math.ceil(locked)} s (proxy.auth.max_failures)")
+            rec.error = message
+            return await self._error(rec, 429, message, reason="Too Many Requests",
+                                     extra_headers={"Retry-After": str(math.ceil(locked))},
+                                     close=True)
+        if auth.check(headers.proxy_auth):
+            if headers.proxy_auth:
+                limiter.succeeded(self.client_ip)
+            return None
+        self.metrics.proxy_auth_failures.inc()
+        if headers.proxy_auth:                   # a wrong guess, not just the challenge leg
+            limiter.failed(self.client_ip)
         rec.error = "proxy authentication required"
         return await self._error(
             rec, 407, "proxy authentication required: put the credentials in the proxy URL, "
             "e.g. HTTPS_PROXY=http://user:password@gateway:3128",
-            extra_headers={"Proxy-Authenticate": self.server.auth.challenge})
+            extra_headers={"Proxy-Authenticate": auth.challenge})
 
     async def _deny(self, rec: AccessRecord, decision, *, close: bool = False) -> str:
         self.metrics.denied.labels(host=self.metrics.host_label(decision.host),
@@ -337,8 +407,9 @@ class ClientConnection(ResponseWriter):
                                      reason=f"Bad CONNECT target: {exc}",
                                      client_error="bad_target", close=True)
         rec.host, rec.port, rec.scheme = host, port, "https"
-        if not self._authorized(headers):
-            return await self._auth_required(rec)
+        refused = await self._check_auth(rec, headers)
+        if refused is not None:
+            return refused
         decision = self.server.policy.decide(host, port)
         rec.decision = decision.action
         if not decision.allowed:
@@ -357,8 +428,11 @@ class ClientConnection(ResponseWriter):
             return await self._error(
                 rec, 400, "the client sent data before the proxy answered CONNECT",
                 client_error="early_data", close=True)
+        # Nothing may be read while the leaf is minted (a worker thread, when not cached): the
+        # bytes after the 200 belong to the TLS protocol start_tls installs, not to our reader.
+        self.writer.transport.pause_reading()
         try:
-            context = self.server.leaf_issuer.context_for(host)
+            context = await self.server.leaf_issuer.acontext_for(host)
         except Exception as exc:  # noqa: BLE001
             log.exception("leaf_mint_failed", host=host)
             return await self._error(rec, 500, f"cannot mint a certificate for {host}: {exc}",
@@ -369,11 +443,10 @@ class ClientConnection(ResponseWriter):
         # the TLS protocol, not the plain reader. The handshake uses only the local leaf: it
         # never waits for an upstream connection.
         reader = asyncio.StreamReader(limit=2 ** 16, loop=self._loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        protocol = TLSStreamReaderProtocol(reader, loop=self._loop)
         try:
-            transport = await self._loop.start_tls(
-                self.writer.transport, protocol, context, server_side=True,
-                ssl_handshake_timeout=self._header_timeout)
+            transport = await start_tls(self._loop, self.writer.transport, protocol, context,
+                                        ssl_handshake_timeout=self._header_timeout)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             self.metrics.tls_handshake_errors.inc()
             rec.error = f"TLS handshake failed: {exc}"
@@ -381,10 +454,10 @@ class ClientConnection(ResponseWriter):
                      error=str(exc) or type(exc).__name__,
                      hint="does the client trust the gateway CA? (trivy-gateway ca export)")
             return CLOSE
-        protocol.connection_made(transport)
         self.reader = reader
         self.writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
         self.conn = self._new_http1()
+        self._fresh = True
         self.tls_host, self.tls_port = host, port
         rec.established = True
         self._set_kind("intercepted")
@@ -444,8 +517,9 @@ class ClientConnection(ResponseWriter):
                 rec, 400, f"{scheme}:// URLs must be requested through CONNECT: set HTTPS_PROXY "
                 "(not HTTP_PROXY) to the gateway, or request http:// URLs",
                 reason="Bad Request: use CONNECT for https URLs", client_error="bad_target")
-        if not self._authorized(headers):
-            return await self._auth_required(rec)
+        refused = await self._check_auth(rec, headers)
+        if refused is not None:
+            return refused
         decision = self.server.policy.decide(host, port, plain_http=True)
         rec.decision = decision.action
         if not decision.allowed:
@@ -476,7 +550,13 @@ class ClientConnection(ResponseWriter):
                                          client_error="bad_target")
             if (scheme, t_host, t_port) != ("https", host, port):
                 return await self._misdirected(rec, target)
-        elif not (target.startswith("/") or (target == "*" and rec.method == "OPTIONS")):
+        elif target == "*" and rec.method == "OPTIONS":
+            # asks about the server, not a resource: there is no URL to forward (it would
+            # become https://host*), and the gateway is the server this connection talks to
+            rec.path = "*"
+            return await self._respond(rec, rec.method, Response(200, CIMultiDict(
+                {"Allow": "GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE"}), EmptyBody()))
+        elif not target.startswith("/"):
             return await self._error(rec, 400, f"bad request target {target[:200]!r}",
                                      client_error="bad_target")
         rec.path = origin.split("?", 1)[0]
@@ -525,7 +605,7 @@ class ClientConnection(ResponseWriter):
             response = await self.server.handler.handle(exchange)
         except asyncio.CancelledError:
             raise
-        except ClientGone as exc:
+        except (ClientGone, ClientBodyError) as exc:
             rec.error = f"client gone: {exc}"
             self.metrics.client_errors.labels(reason="disconnected").inc()
             return CLOSE
@@ -597,7 +677,7 @@ class ClientConnection(ResponseWriter):
         if not self.server.settings.logging.access_log:
             return
         notes = rec.exchange.notes if rec.exchange is not None else {}
-        fields = dict(request_id=rec.id, client=rec.client, method=rec.method,
+        fields = dict(request_id=rec.id, client=rec.client, method=rec.method or None,
                       scheme=rec.scheme or None, host=rec.host or None, port=rec.port or None,
                       path=rec.path, status=rec.status, bytes=rec.bytes, duration=round(duration, 4),
                       decision=rec.decision, cache=notes.get("cache"), door=rec.door)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol, Union, runtime_checkable
 
 from multidict import CIMultiDict
 
 from ..exchange import HOP_BY_HOP, ClientBodyError, Exchange, new_request_id
 from . import http1
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .connection import ClientConnection
 
 
 class ClientGone(ClientBodyError):
@@ -51,11 +48,14 @@ class RequestFields:
     fields, those named in ``Connection``, ``Host`` and ``Via`` removed) and the few the proxy
     reads itself."""
 
-    __slots__ = ("forward", "host", "vias", "content_length", "chunked", "proxy_auth")
+    __slots__ = ("forward", "host", "host_count", "vias", "content_length", "chunked",
+                 "proxy_auth")
 
     def __init__(self, raw: list[tuple[str, str]]) -> None:
         forward = CIMultiDict()
         self.host: Optional[str] = None
+        #: Host field lines seen (RFC 9112 §3.2: exactly one in an HTTP/1.1 request)
+        self.host_count = 0
         self.vias: list[str] = []
         self.content_length: Optional[str] = None
         self.chunked = False
@@ -66,6 +66,7 @@ class RequestFields:
             if lk not in _WATCHED:
                 forward.add(k, v)
             elif lk == "host":
+                self.host_count += 1
                 if self.host is None:
                     self.host = v
             elif lk == "via":
@@ -86,6 +87,20 @@ class RequestFields:
         self.forward = forward
 
 
+@runtime_checkable
+class BodySource(Protocol):
+    """Where :class:`RequestBody` pulls from (the client connection): its HTTP/1.1 state (for
+    ``Expect: 100-continue``), its writer and drain (to send the ``100``), and the next body
+    event off the socket (raising :class:`ClientGone` when the client's side fails)."""
+
+    conn: http1.ServerConnection
+    writer: asyncio.StreamWriter
+
+    async def _drain(self) -> None: ...
+
+    async def _next_body_event(self) -> Union[http1.Data, http1._Sentinel]: ...
+
+
 class RequestBody:
     """The request body as an async iterator that reads the socket only when asked (backpressure).
 
@@ -94,7 +109,7 @@ class RequestBody:
     still in flight the connection is not reused (two readers must never share the socket).
     """
 
-    def __init__(self, conn: "ClientConnection", rec: AccessRecord) -> None:
+    def __init__(self, conn: BodySource, rec: AccessRecord) -> None:
         self._conn = conn
         self._rec = rec
         self.active = False
@@ -107,10 +122,13 @@ class RequestBody:
         return self
 
     async def __anext__(self) -> bytes:
+        """The next piece of the body; :class:`~gateway.exchange.ClientBodyError` when the
+        client's side fails (framing, hang-up, silence), so no layer takes it for an upstream
+        fault."""
         if self.done:
             raise StopAsyncIteration
         if self.closed:
-            raise ClientGone("the request body was read after the response was sent")
+            raise ClientBodyError("the request body was read after the response was sent")
         if self.active:
             raise RuntimeError("the request body is already being read")
         self.active = True
@@ -121,6 +139,8 @@ class RequestBody:
                 conn.writer.write(conn.conn.informational(100, b"Continue"))
                 await conn._drain()
             event = await conn._next_body_event()
+        except ClientGone as exc:
+            raise ClientBodyError(str(exc)) from None
         finally:
             self.active = False
             self.idle.set()
@@ -130,7 +150,7 @@ class RequestBody:
         if event is http1.END:
             self.done = True
             raise StopAsyncIteration
-        raise ClientGone(f"unexpected {type(event).__name__} in the request body")
+        raise ClientBodyError(f"unexpected {type(event).__name__} in the request body")
 
     async def aclose(self) -> None:
         self.closed = True

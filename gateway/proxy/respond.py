@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import http
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 from ..exchange import HOP_BY_HOP, BytesBody, FileBody, InvalidHeader, Response, header_line
 from ..observability.logging import get_logger
@@ -29,6 +29,7 @@ from . import http1
 from .request import AccessRecord, ClientGone
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..observability.metrics import Metrics
     from .server import ProxyServer
 
 log = get_logger("gateway.proxy")
@@ -84,18 +85,28 @@ def _default_reason(status: int) -> str:
         return ""
 
 
-class ResponseWriter:
-    """The response half of :class:`~.connection.ClientConnection` (a mixin: it uses the
-    connection's ``writer``, ``conn``, ``server``, ``metrics``, ``tls_host``, ``_loop``,
-    ``_via`` and ``_idle_timeout``)."""
+@runtime_checkable
+class ResponseWriterHost(Protocol):
+    """What :class:`ResponseWriter` needs from the class it is mixed into (the connection):
+    checked by the type checker where the mixin is used, and by a test against
+    :class:`~.connection.ClientConnection`."""
 
     writer: asyncio.StreamWriter
     conn: http1.ServerConnection
     server: "ProxyServer"
+    metrics: "Metrics"
     tls_host: Optional[str]
     _loop: asyncio.AbstractEventLoop
     _via: str
     _idle_timeout: float
+
+    def _remember(self, key: tuple, child: object) -> None:
+        """Keep a metric child for ``key`` (bounded cache on the server)."""
+
+
+class ResponseWriter(ResponseWriterHost):
+    """The response half of :class:`~.connection.ClientConnection`: a mixin that declares
+    (by subclassing it) the :class:`ResponseWriterHost` its host class must provide."""
 
     async def _drain(self) -> None:
         transport = self.writer.transport

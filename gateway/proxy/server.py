@@ -8,6 +8,7 @@ from typing import Optional
 from ..observability.logging import get_logger
 from .auth import ProxyAuth
 from .connection import ClientConnection
+from .memory import MemoryReleaser
 from .tunnel import TunnelOpener
 
 log = get_logger("gateway.proxy")
@@ -46,9 +47,12 @@ class ProxyServer:
         self._listen = listen or settings.server.listen
         self._server: Optional[asyncio.AbstractServer] = None
         self._connections: dict[ClientConnection, asyncio.Task] = {}
+        #: open connections per client address (proxy.max_connections_per_client)
+        self._per_address: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_refusal_log = -1e9
+        self.memory = MemoryReleaser()
         metrics.add_known_hosts(policy.hosts)
         #: prometheus children by label values (``labels()`` costs a lock and a tuple build on
         #: every call); bounded, the label values are
@@ -129,6 +133,7 @@ class ProxyServer:
         """Stop accepting and abort every connection (no grace)."""
         self.stop_accepting()
         self.draining = True
+        self.memory.cancel()
         await self._abort_all()
         if self._server is not None:
             self._server.close()
@@ -152,13 +157,26 @@ class ProxyServer:
                 log.warning("proxy_connections_not_closed", count=len(self._connections))
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        cap = self.settings.proxy.max_connections
+        proxy = self.settings.proxy
+        cap = proxy.max_connections
         if cap and len(self._connections) >= cap:
-            await self._refuse(reader, writer, cap)
+            await self._refuse(reader, writer, "too_many_connections", 503,
+                               b"Service Unavailable: too many connections",
+                               f"too many client connections (proxy.max_connections = {cap})")
+            return
+        peer = writer.get_extra_info("peername")
+        address = peer[0] if peer else "?"
+        per_client = proxy.max_connections_per_client
+        if per_client and self._per_address.get(address, 0) >= per_client:
+            await self._refuse(reader, writer, "too_many_connections_per_client", 429,
+                               b"Too Many Requests: too many connections from this address",
+                               f"too many connections from {address} "
+                               f"(proxy.max_connections_per_client = {per_client})")
             return
         conn = self.connection_class(self, reader, writer)
         task = asyncio.current_task()
         self._connections[conn] = task
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         self._idle.clear()
         if self.draining:
             conn.abort()
@@ -170,27 +188,30 @@ class ProxyServer:
             pass
         finally:
             self._connections.pop(conn, None)
+            left = self._per_address.pop(address, 1) - 1
+            if left > 0:
+                self._per_address[address] = left
+            self.memory.connection_closed()
             if not self._connections:
                 self._idle.set()
 
-
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      cap: int) -> None:
-        """Over ``proxy.max_connections``: a short 503 with Retry-After, then close (clients
-        retry; better than the whole process running out of file descriptors). The client's
-        request is read and dropped for up to a second before closing: closing with it unread
-        would reset the connection and the client might never see the 503."""
-        self.metrics.client_errors.labels(reason="too_many_connections").inc()
+                      reason: str, status: int, status_text: bytes, message: str) -> None:
+        """Over ``proxy.max_connections`` (503) or ``proxy.max_connections_per_client`` (429):
+        a short answer with Retry-After, then close (clients retry; better than the whole
+        process running out of file descriptors, or one client taking every slot). The
+        client's request is read and dropped for up to a second before closing: closing with
+        it unread would reset the connection and the client might never see the answer."""
+        self.metrics.client_errors.labels(reason=reason).inc()
         now = asyncio.get_running_loop().time()
         if now - self._last_refusal_log >= 10.0:  # a flood must not flood the log too
             self._last_refusal_log = now
-            log.warning("proxy_connection_refused", reason="proxy.max_connections reached",
-                        max_connections=cap)
-        body = (f"trivy-gateway: too many client connections (proxy.max_connections = {cap}); "
-                "retry shortly\n").encode()
-        writer.write(b"HTTP/1.1 503 Service Unavailable: too many connections\r\n"
+            log.warning("proxy_connection_refused", reason=message)
+        body = f"trivy-gateway: {message}; retry shortly\n".encode()
+        writer.write(b"HTTP/1.1 %d %s\r\n"
                      b"Content-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
-                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                     % (status, status_text, len(body), body))
         try:
             writer.write_eof()
             async with asyncio.timeout(1.0):

@@ -17,6 +17,13 @@ class ProxyAuthSettings:
     password_env: str = "TRIVY_GATEWAY_PROXY_PASSWORD"
     password_file: Optional[str] = None
     realm: str = "trivy-gateway"
+    #: wrong credentials from one client address this many times within ``failure_window``
+    #: lock that address out for ``lockout`` (429 + Retry-After, credentials not even checked),
+    #: so a password cannot be guessed at line rate. 0: no limit. A request without any
+    #: credentials (the first leg of a 407 challenge) is not a failure.
+    max_failures: int = 10
+    failure_window: Duration = Duration(60)
+    lockout: Duration = Duration(60)
     #: resolved at load time from password_env / password_file; never logged, never a YAML key
     password: str = field(default="", metadata=secret("use proxy.auth.password_env or "
                                                       "proxy.auth.password_file"))
@@ -24,6 +31,11 @@ class ProxyAuthSettings:
     def validate(self, path: str) -> None:
         if self.enabled and not self.username:
             raise ConfigError(f"{path}.username", "required when proxy auth is enabled")
+        if self.max_failures < 0:
+            raise ConfigError(f"{path}.max_failures", "must be 0 (no limit) or positive")
+        if self.max_failures and (self.failure_window <= 0 or self.lockout <= 0):
+            key = "failure_window" if self.failure_window <= 0 else "lockout"
+            raise ConfigError(f"{path}.{key}", "must be positive when max_failures is set")
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
         return (f"ProxyAuthSettings(enabled={self.enabled}, username={self.username!r}, "
@@ -37,7 +49,8 @@ class ProxySettings:
     via_pseudonym: str = "trivy-gateway"
     #: a client connection idle this long between requests is closed
     idle_timeout: Duration = Duration(120)
-    #: time allowed for a client to send a complete request head
+    #: time allowed for a client to send a complete request head; also how long a new
+    #: connection (or one just switched to TLS) may stay silent before its first byte
     header_timeout: Duration = Duration(30)
     #: request heads larger than this are refused with 431
     max_header_bytes: int = 64 * 1024
@@ -47,6 +60,11 @@ class ProxySettings:
     #: (0: no cap). Each takes a file descriptor (a tunnel two): the gateway raises its soft
     #: RLIMIT_NOFILE towards the hard limit at start and warns when the cap cannot fit in it.
     max_connections: int = 4096
+    #: client connections open at once from one client address; one more is answered 429 +
+    #: Retry-After and closed (0: no per-address cap). Keeps one client (or one misbehaving
+    #: host) from taking all of ``max_connections``; a CI host running many scans at once
+    #: needs a few dozen.
+    max_connections_per_client: int = 256
 
     def validate(self, path: str) -> None:
         at_least(self.max_header_bytes, 4096, f"{path}.max_header_bytes", "4096 bytes")
@@ -55,3 +73,6 @@ class ProxySettings:
         at_least(self.idle_timeout, 0.1, f"{path}.idle_timeout", "0.1s")
         if self.max_connections < 0:
             raise ConfigError(f"{path}.max_connections", "must be 0 (no cap) or positive")
+        if self.max_connections_per_client < 0:
+            raise ConfigError(f"{path}.max_connections_per_client",
+                              "must be 0 (no cap) or positive")

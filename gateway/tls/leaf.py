@@ -1,7 +1,12 @@
 """Leaf certificates for intercepted hosts, minted on demand and kept in a bounded LRU.
 
 Every leaf shares one ECDSA P-256 key pair generated when the issuer starts (per process, never
-written to disk), so minting is one signature (~100 µs) rather than a key generation. Each leaf
+written to disk), so minting is one signature (~60 µs) rather than a key generation. The
+server-side context built around it costs more (~0.7 ms: a fresh ``SSL_CTX`` and a PEM parse),
+so the proxy asks through :meth:`LeafIssuer.acontext_for`, which builds a missing entry in a
+worker thread — a storm of distinct names under a ``*.suffix`` rule must not stall every other
+connection on the event loop — and only once per name however many connections ask at the same
+time (single flight); the LRU (``tls.leaf_cache_size``) bounds what is kept. Each leaf
 carries the host as a SAN (DNS name or IP address: Go ignores the CN), the serverAuth EKU, the
 CA's key identifier as AKI, and a validity of ``tls.leaf_validity`` backdated by an hour for
 clients whose clocks run slow. The server-side :class:`ssl.SSLContext` built for a leaf is cached
@@ -14,13 +19,16 @@ temporary file in a private directory, removed at once.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import ssl
 import tempfile
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -32,6 +40,10 @@ from .ca import CertificateAuthority
 
 #: clocks of clients may lag; a leaf is valid from this long before it was minted
 BACKDATE = dt.timedelta(hours=1)
+#: leaf builds run here, not in the loop's default executor: a mint must never queue behind
+#: slow work others put there (DNS lookups, file operations), and two threads are plenty for
+#: ~1 ms jobs that mostly hold the GIL anyway
+_MINT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="leaf-mint")
 
 
 @dataclass
@@ -58,6 +70,8 @@ class LeafIssuer:
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
             ca.subject_key_identifier)
         self._cache: "OrderedDict[str, _Leaf]" = OrderedDict()
+        #: names being minted in a worker thread -> the future every asker waits on
+        self._pending: dict[str, asyncio.Future] = {}
         # re-mint a cached leaf once less than this much of its validity is left
         self._renew_margin = min(self.validity.total_seconds() / 4, 86400.0)
 
@@ -102,22 +116,52 @@ class LeafIssuer:
         return self._entry(host).cert
 
     def context_for(self, host: str) -> ssl.SSLContext:
-        """A server-side context presenting a leaf for ``host`` (TLS ≥ 1.2, ALPN http/1.1)."""
+        """A server-side context presenting a leaf for ``host`` (TLS ≥ 1.2, ALPN http/1.1).
+
+        Mints on the calling thread when the leaf is not cached; on the event loop use
+        :meth:`acontext_for`."""
         return self._entry(host).context
 
-    def _entry(self, host: str) -> _Leaf:
+    async def acontext_for(self, host: str) -> ssl.SSLContext:
+        """:meth:`context_for` for the event loop: a cached leaf at once, a missing one built in
+        a worker thread, one build per name for all the connections waiting for it."""
         key = normalize_host(host)
+        leaf = self._cached(key)
+        if leaf is not None:
+            return leaf.context
+        pending = self._pending.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = self._pending[key] = loop.run_in_executor(_MINT_POOL, self._new_leaf, key)
+            try:
+                leaf = await asyncio.shield(pending)
+            finally:
+                del self._pending[key]
+            return self._store(key, leaf).context
+        return (await asyncio.shield(pending)).context
+
+    def _cached(self, key: str) -> Optional[_Leaf]:
         leaf = self._cache.get(key)
         if leaf is not None and leaf.not_after - time.time() > self._renew_margin:
             self._cache.move_to_end(key)
             return leaf
+        return None
+
+    def _new_leaf(self, key: str) -> _Leaf:
+        """Mint and build a context (thread-safe: touches no shared mutable state)."""
         cert = self.mint(key)
-        leaf = _Leaf(cert, cert.not_valid_after_utc.timestamp(), self._build_context(cert))
+        return _Leaf(cert, cert.not_valid_after_utc.timestamp(), self._build_context(cert))
+
+    def _store(self, key: str, leaf: _Leaf) -> _Leaf:
         self._cache[key] = leaf
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return leaf
+
+    def _entry(self, host: str) -> _Leaf:
+        key = normalize_host(host)
+        return self._cached(key) or self._store(key, self._new_leaf(key))
 
     def _build_context(self, cert: x509.Certificate) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
