@@ -47,7 +47,7 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 CLIENT_ERROR_REASONS = ("malformed", "bad_target", "not_proxy_request", "early_data",
                         "header_timeout", "header_too_large", "disconnected",
                         "too_many_connections", "too_many_connections_per_client",
-                        "first_byte_timeout", "auth_locked_out")
+                        "first_byte_timeout", "auth_locked_out", "bad_host", "misdirected")
 #: ``reason`` of trivy_gateway_cache_store_errors_total
 STORE_ERROR_REASONS = ("disk_full", "io_error")
 #: ``role`` of trivy_gateway_fleet_fills_total

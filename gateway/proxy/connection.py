@@ -301,7 +301,8 @@ class ClientConnection(ResponseWriter):
 
     async def _head_error(self, status: int, message: str) -> None:
         """Answer a request whose head could not be read (raw, then close), and log it."""
-        rec = AccessRecord(client=self.client, method="", started=self._loop.time())
+        rec = AccessRecord(client=self.client, method="", started=self._loop.time(),
+                           door=self.server.door_name)
         if self.tls_host is not None:
             rec.scheme, rec.host, rec.port = "https", self.tls_host, self.tls_port
             rec.decision = "intercept"
