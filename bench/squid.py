@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import psutil
-
-from procs import wait_port
+from procs import process_tree, program_version, stop_process, wait_port
 
 CERTGEN = "/usr/lib/squid/security_file_certgen"
 
@@ -69,11 +67,7 @@ class Squid:
 
     @classmethod
     def version(cls) -> str:
-        b = cls.binary()
-        if not b:
-            return "not installed"
-        out = subprocess.run([b, "-v"], capture_output=True, text=True, timeout=10)
-        return out.stdout.splitlines()[0] if out.stdout else "?"
+        return program_version(cls.binary())
 
     def start(self) -> "Squid":
         b = self.binary()
@@ -109,22 +103,10 @@ class Squid:
 
     def pids(self) -> list[int]:
         """The master and its kids (the worker, the disker, the certificate helpers)."""
-        if self.proc is None:
-            return []
-        try:
-            p = psutil.Process(self.proc.pid)
-            return [p.pid] + [c.pid for c in p.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return process_tree(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, signal.SIGTERM, 15)
         if getattr(self, "_log", None):
             self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
