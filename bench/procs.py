@@ -37,6 +37,41 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def program_version(binary: Optional[str]) -> str:
+    """The first line ``binary -v`` prints (on stdout or stderr), or ``not installed``."""
+    if not binary:
+        return "not installed"
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def process_tree(proc: Optional[subprocess.Popen]) -> list[int]:
+    """The pid of ``proc`` and of all its descendants (a server's master and workers)."""
+    if proc is None:
+        return []
+    try:
+        p = psutil.Process(proc.pid)
+        return [p.pid] + [c.pid for c in p.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def stop_process(proc: Optional[subprocess.Popen], sig: int, grace: float) -> None:
+    """Send ``sig`` (the server's graceful stop), then SIGTERM and SIGKILL if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    for follow_up in (proc.terminate, proc.kill):
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            follow_up()
+            grace = 5
+    proc.wait(5)
+
+
 class PortProcess:
     """A Python helper server that prints ``PORT <n>`` once listening."""
 
@@ -148,11 +183,7 @@ class Nginx:
 
     @classmethod
     def version(cls) -> str:
-        b = cls.binary()
-        if not b:
-            return "not installed"
-        out = subprocess.run([b, "-v"], capture_output=True, text=True, timeout=10)
-        return (out.stderr or out.stdout).strip().replace("nginx version: ", "")
+        return program_version(cls.binary()).replace("nginx version: ", "")
 
     def start(self) -> "Nginx":
         b = self.binary()
@@ -177,26 +208,10 @@ class Nginx:
         return self
 
     def pids(self) -> list[int]:
-        if self.proc is None:
-            return []
-        try:
-            p = psutil.Process(self.proc.pid)
-            return [p.pid] + [c.pid for c in p.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return process_tree(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: master stops its workers
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+        stop_process(self.proc, signal.SIGQUIT, 10)  # graceful: master stops its workers
         if getattr(self, "_log", None):
             self._log.close()
 

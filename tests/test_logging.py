@@ -11,7 +11,7 @@ import pytest
 import structlog
 from structlog.processors import TimeStamper
 
-from gateway.observability.logging import _UtcIsoStamper, configure_logging, get_logger
+from gateway.observability.logging import InfoLine, _UtcIsoStamper, configure_logging, get_logger
 from gateway.settings import LoggingSettings
 
 #: what TimeStamper(fmt="iso", utc=True) writes: microseconds, omitted when they are zero
@@ -49,6 +49,38 @@ def test_access_line_fields_order_and_values(lines):
                           "timestamp"]
     assert line["duration"] == 0.0004 and line["event"] == "request" and line["level"] == "info"
     assert ISO_UTC.match(line["timestamp"]), line["timestamp"]
+
+
+ACCESS_FIELDS = dict(request_id="a-1", client="127.0.0.1:1", method="GET", scheme="https",
+                     host="repo.maven.apache.org", port=443, path="/maven2/x.pom", status=200,
+                     bytes=4096, duration=0.0004, decision="intercept", cache="hit", door="proxy")
+
+
+def test_info_line_writes_what_the_bound_logger_writes(lines):
+    bound = get_logger("gateway.access").bind(conn="c-1")
+    bound.info("request", **ACCESS_FIELDS)
+    InfoLine(bound)("request", dict(ACCESS_FIELDS))
+    first, second = lines()
+    assert list(first) == list(second)
+    first.pop("timestamp"), second.pop("timestamp")
+    assert first == second and first["conn"] == "c-1"
+
+
+def test_info_line_is_silent_above_info_and_follows_capture_logs():
+    buf = io.StringIO()
+    configure_logging(LoggingSettings(level="warning", format="json"), stream=buf)
+    try:
+        InfoLine(get_logger("gateway.access").bind())("request", dict(ACCESS_FIELDS))
+        assert buf.getvalue() == ""
+        configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
+        with structlog.testing.capture_logs() as captured:
+            # bound inside the capture, as a connection accepted during a test is
+            InfoLine(get_logger("gateway.access").bind())("request", dict(ACCESS_FIELDS))
+        assert buf.getvalue() == ""
+        assert [(e["event"], e["log_level"], e["path"]) for e in captured] == [
+            ("request", "info", "/maven2/x.pom")]
+    finally:
+        structlog.reset_defaults()
 
 
 def test_values_json_cannot_encode_are_logged_as_before(lines):

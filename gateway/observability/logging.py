@@ -188,5 +188,47 @@ def configure_logging(settings: LoggingSettings, stream=None) -> None:
                         format="%(levelname)s %(name)s %(message)s")
 
 
+class InfoLine:
+    """``bound.info(event, **fields)`` for a logger bound once and called per request (the
+    access log), without structlog's per-call plumbing.
+
+    The same processors (the chain the bound logger was created with), the same wrapped logger,
+    the same text; what is skipped is the bound logger's generic path (method proxy, context
+    copy and merge, result dispatch), about half the cost of a line (~4.4 → ~2.5 µs measured
+    here). A chain that drops the event (:class:`structlog.DropEvent`, e.g. ``capture_logs`` in
+    tests) drops it here too, and a level above ``info`` makes the call a no-op, as the
+    filtering bound logger does.
+    """
+
+    __slots__ = ("_context", "_processors", "_logger", "enabled")
+
+    def __init__(self, bound: Any) -> None:
+        # structlog's BoundLoggerBase keeps these as attributes; fixed at bind time, like
+        # the bound logger itself
+        self._context = dict(bound._context)
+        self._processors = tuple(bound._processors)
+        self._logger = bound._logger
+        self.enabled = bound.is_enabled_for(logging.INFO)
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        """Log ``fields`` (a dict the caller hands over: it becomes the event dict)."""
+        if not self.enabled:
+            return
+        event_dict: Any = {**self._context, **fields} if self._context else fields
+        event_dict["event"] = event
+        logger = self._logger
+        try:
+            for processor in self._processors:
+                event_dict = processor(logger, "info", event_dict)
+        except structlog.DropEvent:
+            return
+        if isinstance(event_dict, (str, bytes, bytearray)):
+            logger.info(event_dict)
+        elif isinstance(event_dict, tuple):
+            logger.info(*event_dict[0], **event_dict[1])
+        else:
+            logger.info(**event_dict)
+
+
 def get_logger(name: str):
     return structlog.get_logger(name)

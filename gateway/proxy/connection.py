@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 from multidict import CIMultiDict
 
 from ..exchange import ClientBodyError, EmptyBody, Exchange, Response, error_response
-from ..observability.logging import get_logger
+from ..observability.logging import InfoLine, get_logger
 from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
 from .respond import CLOSE, SWITCHED, ResponseWriter
@@ -85,7 +85,7 @@ class ClientConnection(ResponseWriter):
         #: sends must not hold a slot of max_connections for the idle timeout)
         self._fresh = True
         # bound once per connection: the lazy module-level proxy binds anew on every call
-        self._access_log = access_log.bind()
+        self._access_log = InfoLine(access_log.bind())
 
     def _new_http1(self) -> http1.ServerConnection:
         return http1.ServerConnection(max_head_bytes=self.settings.max_header_bytes)
@@ -338,8 +338,7 @@ class ClientConnection(ResponseWriter):
         finally:
             self._account(rec)
 
-    @staticmethod
-    def _host_field_problem(request: http1.RequestHead, headers: RequestFields) -> str:
+    def _host_field_problem(self, request: http1.RequestHead, headers: RequestFields) -> str:
         """RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host field, any request at most
         one, and its value is a valid authority (or empty); '' when all is well."""
         count = headers.host_count
@@ -348,7 +347,9 @@ class ClientConnection(ResponseWriter):
         if count == 0:
             return "missing Host header field" if request.http_version == "1.1" else ""
         value = headers.host
-        if value:                                # an empty value is allowed (§3.2)
+        # an empty value is allowed (§3.2); the Host this connection already accepted (the same
+        # on every request of a kept-alive connection) was parsed then
+        if value and value != self._host_ok:
             try:
                 parse_authority(value, 80)
             except TargetError as exc:
@@ -686,4 +687,4 @@ class ClientConnection(ResponseWriter):
             fields["bytes_in"] = rec.bytes_in
         if rec.error:
             fields["error"] = rec.error
-        self._access_log.info("request", **fields)
+        self._access_log("request", fields)
