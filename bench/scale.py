@@ -210,6 +210,16 @@ class ScaleBench(Bench):
             note=f"1 worker + redis {o['rate']:,.0f} req/s; server CPU: {a.workers} workers "
                  f"{m['server_cpu']:.0%}, 1 process {s['server_cpu']:.0%}; client CPU "
                  f"{m['client_cpu']:.0%} / {s['client_cpu']:.0%} of a core"))
+        # what the machine allows: every request costs server + client CPU on the same cores
+        client_us = (m["client_cpu"] / m["rate"] * 1e6) if m["rate"] else float("nan")
+        cap = 1e6 * (os.cpu_count() or 1) / (m["cpu_us_per_req"] + client_us)
+        self.rows.append(dict(
+            metric="  scaling per server core", gateway=f"{m['rate'] / m['server_cpu']:,.0f} req/s/core",
+            reference=f"{s['rate'] / s['server_cpu']:,.0f} req/s/core",
+            ratio=(m["rate"] / m["server_cpu"]) / (s["rate"] / s["server_cpu"]), target="(info)", ok=None,
+            note=f"client {client_us:.0f} us + server {m['cpu_us_per_req']:.0f} us per request: "
+                 f"{os.cpu_count()} cores saturate at ~{cap:,.0f} req/s ({cap / s['rate']:.2f}x one "
+                 f"process) with the load generator on the same machine"))
         self.rows.append(dict(
             metric="  latency p50 / p99", gateway=f"{m['p50_ms']:.2f} / {m['p99_ms']:.2f} ms",
             reference=f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms", ratio=None,
@@ -276,14 +286,16 @@ class ScaleBench(Bench):
         s3_runs = []
         for p, b in zip(paths, self.blobs):
             before = rb.metric("trivy_gateway_fleet_fills_total", role="s3")
+            weed0 = cpu_of(tree_pids(self.s3.proc.pid))
             r = self.streams(self.tls_spec(rb, self.mirror, p), 1, [rb.proc.pid], a.timeout)
             self.check_errors("B from S3", r)
             rec = r["records"][0] if r["records"] else {}
             via_s3 = rb.metric("trivy_gateway_fleet_fills_total", role="s3") - before
             ok_bytes = rec.get("bytes") == b.size
+            r["weed_s_per_gib"] = (cpu_of(tree_pids(self.s3.proc.pid)) - weed0) / (b.size / (1024 * MIB))
             s3_runs.append(r)
             print(f"  B from S3: {r['mib_s']:.0f} MiB/s ({r['cpu_s_per_gib']:.2f} s CPU/GiB in the "
-                  f"replica; s3 fills +{via_s3:.0f}; bytes ok {ok_bytes}; {rec.get('cache_status')}) "
+                  f"replica, weed mini {r['weed_s_per_gib']:.2f} s/GiB; s3 fills +{via_s3:.0f}; bytes ok {ok_bytes}; {rec.get('cache_status')}) "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
         ups = [e for e in world.requests(path_contains="/blobs/") if e.method == "GET"]
         s3_mib = med([r["mib_s"] for r in s3_runs])
@@ -292,7 +304,8 @@ class ScaleBench(Bench):
             reference="-", ratio=None, target="(reported)", ok=None,
             note=f"runs {mibs(s3_runs)} MiB/s; upstream GETs "
                  f"during them: {len(ups)}; replica CPU per GiB "
-                 f"{med([r['cpu_s_per_gib'] for r in s3_runs]):.2f} s (weed mini not counted)"))
+                 f"{med([r['cpu_s_per_gib'] for r in s3_runs]):.2f} s, weed mini "
+                 f"{med([r['weed_s_per_gib'] for r in s3_runs]):.2f} s"))
         # single process: warm (fill + one hit)
         for _ in range(2):
             rec = self.one(single, self.mirror, paths[0])
