@@ -213,13 +213,14 @@ class ScaleBench(Bench):
         # what the machine allows: every request costs server + client CPU on the same cores
         client_us = (m["client_cpu"] / m["rate"] * 1e6) if m["rate"] else float("nan")
         cap = 1e6 * (os.cpu_count() or 1) / (m["cpu_us_per_req"] + client_us)
+        one_core = 1e6 / s["cpu_us_per_req"]  # one process can use one core at most
         self.rows.append(dict(
             metric="  scaling per server core", gateway=f"{m['rate'] / m['server_cpu']:,.0f} req/s/core",
             reference=f"{s['rate'] / s['server_cpu']:,.0f} req/s/core",
             ratio=(m["rate"] / m["server_cpu"]) / (s["rate"] / s["server_cpu"]), target="(info)", ok=None,
             note=f"client {client_us:.0f} us + server {m['cpu_us_per_req']:.0f} us per request: "
-                 f"{os.cpu_count()} cores saturate at ~{cap:,.0f} req/s ({cap / s['rate']:.2f}x one "
-                 f"process) with the load generator on the same machine"))
+                 f"{os.cpu_count()} cores saturate at ~{cap:,.0f} req/s with the load generator on "
+                 f"them = {cap / one_core:.2f}x one process on a full core ({one_core:,.0f} req/s)"))
         self.rows.append(dict(
             metric="  latency p50 / p99", gateway=f"{m['p50_ms']:.2f} / {m['p99_ms']:.2f} ms",
             reference=f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms", ratio=None,
