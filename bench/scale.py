@@ -313,32 +313,12 @@ class ScaleBench(Bench):
         print(f"  single process warm: {rec.get('cache_status')}", flush=True)
         rec = self.one(rb, self.mirror, paths[0])
         print(f"  replica B local: {rec.get('cache_status')}", flush=True)
-        self.throughput_pair(f"cached {a.blob_mib:g} MiB blob, replica local tier",
-                             ("replica B", self.tls_spec(rb, self.mirror, paths[0]), [rb.proc.pid]),
-                             ("1 process", self.tls_spec(single, self.mirror, paths[0]),
-                              [single.proc.pid]), 0.9)
-
-    def throughput_pair(self, label: str, gw: tuple, ref: tuple, target: float) -> None:
-        a = self.args
-        runs: dict[str, list[dict]] = {gw[0]: [], ref[0]: []}
-        for i in range(a.runs):
-            for name, spec, pids in (gw, ref):
-                r = self.streams(spec, 1, pids, timeout=a.timeout)
-                self.check_errors(f"{label} {name}", r)
-                runs[name].append(r)
-                print(f"  run {i + 1} {name}: {r['mib_s']:.0f} MiB/s ({r['cpu_s_per_gib']:.2f} s "
-                      f"CPU/GiB, client CPU {r['client_cpu'] / r['span']:.0%}) "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
-        g = med([r["mib_s"] for r in runs[gw[0]]])
-        f = med([r["mib_s"] for r in runs[ref[0]]])
-        self.rows.append(dict(
-            metric=label, gateway=f"{g:,.0f} MiB/s", reference=f"{f:,.0f} MiB/s ({ref[0]})",
-            ratio=g / f if f else float("nan"), target=f">= {target}x",
-            ok=(g / f >= target) if f else None,
-            note=f"median of {a.runs}: {gw[0]} {mibs(runs[gw[0]])}; {ref[0]} "
-                 f"{mibs(runs[ref[0]])}; CPU per GiB "
-                 f"{med([r['cpu_s_per_gib'] for r in runs[gw[0]]]):.2f} s / "
-                 f"{med([r['cpu_s_per_gib'] for r in runs[ref[0]]]):.2f} s"))
+        # run.py's figure 1 with replica B as "gateway" and today's process as the reference
+        self.gw_pid = rb.proc.pid
+        self.throughput(f"cached {a.blob_mib:g} MiB blob, replica B's local tier",
+                        self.tls_spec(rb, self.mirror, paths[0]),
+                        self.tls_spec(single, self.mirror, paths[0]), [single.proc.pid],
+                        a.blob_mib, 0.9, "1 process")
 
     def print_env(self) -> None:
         a = self.args
@@ -364,6 +344,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--artifact-dir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")
+    p.set_defaults(quick=False)  # read by run.py's report()
     return p.parse_args(argv)
 
 
@@ -379,18 +360,7 @@ def main(argv=None) -> int:
             bench.workers()
         if "shared" in phases:
             bench.shared()
-        print()
-        print("=" * 118)
-        bench.print_env()
-        print("-" * 118)
-        for r in bench.rows:
-            ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-            ok = "" if r["ok"] is None else ("ok" if r["ok"] else "MISS")
-            print(f"{r['metric'][:50]:50} {r['gateway'][:22]:22} {r['reference'][:32]:32} "
-                  f"{ratio:>6}  {r['target'][:16]:16} {ok:4}")
-            if r.get("note"):
-                print(f"{'':52}{r['note']}")
-        print("=" * 118)
+        bench.report()  # run.py's table (its header and this class's print_env)
     finally:
         bench.stop_all()
         print(f"total wall time {time.monotonic() - started:.0f}s")
