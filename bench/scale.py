@@ -59,6 +59,18 @@ def mibs(runs: list[dict]) -> str:
     return ", ".join(f"{r['mib_s']:.0f}" for r in runs)
 
 
+def worker_metric(gw, i: int, name: str) -> float:
+    """Sum of ``name`` on worker ``i``'s admin port (admin_listen + i)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    host, port = gw.config["server"]["admin_listen"].rsplit(":", 1)
+    with urllib.request.urlopen(f"http://{host}:{int(port) + i}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(smp.value for fam in text_string_to_metric_families(text)
+               for smp in fam.samples if smp.name == name)
+
+
 def consecutive_free_ports(n: int) -> int:
     """A port p with p .. p+n-1 free on 127.0.0.1 (worker i's admin port is admin_listen + i)."""
     import socket
@@ -234,6 +246,10 @@ class ScaleBench(Bench):
                  f"({a.workers} workers / 1 worker); sum over supervisor + workers"))
         print(f"  redis-server CPU over the phase: {cpu_of([redis_pid]) - redis0:.2f} s in "
               f"{time.time() - wall0:.0f} s", flush=True)
+        split = [worker_metric(multi, i, "trivy_gateway_requests_total") for i in range(a.workers)]
+        self.details["requests_per_worker"] = split
+        print(f"  requests served per worker over the phase (SO_REUSEPORT spread): "
+              f"{' / '.join(f'{x:,.0f}' for x in split)}", flush=True)
         for gw in (single, one_redis, multi):
             gw.stop()
 
