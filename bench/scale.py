@@ -1,6 +1,6 @@
 """Scale-out benchmark (issue 12): workers on one machine and the per-replica blob paths. Not a test.
 
-    python bench/scale.py                       # both phases, 64 MiB blobs, ~3 minutes
+    python bench/scale.py                       # both phases, 64 MiB blobs, ~1.5 minutes
     python bench/scale.py --only workers        # small hits: server.workers 2 vs one process
     python bench/scale.py --only shared --blob-mib 200
 
