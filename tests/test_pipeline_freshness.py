@@ -49,7 +49,10 @@ class Harness:
         root = tmp_path / "data" / "cache"
         self.blobs = BlobStore(root, self.settings.cache.max_size, 0, self.metrics)
         self.blobs.open()
-        self.entries = EntryStore(root, self.blobs, self.settings.cache.memory, self.metrics)
+        #: the entry store's monotonic clock (purge-marker checks), moved by the test
+        self.mono = Clock(0.0)
+        self.entries = EntryStore(root, self.blobs, self.settings.cache.memory, self.metrics,
+                                  monotonic=self.mono)
         self.entries.open()
         self.upstream = UpstreamClient(self.settings.upstream, self.metrics)
         self.clock = Clock()
@@ -203,3 +206,52 @@ async def test_vary_variant_never_served_stale_or_coalesced_to_another_client(wo
     bob = await h.get(CHECK, "/w", Cookie="u=bob")
     assert (await alice)[2] == b"alice" and bob[2] == b"bob"
     assert len(world.requests(host=CHECK, path_contains="/w")) == 2
+
+
+async def test_try_hit_answers_fresh_memory_hits_as_handle_does_and_declines_the_rest(world, make,
+                                                                                    tmp_path):
+    """``Pipeline.try_hit`` (the proxy's synchronous first ask) gives exactly ``handle``'s answer
+    for a fresh in-memory hit, and None — never another answer — for a miss, another Vary
+    variant, an expired entry, or while an operator's purge is not yet checked for."""
+    h = await make({"policy": {"rules": [{"host": CHECK, "action": "intercept"}]}})
+    world.fail_status(CHECK, 200, path="^/a$", times=None, body=b"a-body",
+                      content_type="text/plain", headers=[("Cache-Control", "max-age=30")])
+    world.fail_status(CHECK, 200, path="^/v$", times=None, body=b"alice",
+                      content_type="text/plain",
+                      headers=[("Cache-Control", "max-age=30"), ("Vary", "Cookie")])
+
+    def ask(target: str, **headers: str):
+        ex = Exchange("GET", "https", CHECK, 443, target, CIMultiDict(headers))
+        return ex, h.pipeline.try_hit(ex)
+
+    ex, quick = ask("/a")
+    assert quick is None and "cache" not in ex.notes       # a miss: not counted, not answered
+    assert (await h.get(CHECK, "/a"))[2:] == (b"a-body", "miss")
+    via_handle = await h.get(CHECK, "/a")
+    h.clock.advance(5)
+    ex, quick = ask("/a")
+    assert quick is not None and ex.notes["cache"] == "hit"
+    assert (quick.status, quick.body.data) == (via_handle[0], via_handle[2]) == (200, b"a-body")
+    assert quick.headers["Cache-Status"].startswith("trivy-gateway; hit")
+    assert quick.head is not None and b"Age: 5\r\n" in quick.head
+
+    await h.get(CHECK, "/v", Cookie="u=alice")
+    assert ask("/v", Cookie="u=alice")[1] is not None
+    assert ask("/v", Cookie="u=bob")[1] is None            # another variant: handle() decides
+
+    # an operator purge (another process: entry gone, marker touched) is seen by handle()
+    # once the check is due; try_hit must not answer from memory in the meantime
+    other = EntryStore(tmp_path / "h0" / "data" / "cache", h.blobs, h.settings.cache.memory,
+                       Metrics())
+    other.open()
+    for e in list(other.iter_entries()):
+        await other.delete(e.key)
+    other.mark_purged()
+    h.mono.advance(1.5)                                    # PURGE_CHECK_INTERVAL has passed
+    assert ask("/a")[1] is None
+    assert (await h.get(CHECK, "/a"))[3] == "miss"
+    assert ask("/a")[1] is not None                        # refilled, checked: answered again
+
+    h.clock.advance(31)                                    # expired: not answered here
+    assert ask("/a")[1] is None
+    assert (await h.get(CHECK, "/a"))[3] == "miss"

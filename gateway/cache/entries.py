@@ -202,15 +202,24 @@ class _MemoryFront:
         if old is not None:
             self._hot_total -= old[1]
 
-    async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
+    def peek(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
+        """The hot value, when ``_hot`` may answer for ``key`` without awaiting; None otherwise
+        (not known here: ask :meth:`get`). Same LRU bookkeeping as a hit through :meth:`get`."""
         hot = self._hot.get(key)
+        if hot is None:
+            return None
+        if hot[2] == float("inf") or hot[2] > self.monotonic():
+            self._hot.move_to_end(key)
+            if key in self._sizes:
+                self._sizes.move_to_end(key)
+            return hot[0]
+        self._hot_pop(key)
+        return None
+
+    async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
+        hot = self.peek(key)
         if hot is not None:
-            if hot[2] == float("inf") or hot[2] > self.monotonic():
-                self._hot.move_to_end(key)
-                if key in self._sizes:
-                    self._sizes.move_to_end(key)
-                return hot[0]
-            self._hot_pop(key)
+            return hot
         if self._skipping():
             return None  # a miss here; the disk is the truth
         try:
@@ -350,6 +359,22 @@ class EntryStore:
     def mark_purged(self) -> None:
         """Called by the operator commands after they removed entries or blobs."""
         self.purge_marker.write_text(f"{time.time():.6f}\n", encoding="utf-8")
+
+    def peek(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
+        """:meth:`get`'s answer when it is known without awaiting: the memory front's hot value
+        with its body in memory (or no body), and no purge-marker check due. None means "not
+        known here", not "absent": the caller then awaits :meth:`get`."""
+        if self.monotonic() - self._marker_checked >= PURGE_CHECK_INTERVAL:
+            return None
+        cached = self.front.peek(key)
+        if cached is None:
+            return None
+        entry = cached[0]
+        if entry.body_digest is None:
+            return entry, b""
+        if cached[1] is not None:
+            return entry, cached[1]
+        return None                              # body on disk: get() checks the blob store
 
     async def get(self, key: str) -> Optional[tuple[Entry, Optional[bytes]]]:
         """The entry and, when small enough to be in memory, its body."""

@@ -67,38 +67,44 @@ class Pipeline:
         self._request_counters: dict[tuple[str, str, str], object] = {}
 
     # -- entry point ----------------------------------------------------------------------------
+    def try_hit(self, ex: Exchange) -> Optional[Response]:
+        """The answer to ``ex`` when it is known without awaiting, else None (then
+        :meth:`handle`, which would give the same answer for it).
+
+        Why: a small fresh hit held in memory is most of what Trivy asks for, and answering it
+        needs no I/O; the proxy calls this first and so spares such a hit the chain of
+        coroutines (``handle`` → ``EntryStore.get`` → the front's ``get``). The answer is
+        produced by the same lines as in :meth:`handle` (:meth:`_classify`, :meth:`_token`,
+        :meth:`_fresh_hit`); None also means "not known here" (a miss, an entry only on disk or
+        in Redis, a purge-marker check due), never a different answer.
+        """
+        lower, res = self._classify(ex)
+        token = self._token(ex, res)
+        if token is not None:
+            return token
+        if not self._lookup_allowed(ex, res):
+            return None
+        found = self._variant(self.entries.peek(res.cache_key), lower)
+        return self._fresh_hit(ex, res, found, self.clock()) if found is not None else None
+
     async def handle(self, ex: Exchange, revalidate: bool = False) -> Response:
         """Answer one request. ``revalidate=True`` (the prefetcher: has the tag moved?) checks
         even a fresh entry with the upstream (conditionally: a 304 keeps it); everything else —
         single flight, circuit, rate limits, verification, stale on failure — as for a client."""
-        lower = fold_fields(ex.headers.items())
-        # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries);
-        # the upstream URL's scheme (ex.url), not necessarily the client connection's
-        res = classify(ex.method, ex.authority, ex.path, ex.query, lower, self.cfg,
-                       scheme=ex.scheme)
-        ex.notes["kind"] = res.kind
-        if res.kind == "oci_auth" and res.cache_key and res.cache_key.startswith("oci-token|"):
-            token = public_token_response(ex, self.cfg)
-            if token is not None:
-                self._count(ex, res, CacheResult.HIT)
-                return token
-        if not res.cacheable or ex.method not in ("GET", "HEAD") or (
-                res.kind == "oci_blob" and ex.method == "HEAD"
-                and not self.blobs.has(res.digest or "")):
+        lower, res = self._classify(ex)
+        token = self._token(ex, res)
+        if token is not None:
+            return token
+        if not self._lookup_allowed(ex, res):
             return await self._forward(ex, res)
-        found = await self.entries.get(res.cache_key)
+        found = self._variant(await self.entries.get(res.cache_key), lower)
         now = self.clock()
-        if found is not None and found[0].vary and not variant_matches(found[0].vary,
-                                                                       _sent_fields(lower)):
-            # another variant (RFC 9111 §4.1): neither served, nor revalidated, nor served stale
-            found = None
         if found is not None:
             entry, body = found
-            if entry.is_fresh(now) and not revalidate:
-                result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
-                self._maybe_refresh(ex, res, entry, now)
-                return self._serve(ex, res, entry, body, result,
-                                   cache_status(result, ttl=entry.ttl_left(now)))
+            if not revalidate:
+                hit = self._fresh_hit(ex, res, found, now)
+                if hit is not None:
+                    return hit
         else:
             entry, body = None, None
         job, leader = self._job_for(ex, res, entry)
@@ -108,6 +114,51 @@ class Pipeline:
             # another Vary variant): fetch its own
             return await self._forward(ex, res)
         return await self._answer(ex, res, outcome, entry, body, collapsed=not leader, job=job)
+
+    # -- the steps shared by try_hit and handle -------------------------------------------------
+    def _classify(self, ex: Exchange) -> tuple[dict, Resource]:
+        lower = fold_fields(ex.headers.items())
+        # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries);
+        # the upstream URL's scheme (ex.url), not necessarily the client connection's
+        res = classify(ex.method, ex.authority, ex.path, ex.query, lower, self.cfg,
+                       scheme=ex.scheme)
+        ex.notes["kind"] = res.kind
+        return lower, res
+
+    def _token(self, ex: Exchange, res: Resource) -> Optional[Response]:
+        """An anonymous registry token the gateway answers itself (offline-capable)."""
+        if res.kind == "oci_auth" and res.cache_key and res.cache_key.startswith("oci-token|"):
+            token = public_token_response(ex, self.cfg)
+            if token is not None:
+                self._count(ex, res, CacheResult.HIT)
+                return token
+        return None
+
+    def _lookup_allowed(self, ex: Exchange, res: Resource) -> bool:
+        """False: not answered from the cache at all (forwarded as a stream)."""
+        return bool(res.cacheable) and ex.method in ("GET", "HEAD") and not (
+            res.kind == "oci_blob" and ex.method == "HEAD"
+            and not self.blobs.has(res.digest or ""))
+
+    @staticmethod
+    def _variant(found: Optional[tuple[Entry, Optional[bytes]]],
+                 lower: Mapping[str, str]) -> Optional[tuple[Entry, Optional[bytes]]]:
+        if found is not None and found[0].vary and not variant_matches(found[0].vary,
+                                                                       _sent_fields(lower)):
+            # another variant (RFC 9111 §4.1): neither served, nor revalidated, nor served stale
+            return None
+        return found
+
+    def _fresh_hit(self, ex: Exchange, res: Resource, found: tuple[Entry, Optional[bytes]],
+                   now: float) -> Optional[Response]:
+        """The answer from a fresh entry, or None when it is not fresh."""
+        entry, body = found
+        if not entry.is_fresh(now):
+            return None
+        result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
+        self._maybe_refresh(ex, res, entry, now)
+        return self._serve(ex, res, entry, body, result,
+                           cache_status(result, ttl=entry.ttl_left(now)))
 
     # -- the cache's answers -------------------------------------------------------------------
     def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Optional
+from typing import Callable, Optional
 
+from ..exchange import Exchange, Response
 from ..observability.logging import get_logger
 from .auth import ProxyAuth
 from .connection import ClientConnection
@@ -20,7 +21,9 @@ class ProxyServer:
     * ``settings``: the whole :class:`~gateway.settings.Settings` (``server.listen``, ``proxy``,
       ``upstream.connect_timeout``, ``logging.access_log`` are read);
     * ``policy``: :class:`~gateway.policy.Policy`; ``leaf_issuer``: :class:`~gateway.tls.LeafIssuer`;
-    * ``handler``: anything with ``async handle(Exchange) -> Response``;
+    * ``handler``: anything with ``async handle(Exchange) -> Response``, and optionally
+      ``try_hit(Exchange) -> Optional[Response]`` (answers known without awaiting: asked first
+      for bodyless requests; None → ``handle``);
     * ``open_tunnel``: ``async (host, port) -> (StreamReader, StreamWriter)`` for tunnel rules.
 
     ``listen`` overrides ``settings.server.listen`` (``"127.0.0.1:0"`` picks a free port;
@@ -40,6 +43,9 @@ class ProxyServer:
         self.policy = policy
         self.leaf_issuer = leaf_issuer
         self.handler = handler
+        #: the handler's synchronous answer for bodyless requests, when it has one
+        self.try_hit: Optional[Callable[[Exchange], Optional[Response]]] = getattr(
+            handler, "try_hit", None)
         self.metrics = metrics
         self.open_tunnel = open_tunnel or _no_tunnel
         self.auth = ProxyAuth(settings.proxy.auth)
