@@ -161,15 +161,22 @@ def main(argv=None) -> int:
               f"retained after close: {(after - before) * 1024 / n:6.1f} KiB")
         return 0
     finally:
-        if client is not None and client.poll() is None:
-            client.kill()
-            client.wait(10)
-        if gw is not None:
-            gw.stop()
-        if world is not None:
-            world.stop()
-        import shutil
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all([client] if client is not None else [], gw, world, work)
+
+
+def stop_all(procs, gw, world, work: Path) -> None:
+    """Stop what a measurement started: client processes by PID, the gateway, the world; then
+    remove the work dir."""
+    import shutil
+    for pr in procs:
+        if pr.poll() is None:
+            pr.kill()
+            pr.wait(10)
+    if gw is not None:
+        gw.stop()
+    if world is not None:
+        world.stop()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

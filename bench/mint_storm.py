@@ -30,7 +30,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from idle_tls import POM_PATH, TARGET, _read_response  # noqa: E402  (bench/ is on sys.path)
+from idle_tls import POM_PATH, TARGET, _read_response, stop_all  # noqa: E402  (bench/ on sys.path)
 
 HOST = "repo.maven.apache.org"
 
@@ -144,16 +144,7 @@ def main(argv=None) -> int:
               f"{rate.strip()} handshakes/s")
         return 0
     finally:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.kill()
-                pr.wait(10)
-        if gw is not None:
-            gw.stop()
-        if world is not None:
-            world.stop()
-        import shutil
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, gw, world, work)
 
 
 if __name__ == "__main__":
