@@ -37,7 +37,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from procs import (CPUWindow, Nginx, PortProcess, RSSSampler,  # noqa: E402
+from procs import (CPUWindow, Nginx, PortProcess, RSSSampler, cpu_of,  # noqa: E402
                    run_loadgens)
 from squid import Squid  # noqa: E402
 
@@ -319,28 +319,38 @@ class Bench:
                 "cpu_us_per_req": (server_cpu / wall) / (len(lat) / window) * 1e6
                 if lat and wall and window else float("nan")}
 
-    def alternate(self, candidates: list[tuple], mode: str, conns: int) -> dict:
+    def alternate(self, candidates: list[tuple], mode: str, conns: int, *,
+                  also: Optional[tuple[str, list[int]]] = None) -> dict:
         """Rounds alternating between servers (so drifting background load hits all of them);
-        medians over rounds."""
+        medians over rounds. ``also=(name, pids)``: the CPU of those processes (e.g. a Redis the
+        servers share) per request of each round, reported as ``<name>_us_per_req`` (read around
+        the round, so an upper bound)."""
         a = self.args
         rounds = max(1, a.runs)
         slice_s = max(2.0, a.duration / rounds)
+        keys = ["rate", "p50_ms", "p99_ms", "client_cpu", "server_cpu", "cpu_us_per_req"]
+        extra_key = f"{also[0]}_us_per_req" if also else None
+        if extra_key:
+            keys.append(extra_key)
         per: dict[str, list[dict]] = {name: [] for name, _, _ in candidates}
         for i in range(rounds):
             for name, spec, pids in candidates:
+                c0 = cpu_of(also[1]) if also else 0.0
                 r = self.loop(spec, mode, conns, pids() if callable(pids) else pids, slice_s)
                 self.check_errors(f"{mode} {name}", r)
+                extra = ""
+                if also:
+                    r[extra_key] = ((cpu_of(also[1]) - c0) / r["n"] * 1e6 if r["n"]
+                                    else float("nan"))
+                    extra = f"; {also[0]} {r[extra_key]:,.0f} us/req"
                 per[name].append(r)
                 print(f"  round {i + 1} {name}: {r['rate']:,.0f}/s p50 {r['p50_ms']:.2f} ms "
                       f"p99 {r['p99_ms']:.2f} ms (server CPU {r['server_cpu']:.0%}, "
-                      f"{r['cpu_us_per_req']:,.0f} us CPU/req; client CPU {r['client_cpu']:.0%})",
-                      flush=True)
-        out = {}
-        for name, rs in per.items():
-            out[name] = {k: med([r[k] for r in rs]) for k in
-                         ("rate", "p50_ms", "p99_ms", "client_cpu", "server_cpu", "cpu_us_per_req")}
-            out[name]["rates"] = [r["rate"] for r in rs]
-        return out
+                      f"{r['cpu_us_per_req']:,.0f} us CPU/req{extra}; client CPU "
+                      f"{r['client_cpu']:.0%}) load {os.getloadavg()[0]:.2f}", flush=True)
+        return {name: {**{k: med([r[k] for r in rs]) for k in keys},
+                       "rates": [r["rate"] for r in rs]}
+                for name, rs in per.items()}
 
     def check_errors(self, label: str, result: dict) -> None:
         if result.get("errors"):

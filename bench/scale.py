@@ -211,7 +211,7 @@ class ScaleBench(Bench):
                                   (f"{a.workers} workers + redis", multi))]
         redis_pid = self.redis.proc.pid
         redis0, wall0 = cpu_of([redis_pid]), time.time()
-        res = self.alternate_with_redis(cands, redis_pid)
+        res = self.alternate(cands, "small", self.args.small_conns, also=("redis", [redis_pid]))
         s, o, m = (res[n] for n, _, _ in cands)
         self.details["workers"] = res
         ratio = m["rate"] / s["rate"] if s["rate"] else float("nan")
@@ -252,31 +252,6 @@ class ScaleBench(Bench):
               f"{' / '.join(f'{x:,.0f}' for x in split)}", flush=True)
         for gw in (single, one_redis, multi):
             gw.stop()
-
-    def alternate_with_redis(self, cands, redis_pid: int) -> dict:
-        """bench/run.py's alternating rounds, plus redis-server's CPU per request per round
-        (read around each round: includes the ~1 s start and warm-up, so an upper bound)."""
-        a = self.args
-        rounds = max(1, a.runs)
-        slice_s = max(2.0, a.duration / rounds)
-        per: dict[str, list[dict]] = {name: [] for name, _, _ in cands}
-        for i in range(rounds):
-            for name, spec, pids in cands:
-                r0 = cpu_of([redis_pid])
-                r = self.loop(spec, "small", a.small_conns, pids(), slice_s)
-                self.check_errors(f"small {name}", r)
-                r["redis_us_per_req"] = (cpu_of([redis_pid]) - r0) / r["n"] * 1e6 if r["n"] else float("nan")
-                per[name].append(r)
-                print(f"  round {i + 1} {name}: {r['rate']:,.0f}/s p50 {r['p50_ms']:.2f} ms "
-                      f"p99 {r['p99_ms']:.2f} ms (server CPU {r['server_cpu']:.0%}, "
-                      f"{r['cpu_us_per_req']:,.0f} us CPU/req; redis {r['redis_us_per_req']:,.0f} us/req; "
-                      f"client CPU {r['client_cpu']:.0%}) load {os.getloadavg()[0]:.2f}",
-                      flush=True)
-        return {name: {**{k: med([r[k] for r in rs]) for k in
-                          ("rate", "p50_ms", "p99_ms", "client_cpu", "server_cpu",
-                           "cpu_us_per_req", "redis_us_per_req")},
-                       "rates": [r["rate"] for r in rs]}
-                for name, rs in per.items()}
 
     # -- phase 2: shared (S3 and the local tier) -------------------------------------------
     def shared(self) -> None:
