@@ -658,6 +658,17 @@ class Bench:
             ("tunnels", lambda: self.loop(self.gw_tls(self.maven, self.pom_path), "tunnels",
                                           a.tunnel_conns, [self.gw_pid], a.duration)),
         ]
+        hey = shutil.which("hey")
+        if hey:
+            # what the issue measures: the Go client through CONNECT + intercepted TLS
+            env = self.env
+            phases.append(("small-go", lambda: run_hey(
+                hey, f"https://{self.maven}{self.pom_path}", str(env.gw.ca_pem),
+                f"http://127.0.0.1:{env.gw.proxy_port}", a.small_conns, a.duration,
+                [self.gw_pid])))
+        only = {p for p in a.profile_phases.split(",") if p}
+        if only:
+            phases = [ph for ph in phases if ph[0] in only]
         for name, fn in phases:
             raw = out_dir / f"profile-{stamp}-{name}.txt"
             spy = subprocess.Popen([pyspy, "record", "--pid", str(self.gw_pid), "--format", "raw",
@@ -665,7 +676,10 @@ class Bench:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
             try:
-                fn()
+                result = fn()
+                if isinstance(result, dict) and "rate" in result:
+                    print(f"  {name}: {result['rate']:,.0f}/s, {result['cpu_us_per_req']:,.0f} us "
+                          f"CPU/req under py-spy ({result['n']} ok, {result['bad']} not 200)")
             finally:
                 spy.send_signal(2)
                 try:
@@ -770,9 +784,12 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="bound for each download phase (s)")
     p.add_argument("--artifact-dir", type=Path, default=None,
                    help="keep generated blobs here between runs (default: a temp dir)")
-    p.add_argument("--only", default="", help="comma list of phases: tls,plain,mirror,small,tunnels,rss,cold")
+    p.add_argument("--only", default="", help="comma list of phases: tls,plain,mirror,small,tunnels,rss,cold "
+                   "(none: only the --profile pass)")
     p.add_argument("--save", action="store_true", help="write bench/results/bench-<time>.json")
     p.add_argument("--profile", action="store_true", help="extra py-spy pass per phase")
+    p.add_argument("--profile-phases", default="", metavar="LIST",
+                   help="with --profile: only these of tls-stream,plain-stream,small,tunnels,small-go")
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")
     p.add_argument("--no-squid", action="store_true", help="leave Squid out of the Go client lane")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -790,8 +807,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
-    phases = set(filter(None, args.only.split(","))) or {"tls", "plain", "mirror", "small",
-                                                         "tunnels", "rss", "cold"}
+    phases = ({"tls", "plain", "mirror", "small", "tunnels", "rss", "cold"} if not args.only
+              else set(filter(None, args.only.split(","))) - {"none"})
     started = time.monotonic()
     try:
         bench.setup()
