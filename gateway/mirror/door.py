@@ -69,14 +69,33 @@ class MirrorDoor:
     def __init__(self, settings: Settings, handler: Handler, *, tls: bool) -> None:
         self.settings = settings
         self.handler = handler
+        #: the pipeline's synchronous answer (a fresh hit in memory), when it has one
+        self._try_hit: Optional[Callable[[Exchange], Optional[Response]]] = getattr(
+            handler, "try_hit", None)
         self.scheme = "https" if tls else "http"
+
+    def try_answer(self, rt: Route, method: str, headers: CIMultiDict, client: str,
+                   request_id: str, seen: Seen) -> Optional[Response]:
+        """:meth:`answer` when it is known without awaiting (the ping; a fresh hit the pipeline
+        holds in memory), else None — then :meth:`answer` gives it. Why: the connection writes
+        such an answer in its protocol callback (``docs/hit-path.md``)."""
+        if rt.kind is RouteKind.OCI_PING:
+            return _ping(method)
+        if rt.kind is not RouteKind.OCI and rt.kind is not RouteKind.MAVEN:
+            return None                          # VEX: the manifest is parsed (awaits)
+        if self._try_hit is None:
+            return None
+        response = self._try_hit(self._exchange(method, rt.host, rt.target, headers, client,
+                                                request_id, seen))
+        if response is None:
+            return None
+        return self._outbound(response, Protocol.OCI if rt.kind is RouteKind.OCI
+                              else Protocol.PLAIN)
 
     async def answer(self, rt: Route, method: str, headers: CIMultiDict, client: str,
                      request_id: str, seen: Seen) -> Response:
         if rt.kind is RouteKind.OCI_PING:
-            h = CIMultiDict({"Content-Type": "application/json",
-                             "Docker-Distribution-API-Version": "registry/2.0"})
-            return Response(200, h, BytesBody(b"{}") if method == "GET" else EmptyBody())
+            return _ping(method)
         if rt.kind is RouteKind.VEX_MANIFEST:
             return await self._vex_manifest(rt, method, headers, client, request_id, seen)
         if rt.kind is RouteKind.VEX_ARCHIVE:
@@ -89,6 +108,11 @@ class MirrorDoor:
     # -- the seam: one exchange into the pipeline --------------------------------------------
     async def _fetch(self, method: str, host: str, target: str, headers: CIMultiDict,
                      client: str, request_id: str, seen: Seen) -> Response:
+        return await self.handler.handle(self._exchange(method, host, target, headers, client,
+                                                        request_id, seen))
+
+    def _exchange(self, method: str, host: str, target: str, headers: CIMultiDict,
+                  client: str, request_id: str, seen: Seen) -> Exchange:
         ex_headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _PASSED)
         ex_headers["Host"] = host
         hostname, port = split_authority(host)
@@ -98,7 +122,7 @@ class MirrorDoor:
         ex.notes["decision"] = "mirror"
         ex.notes["door"] = "mirror"
         seen(ex)
-        return await self.handler.handle(ex)
+        return ex
 
     def _outbound(self, response: Response, protocol: Protocol) -> Response:
         """Upstream failures → 429/503 (so the scanner's own fallback runs); drop fields that
@@ -205,6 +229,12 @@ class MirrorDoor:
             await response.body.close()
             url = location
         return plain_error(502, "too many redirects fetching the VEX archive")
+
+
+def _ping(method: str) -> Response:
+    h = CIMultiDict({"Content-Type": "application/json",
+                     "Docker-Distribution-API-Version": "registry/2.0"})
+    return Response(200, h, BytesBody(b"{}") if method == "GET" else EmptyBody())
 
 
 def _retry_after(response: Response) -> dict[str, str]:

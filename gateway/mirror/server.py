@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..exchange import error_response
 from ..observability.logging import get_logger
-from ..proxy.connection import ClientConnection
+from ..proxy.connection import ClientConnection, Prepared, Reply
 from ..proxy.request import AccessRecord, RequestFields
 from ..proxy.server import ProxyServer
 from ..settings import Settings
@@ -24,47 +24,75 @@ log = get_logger("gateway.mirror")
 
 
 class MirrorConnection(ClientConnection):
+    """Routes origin-form requests to :class:`~.door.MirrorDoor`; the connection's two
+    schedulers (callback mode for answers known at once, the task for the rest) are the
+    proxy's."""
+
     server: "MirrorServer"
     first_kind = "mirror"
 
-    async def _dispatch(self, request) -> str:
+    def _prepare(self, request) -> Prepared:
         method, target = request.method, request.target
         rec = AccessRecord(client=self.client, method=method, started=self._loop.time(),
                            door="mirror", decision="mirror")
         rec.path = target.split("?", 1)[0][:200]
         headers = RequestFields(request.headers)
+        clen = (headers.content_length or "").strip()
+        if headers.chunked or clen not in ("", "0"):
+            # nothing a read-only mirror is asked carries a body: refuse before reading it
+            self.metrics.client_errors.labels(reason="malformed").inc()
+            rec.error = "request with a body"
+            return Prepared(rec, headers, Reply(error_response(
+                400, "trivy-gateway mirror: requests with a body are not accepted"), close=True))
         try:
-            clen = (headers.content_length or "").strip()
-            if headers.chunked or clen not in ("", "0"):
-                # nothing a read-only mirror is asked carries a body: refuse before reading it
-                self.metrics.client_errors.labels(reason="malformed").inc()
-                rec.error = "request with a body"
-                return await self._respond(rec, method, error_response(
-                    400, "trivy-gateway mirror: requests with a body are not accepted"),
-                    close=True)
-            try:
-                rt = route(method, target, self.server.app_settings)
-            except RouteError as err:
-                rec.decision = "deny" if err.code == "NAME_UNKNOWN" else "none"
-                rec.error = err.message
-                return await self._respond(rec, method, refusal(err))
-            fwd = headers.forward
-            if headers.host is not None:
-                fwd["Host"] = headers.host
+            rt = route(method, target, self.server.app_settings)
+        except RouteError as err:
+            rec.decision = "deny" if err.code == "NAME_UNKNOWN" else "none"
+            rec.error = err.message
+            return Prepared(rec, headers, Reply(refusal(err)))
+        return Prepared(rec, headers, rt)
 
-            def seen(exchange) -> None:          # the access log names the upstream URL
-                rec.exchange = exchange
-                rec.scheme, rec.host, rec.port = exchange.scheme, exchange.host, exchange.port
+    def _door_args(self, prepared: Prepared) -> tuple:
+        """``MirrorDoor.answer``'s arguments for a routed request."""
+        rec, headers = prepared.rec, prepared.headers
+        fwd = headers.forward
+        if headers.host is not None:
+            fwd["Host"] = headers.host
 
-            try:
-                response = await self.server.door.answer(rt, method, fwd, self.client, rec.id,
-                                                         seen)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - answer, never drop the connection silently
-                log.exception("mirror_failed", request_id=rec.id, path=rec.path)
-                response = error_response(503, f"trivy-gateway mirror: internal error: {exc}")
-            return await self._respond(rec, method, response)
+        def seen(exchange) -> None:              # the access log names the upstream URL
+            rec.exchange = exchange
+            rec.scheme, rec.host, rec.port = exchange.scheme, exchange.host, exchange.port
+
+        return (prepared.routed, rec.method, fwd, self.client, rec.id, seen)
+
+    def _known_answer(self, prepared: Prepared) -> Optional[Reply]:
+        routed = prepared.routed
+        if type(routed) is Reply:
+            return routed
+        prepared.tried = True
+        try:
+            response = self.server.door.try_answer(*self._door_args(prepared))
+        except Exception:  # noqa: BLE001 - answer() gives the answer (and logs what fails)
+            return None
+        return Reply(response) if response is not None else None
+
+    async def _dispatch(self, request, prepared: Optional[Prepared] = None,
+                        response=None) -> str:
+        if prepared is None:
+            prepared = self._prepare(request)
+        rec, routed = prepared.rec, prepared.routed
+        try:
+            if type(routed) is Reply:
+                return await self._reply(rec, routed)
+            if response is None:
+                try:
+                    response = await self.server.door.answer(*self._door_args(prepared))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - answer, never drop the connection silently
+                    log.exception("mirror_failed", request_id=rec.id, path=rec.path)
+                    response = error_response(503, f"trivy-gateway mirror: internal error: {exc}")
+            return await self._respond(rec, rec.method, response)
         finally:
             self._account(rec)
 

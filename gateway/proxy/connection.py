@@ -7,6 +7,27 @@ host (``intercepted`` mode) on a fresh HTTP/1.1 state machine. A ``CONNECT`` tha
 is answered once the upstream socket is open, and the connection becomes a blind byte pipe
 (``tunnel`` mode).
 
+Two schedulers, one semantics (``docs/hit-path.md``):
+
+* **callback mode** (no task): the transport's bytes reach :meth:`ClientConnection._on_data`
+  in the protocol callback (:class:`~.stream.ClientStream`); complete requests are taken in
+  buffer order and *prepared* (:meth:`_prepare`: the checks, the routing, the
+  :class:`~gateway.exchange.Exchange`); one whose answer is known without awaiting — a fresh hit
+  in memory (``Pipeline.try_hit``), an error the proxy answers itself — is written in the same
+  callback with one ``write`` and accounted there. This is how most requests are served.
+* **task mode**: the first request that needs awaiting (a miss, a body, CONNECT, a write buffer
+  above its high-water mark, a malformed head) is handed to a task *as prepared*, which runs it
+  (:meth:`_dispatch`) and then any request already buffered behind it, reading through the
+  stream's awaitable :meth:`~.stream.ClientStream.read`; when nothing is buffered any more the
+  task ends and the connection is back in callback mode.
+
+Invariants: responses are written in request order (callback mode stops at the first hand-over
+and resumes only after the task has answered it and everything behind it that it took); every
+request is prepared once and accounted once (access line + metrics), by whichever mode answers
+it; ``busy`` is True only while a request is read or answered, so a drain never closes a
+connection in the middle of one; one timer per connection bounds the wait for the next bytes
+(``header_timeout`` for a first byte or a started head, ``idle_timeout`` between requests).
+
 Requests become :class:`~gateway.exchange.Exchange` objects for the handler; the response
 side (head, body forms, framing rules) is :mod:`.respond`, the request side's helpers
 :mod:`.request`.
@@ -16,17 +37,19 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from multidict import CIMultiDict
 
-from ..exchange import ClientBodyError, EmptyBody, Exchange, Response, error_response
+from ..exchange import (BytesBody, ClientBodyError, EmptyBody, Exchange, Response,
+                        error_response)
 from ..observability.logging import InfoLine, get_logger
 from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
-from .respond import CLOSE, SWITCHED, ResponseWriter
+from .respond import CLOSE, KEEP, SWITCHED, ResponseWriter
+from .stream import ClientStream
 from .targets import TargetError, authority, is_absolute, parse_absolute, parse_authority
-from .tls_upgrade import TLSStreamReaderProtocol, start_tls
+from .tls_upgrade import start_tls
 from .tunnel import pipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,30 +58,89 @@ if TYPE_CHECKING:  # pragma: no cover
 log = get_logger("gateway.proxy")
 access_log = get_logger("gateway.access")
 
-#: bytes asked of the socket per read; larger than anything a StreamReader buffers (2 × 64 KiB
-#: limit + one 256 KiB recv), so a read always empties it (needed before switching to TLS)
+#: bytes asked of the stream per read: everything it holds (it buffers at most one socket read
+#: beyond its high-water mark), so nothing stays behind before a switch to TLS
 READ_SIZE = 1024 * 1024
 #: request body left unread by the handler that is discarded to keep the connection; beyond it
 #: the connection is closed instead
 DISCARD_LIMIT = 1024 * 1024
+#: the task found nothing more to do: the connection goes back to callback mode
+IDLE = "idle"
 
 
 class _HeaderTimeout(Exception):
     pass
 
 
+class Reply:
+    """An answer the connection gives itself (an error, ``OPTIONS *``): always in memory."""
+
+    __slots__ = ("response", "close", "extra_headers")
+
+    def __init__(self, response: Response, close: bool = False,
+                 extra_headers: Optional[dict] = None) -> None:
+        self.response = response
+        self.close = close
+        self.extra_headers = extra_headers
+
+
+class _Connect:
+    """Routing result of a CONNECT on the plain side: only the task can serve it."""
+
+    __repr__ = lambda self: "CONNECT"  # noqa: E731
+
+
+CONNECT = _Connect()
+
+#: what routing a request gives: an exchange for the pipeline, a reply, or CONNECT
+Routed = Union[Exchange, Reply, _Connect]
+
+
+class Prepared:
+    """A request after :meth:`ClientConnection._prepare`: its access record, its sorted header
+    fields and where it goes. Made once per request, by whichever mode takes it first."""
+
+    __slots__ = ("rec", "headers", "routed", "tried")
+
+    def __init__(self, rec: AccessRecord, headers: RequestFields, routed: object) -> None:
+        self.rec = rec
+        self.headers = headers
+        #: a :data:`Routed` (the mirror door's connection routes to its own kinds)
+        self.routed = routed
+        #: the synchronous answer was asked for and declined: the task need not ask again
+        self.tried = False
+
+
+class _Handover:
+    """What callback mode hands to the task: a request (perhaps prepared, perhaps with its
+    answer already known), a parse error, a head timeout, or a write buffer to drain."""
+
+    __slots__ = ("request", "prepared", "response", "error", "timed_out", "drain")
+
+    def __init__(self, request: Optional[http1.RequestHead] = None,
+                 prepared: Optional[Prepared] = None, response: Optional[Response] = None, *,
+                 error: Optional[http1.RemoteProtocolError] = None,
+                 timed_out: bool = False, drain: bool = False) -> None:
+        self.request = request
+        self.prepared = prepared
+        self.response = response
+        self.error = error
+        self.timed_out = timed_out
+        self.drain = drain
+
+
 class ClientConnection(ResponseWriter):
     #: the active_connections kind a new connection starts as (the mirror door's: "mirror")
     first_kind = "client"
 
-    def __init__(self, server: "ProxyServer", reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: "ProxyServer", stream: ClientStream) -> None:
         self.server = server
         self.settings = server.settings.proxy
         self.metrics = server.metrics
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername")
+        self.stream = stream
+        #: the stream is the task mode's reader and writer (the stream API subset)
+        self.reader = self.writer = stream
+        peer = stream.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if peer else "?"
         #: the client's address without the port (per-address limits)
         self.client_ip: str = peer[0] if peer else "?"
@@ -73,11 +155,16 @@ class ClientConnection(ResponseWriter):
         self._header_timeout = float(self.settings.header_timeout)
         self._loop = asyncio.get_running_loop()
         self._via = f"1.1 {self.settings.via_pseudonym}"
-        # the read timeout (see _read)
+        #: task mode's task; None: callback mode
+        self._task: Optional[asyncio.Task] = None
+        self._finished = False
+        # the one timer per connection (see _arm and _read)
         self._read_deadline = 0.0
         self._read_task: Optional[asyncio.Task] = None
         self._read_timer: Optional[asyncio.TimerHandle] = None
         self._read_timed_out: Optional[asyncio.Task] = None
+        #: when the head being received began (callback mode): its deadline does not move
+        self._head_started: Optional[float] = None
         #: a Host header already checked against the CONNECT authority on this connection
         self._host_ok: Optional[str] = None
         #: no request read yet on this connection (or since it switched to TLS): the wait for
@@ -98,46 +185,260 @@ class ClientConnection(ResponseWriter):
             self.metrics.active_connections.labels(kind=kind).inc()
 
     # -- lifecycle (called by the server) ----------------------------------------------------
+    def start(self) -> None:
+        """The connection is accepted and registered: serve it (callback mode first)."""
+        self._set_kind(self.first_kind)
+        self.stream.on_lost = self._on_lost
+        self._enter_callback_mode()
+
     def close_if_idle(self) -> bool:
         if self.busy:
             return False
-        self.writer.transport.close()
+        self._close()
         return True
 
     def abort(self) -> None:
         if self._upstream_writer is not None:
             self._upstream_writer.transport.abort()
-        self.writer.transport.abort()
+        transport = self.stream.transport
+        if transport is not None:
+            transport.abort()
 
-    async def run(self) -> None:
-        self._set_kind(self.first_kind)
+    def _close(self) -> None:
+        self.busy = False
+        transport = self.stream.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def _on_lost(self, exc: Optional[BaseException]) -> None:
+        if self._task is None:
+            self._finish()                       # a running task finishes it when it ends
+
+    def _finish(self) -> None:
+        """Once, when the connection is over: metrics, timer, sockets, the server's registry."""
+        if self._finished:
+            return
+        self._finished = True
+        self.busy = False
+        self._set_kind(None)
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if self._upstream_writer is not None:
+            self._upstream_writer.transport.abort()
+        self._close()
+        self.server.connection_done(self)
+
+    # -- callback mode -----------------------------------------------------------------------
+    def _enter_callback_mode(self) -> None:
+        stream = self.stream
+        self.busy = False
+        stream.on_data = self._on_data
+        if stream.buffered:
+            self.conn.receive_data(stream.take())
+        if stream.at_eof:
+            self.conn.receive_data(b"")
+        self._pump()
+
+    def _on_data(self, data: bytes) -> None:
+        """The stream's bytes in callback mode (``b""``: the client closed its side)."""
         try:
-            await self._serve()
+            self.conn.receive_data(data)
+            self._pump()
+        except Exception:  # noqa: BLE001 - one bad connection must not take the server down
+            log.exception("connection_failed", client=self.client)
+            self.abort()
+
+    def _pump(self) -> None:
+        """Take the parser's events in order while each request is answered at once."""
+        conn = self.conn
+        while self._task is None and not self._finished:
+            try:
+                event = conn.next_event()
+            except http1.RemoteProtocolError as exc:
+                self.busy = True
+                self._start_task(_Handover(error=exc))
+                return
+            if event is http1.NEED_DATA:
+                if conn.trailing_data[0]:            # part of a head is in
+                    self.busy = True
+                    if self._head_started is None:
+                        self._head_started = self._loop.time()
+                else:
+                    self.busy = False
+                self._arm()
+                return
+            if type(event) is http1.RequestHead:
+                self.busy = True
+                self._fresh = False
+                self._head_started = None
+                if not self._answer_now(event):
+                    return
+                continue
+            if event is http1.CLOSED:
+                self._close()
+                return
+            self._start_task(_Handover(error=http1.RemoteProtocolError(f"unexpected {event!r}")))
+            return
+
+    def _answer_now(self, request: http1.RequestHead) -> bool:
+        """Answer ``request`` in this callback if its answer is known without awaiting, else
+        hand it to the task. True: answered, and the connection goes on in callback mode."""
+        conn = self.conn
+        if request.method == "CONNECT" or not conn.request_received():
+            self._start_task(_Handover(request))     # a body to read, or a switch
+            return False
+        conn.next_event()                            # END: nothing more belongs to it
+        prepared = self._prepare(request)
+        known = self._known_answer(prepared)
+        response = known.response if known is not None else None
+        if response is None or self.stream.write_paused or not (
+                type(response.body) is BytesBody or type(response.body) is EmptyBody):
+            self._start_task(_Handover(request, prepared, response))
+            return False
+        rec = prepared.rec
+        outcome = self._write_now(rec, rec.method, response, known.extra_headers, known.close)
+        self._account(rec)
+        if outcome is not KEEP or conn.our_state is not http1.DONE:
+            self._close()
+            return False
+        conn.start_next_cycle()
+        self.busy = False
+        if self.stream.write_paused:
+            # the client is not reading its answers: the task waits for the buffer to drain
+            # before it takes anything more (and the stream stops reading above its mark)
+            self._start_task(_Handover(drain=True))
+            return False
+        return True
+
+    def _arm(self) -> None:
+        """Callback mode waits for bytes: bound the wait (the timer fires :meth:`_expired`)."""
+        started = self._head_started
+        if started is not None:
+            deadline = started + self._header_timeout
+        else:
+            deadline = self._loop.time() + (self._header_timeout if self._fresh
+                                             else self._idle_timeout)
+        self._read_deadline = deadline
+        timer = self._read_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._read_timer = self._loop.call_at(deadline, self._read_timer_fired)
+
+    def _expired(self) -> None:
+        """Callback mode's wait ran out: a started head gets its 408 (from the task), an idle
+        connection is closed quietly (a 408 to an idle connection can be taken as the answer
+        to a request the client sends at the same moment)."""
+        if self._head_started is not None:
+            self._start_task(_Handover(timed_out=True))
+            return
+        if self._fresh:
+            self.metrics.client_errors.labels(reason="first_byte_timeout").inc()
+        self._close()
+
+    # -- task mode ---------------------------------------------------------------------------
+    def _start_task(self, handover: _Handover) -> None:
+        self.stream.on_data = None                   # bytes are buffered for the task now
+        self._task = self._loop.create_task(self._run_task(handover))
+
+    async def _run_task(self, handover: _Handover) -> None:
+        outcome = CLOSE
+        try:
+            outcome = await self._serve(handover)
+        except asyncio.CancelledError:
+            pass                                 # the server aborted the connection
         except (OSError, ClientGone, asyncio.IncompleteReadError):
             pass                                 # the client went away (reset, TLS error)
         except Exception:  # noqa: BLE001 - one bad connection must not take the server down
             log.exception("connection_failed", client=self.client)
         finally:
-            self.busy = False
-            self._set_kind(None)
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
-            if self._upstream_writer is not None:
-                self._upstream_writer.transport.abort()
-            transport = self.writer.transport
-            if not transport.is_closing():
-                transport.close()
+            self._task = None
+        transport = self.stream.transport
+        if outcome == IDLE and not self._finished and transport is not None \
+                and not transport.is_closing():
+            self._enter_callback_mode()
+        else:
+            self._finish()
 
-    # -- reading ------------------------------------------------------------------------------
+    def _nothing_pending(self) -> bool:
+        return not (self.conn.trailing_data[0] or self.stream.buffered or self.stream.at_eof)
+
+    async def _serve(self, handover: Optional[_Handover]) -> str:
+        """Task mode: the handed-over request, then whatever is already buffered behind it.
+        Returns :data:`IDLE` (back to callback mode) or CLOSE."""
+        while True:
+            self.busy = False
+            if handover is not None:
+                item, handover = handover, None
+                self.busy = True
+                if item.drain:
+                    await self._drain()
+                    continue
+                if item.timed_out:
+                    await self._head_timeout()
+                    return CLOSE
+                if item.error is not None:
+                    await self._protocol_error(item.error)
+                    return CLOSE
+                assert item.request is not None
+                outcome = await self._dispatch(item.request, item.prepared, item.response)
+            else:
+                if self.server.draining:
+                    return CLOSE
+                if self._nothing_pending():
+                    return IDLE
+                try:
+                    request = await self._read_head()
+                except _HeaderTimeout:
+                    await self._head_timeout()
+                    return CLOSE
+                except http1.RemoteProtocolError as exc:
+                    await self._protocol_error(exc)
+                    return CLOSE
+                if request is None:
+                    return CLOSE
+                outcome = await self._dispatch(request)
+            if outcome == SWITCHED:
+                continue
+            if outcome == CLOSE or self.server.draining:
+                return CLOSE
+            if self.conn.our_state is not http1.DONE:
+                return CLOSE
+            if self.conn.their_state is not http1.DONE and not await self._discard_body():
+                return CLOSE
+            try:
+                self.conn.start_next_cycle()
+            except http1.ProtocolError:
+                return CLOSE
+
+    async def _head_timeout(self) -> None:
+        self.metrics.client_errors.labels(reason="header_timeout").inc()
+        await self._head_error(408, "request head not received within proxy.header_timeout")
+
+    async def _protocol_error(self, exc: http1.RemoteProtocolError) -> None:
+        if self.conn.trailing_data[1]:
+            self.metrics.client_errors.labels(reason="disconnected").inc()
+            return
+        status = exc.error_status_hint or 400
+        if status == 431:
+            self.metrics.client_errors.labels(reason="header_too_large").inc()
+            msg = (f"request head larger than proxy.max_header_bytes "
+                   f"({self.settings.max_header_bytes} bytes)")
+        else:
+            self.metrics.client_errors.labels(reason="malformed").inc()
+            msg = f"malformed HTTP request: {exc}"
+        await self._head_error(status, msg)
+
+    # -- reading (task mode) -----------------------------------------------------------------
     async def _read(self, timeout: float) -> bytes:
         """One read, bounded by ``timeout`` (:class:`TimeoutError`).
 
-        Same contract as ``async with asyncio.timeout(timeout)``, at a fraction of the cost on
-        the path every request takes: ``asyncio.timeout`` schedules and cancels a timer per
-        read (~7 µs here). Instead one timer per connection is left running and only the
-        deadline moves; when the timer fires early it re-arms itself for the current
-        deadline, when it fires late it cancels the reading task (like ``asyncio.timeout``).
+        Same contract as ``async with asyncio.timeout(timeout)``, at a fraction of the cost:
+        ``asyncio.timeout`` schedules and cancels a timer per read (~7 µs here). Instead one
+        timer per connection is left running and only the deadline moves; when the timer fires
+        early it re-arms itself for the current deadline, when it fires late it cancels the
+        reading task (like ``asyncio.timeout``).
         """
         loop = self._loop
         deadline = loop.time() + timeout
@@ -150,7 +451,7 @@ class ClientConnection(ResponseWriter):
                 timer.cancel()
             self._read_timer = loop.call_at(deadline, self._read_timer_fired)
         try:
-            return await self.reader.read(READ_SIZE)
+            return await self.stream.read(READ_SIZE)
         except asyncio.CancelledError:
             if self._read_timed_out is task:
                 self._read_timed_out = None
@@ -162,13 +463,18 @@ class ClientConnection(ResponseWriter):
 
     def _read_timer_fired(self) -> None:
         self._read_timer = None
-        task = self._read_task
-        if task is None:
-            return                               # no read waiting: the next read re-arms
+        if self._finished:
+            return
         deadline = self._read_deadline
         if self._loop.time() < deadline:
             self._read_timer = self._loop.call_at(deadline, self._read_timer_fired)
             return
+        if self._task is None:
+            self._expired()                      # callback mode
+            return
+        task = self._read_task
+        if task is None:
+            return                               # no read waiting: the next read re-arms
         self._read_timed_out = task
         task.cancel()
 
@@ -177,7 +483,7 @@ class ClientConnection(ResponseWriter):
         deadline: Optional[float] = None
         if conn.trailing_data[0]:                # pipelined request already buffered
             self.busy = True
-            deadline = self._loop.time() + self._header_timeout
+            deadline = (self._head_started or self._loop.time()) + self._header_timeout
         while True:
             event = conn.next_event()            # raises RemoteProtocolError (400/431/505)
             if event is http1.NEED_DATA:
@@ -192,8 +498,7 @@ class ClientConnection(ResponseWriter):
                 except TimeoutError:
                     if deadline is None:
                         # idle keep-alive connection, or one that never said anything: close
-                        # quietly (a 408 to an idle connection can be taken as the answer to a
-                        # request the client sends at the same moment)
+                        # quietly
                         if self._fresh:
                             self.metrics.client_errors.labels(reason="first_byte_timeout").inc()
                         return None
@@ -208,6 +513,7 @@ class ClientConnection(ResponseWriter):
             if type(event) is http1.RequestHead:
                 self.busy = True
                 self._fresh = False
+                self._head_started = None
                 return event
             if event is http1.CLOSED:
                 return None                      # clean close between requests
@@ -243,61 +549,27 @@ class ClientConnection(ResponseWriter):
             return False
         return self.conn.their_state is http1.DONE
 
-    # -- writing ------------------------------------------------------------------------------
-    async def _error(self, rec: AccessRecord, status: int, message: str, *, reason: str = "",
-                     close: bool = False, extra_headers: Optional[dict] = None,
-                     client_error: Optional[str] = None) -> str:
+    # -- answers the connection gives itself ---------------------------------------------------
+    def _refusal(self, rec: AccessRecord, status: int, message: str, *, reason: str = "",
+                 close: bool = False, extra_headers: Optional[dict] = None,
+                 client_error: Optional[str] = None) -> Reply:
         if client_error:
             # a client that sends what a proxy cannot use is misconfigured: do not keep it
             self.metrics.client_errors.labels(reason=client_error).inc()
             rec.error = message
             close = True
-        response = error_response(status, message, reason=reason)
-        return await self._respond(rec, rec.method, response, extra_headers=extra_headers,
-                                   close=close)
+        return Reply(error_response(status, message, reason=reason), close, extra_headers)
 
-    # -- the request loop --------------------------------------------------------------------
-    async def _serve(self) -> None:
-        while True:
-            self.busy = False
-            if self.server.draining:
-                return
-            try:
-                request = await self._read_head()
-            except _HeaderTimeout:
-                self.metrics.client_errors.labels(reason="header_timeout").inc()
-                await self._head_error(408, "request head not received within "
-                                            "proxy.header_timeout")
-                return
-            except http1.RemoteProtocolError as exc:
-                if self.conn.trailing_data[1]:
-                    self.metrics.client_errors.labels(reason="disconnected").inc()
-                    return
-                status = exc.error_status_hint or 400
-                if status == 431:
-                    self.metrics.client_errors.labels(reason="header_too_large").inc()
-                    msg = (f"request head larger than proxy.max_header_bytes "
-                           f"({self.settings.max_header_bytes} bytes)")
-                else:
-                    self.metrics.client_errors.labels(reason="malformed").inc()
-                    msg = f"malformed HTTP request: {exc}"
-                await self._head_error(status, msg)
-                return
-            if request is None:
-                return
-            outcome = await self._dispatch(request)
-            if outcome == SWITCHED:
-                continue
-            if outcome == CLOSE or self.server.draining:
-                return
-            if self.conn.our_state is not http1.DONE:
-                return
-            if self.conn.their_state is not http1.DONE and not await self._discard_body():
-                return
-            try:
-                self.conn.start_next_cycle()
-            except http1.ProtocolError:
-                return
+    async def _reply(self, rec: AccessRecord, reply: Reply) -> str:
+        return await self._respond(rec, rec.method, reply.response,
+                                   extra_headers=reply.extra_headers, close=reply.close)
+
+    async def _error(self, rec: AccessRecord, status: int, message: str, *, reason: str = "",
+                     close: bool = False, extra_headers: Optional[dict] = None,
+                     client_error: Optional[str] = None) -> str:
+        return await self._reply(rec, self._refusal(
+            rec, status, message, reason=reason, close=close, extra_headers=extra_headers,
+            client_error=client_error))
 
     async def _head_error(self, status: int, message: str) -> None:
         """Answer a request whose head could not be read (raw, then close), and log it."""
@@ -310,33 +582,65 @@ class ClientConnection(ResponseWriter):
         await self._send_raw_error(status, message)
         self._account(rec)
 
-    async def _dispatch(self, request: http1.RequestHead) -> str:
-        method = request.method
-        target = request.target
+    # -- one request: prepare (sync), then answer ------------------------------------------------
+    def _prepare(self, request: http1.RequestHead) -> Prepared:
         headers = RequestFields(request.headers)
-        rec = AccessRecord(client=self.client, method=method, started=self._loop.time())
+        rec = AccessRecord(client=self.client, method=request.method, started=self._loop.time())
+        return Prepared(rec, headers, self._route(request, rec, headers))
+
+    def _known_answer(self, prepared: Prepared) -> Optional[Reply]:
+        """The answer to a complete bodyless request when it is known without awaiting (a
+        reply of the connection's own, a fresh hit in memory), else None (the task answers)."""
+        routed = prepared.routed
+        if type(routed) is Reply:
+            return routed
+        if type(routed) is Exchange and routed.body is None:
+            prepared.tried = True
+            response = self._try_hit(routed)
+            if response is not None:
+                return Reply(response)
+        return None
+
+    async def _dispatch(self, request: http1.RequestHead, prepared: Optional[Prepared] = None,
+                        response: Optional[Response] = None) -> str:
+        """Answer one request in the task (``prepared``/``response``: what callback mode
+        already did for it); accounted here, once."""
+        if prepared is None:
+            prepared = self._prepare(request)
+        rec, routed = prepared.rec, prepared.routed
         try:
-            host_problem = self._host_field_problem(request, headers)
-            if host_problem:
-                rec.path = target.split("?", 1)[0][:200]
-                return await self._error(rec, 400, host_problem, reason=f"Bad Request: "
-                                         f"{host_problem}", client_error="bad_host")
-            if self.tls_host is not None:
-                return await self._intercepted_request(request, rec, target, headers)
-            if method == "CONNECT":
-                return await self._connect(rec, target, headers)
-            if is_absolute(target):
-                return await self._absolute(request, rec, target, headers)
-            rec.path = target.split("?", 1)[0][:200]
-            return await self._error(
-                rec, 400,
-                f"trivy-gateway is a forward proxy, not a web server: got {method} {target[:200]}. "
-                "Point clients at it with HTTPS_PROXY=http://<gateway>:<port> (CONNECT) or "
-                "HTTP_PROXY (absolute-form requests such as GET http://host/path).",
-                reason="Bad Request: this is a proxy, send CONNECT or an absolute URL",
-                client_error="not_proxy_request")
+            if type(routed) is Reply:
+                return await self._reply(rec, routed)
+            if routed is CONNECT:
+                return await self._connect(rec, request.target, prepared.headers)
+            return await self._exchange(request, rec, routed, prepared.headers,  # type: ignore[arg-type]
+                                        response, tried=prepared.tried)
         finally:
             self._account(rec)
+
+    def _route(self, request: http1.RequestHead, rec: AccessRecord,
+               headers: RequestFields) -> Routed:
+        method = request.method
+        target = request.target
+        host_problem = self._host_field_problem(request, headers)
+        if host_problem:
+            rec.path = target.split("?", 1)[0][:200]
+            return self._refusal(rec, 400, host_problem, reason=f"Bad Request: {host_problem}",
+                                 client_error="bad_host")
+        if self.tls_host is not None:
+            return self._route_intercepted(request, rec, target, headers)
+        if method == "CONNECT":
+            return CONNECT
+        if is_absolute(target):
+            return self._route_absolute(request, rec, target, headers)
+        rec.path = target.split("?", 1)[0][:200]
+        return self._refusal(
+            rec, 400,
+            f"trivy-gateway is a forward proxy, not a web server: got {method} {target[:200]}. "
+            "Point clients at it with HTTPS_PROXY=http://<gateway>:<port> (CONNECT) or "
+            "HTTP_PROXY (absolute-form requests such as GET http://host/path).",
+            reason="Bad Request: this is a proxy, send CONNECT or an absolute URL",
+            client_error="not_proxy_request")
 
     def _host_field_problem(self, request: http1.RequestHead, headers: RequestFields) -> str:
         """RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host field, any request at most
@@ -356,9 +660,9 @@ class ClientConnection(ResponseWriter):
                 return f"bad Host header {value[:100]!r}: {exc}"
         return ""
 
-    # -- CONNECT ----------------------------------------------------------------------------
-    async def _check_auth(self, rec: AccessRecord, headers: RequestFields) -> Optional[str]:
-        """None when the request may go on; otherwise the outcome of the 407 or 429 sent.
+    # -- proxy authentication and policy ---------------------------------------------------------
+    def _auth_refusal(self, rec: AccessRecord, headers: RequestFields) -> Optional[Reply]:
+        """None when the request may go on; otherwise the 407 or 429 to send.
 
         Wrong credentials count against the client's address (:class:`~.auth.FailureLimiter`);
         a locked-out address is answered 429 without its credentials being looked at.
@@ -373,9 +677,9 @@ class ClientConnection(ResponseWriter):
             message = (f"too many failed proxy authentications from {self.client_ip}; "
                        f"retry in {math.ceil(locked)} s (proxy.auth.max_failures)")
             rec.error = message
-            return await self._error(rec, 429, message, reason="Too Many Requests",
-                                     extra_headers={"Retry-After": str(math.ceil(locked))},
-                                     close=True)
+            return self._refusal(rec, 429, message, reason="Too Many Requests",
+                                 extra_headers={"Retry-After": str(math.ceil(locked))},
+                                 close=True)
         if auth.check(headers.proxy_auth):
             if headers.proxy_auth:
                 limiter.succeeded(self.client_ip)
@@ -384,12 +688,12 @@ class ClientConnection(ResponseWriter):
         if headers.proxy_auth:                   # a wrong guess, not just the challenge leg
             limiter.failed(self.client_ip)
         rec.error = "proxy authentication required"
-        return await self._error(
+        return self._refusal(
             rec, 407, "proxy authentication required: put the credentials in the proxy URL, "
             "e.g. HTTPS_PROXY=http://user:password@gateway:3128",
             extra_headers={"Proxy-Authenticate": auth.challenge})
 
-    async def _deny(self, rec: AccessRecord, decision, *, close: bool = False) -> str:
+    def _denial(self, rec: AccessRecord, decision, *, close: bool = False) -> Reply:
         self.metrics.denied.labels(host=self.metrics.host_label(decision.host),
                                    reason=decision.reason_code).inc()
         rec.error = decision.reason
@@ -398,8 +702,9 @@ class ClientConnection(ResponseWriter):
         else:
             message = (f"{decision.reason}\nTo allow it, add a rule to policy.rules in the gateway "
                        f"configuration, e.g.  - {{host: {decision.host}, action: intercept}}")
-        return await self._error(rec, 403, message, reason=decision.reason, close=close)
+        return self._refusal(rec, 403, message, reason=decision.reason, close=close)
 
+    # -- CONNECT ----------------------------------------------------------------------------
     async def _connect(self, rec: AccessRecord, target: str, headers: RequestFields) -> str:
         rec.path = ""
         try:
@@ -409,14 +714,14 @@ class ClientConnection(ResponseWriter):
                                      reason=f"Bad CONNECT target: {exc}",
                                      client_error="bad_target", close=True)
         rec.host, rec.port, rec.scheme = host, port, "https"
-        refused = await self._check_auth(rec, headers)
+        refused = self._auth_refusal(rec, headers)
         if refused is not None:
-            return refused
+            return await self._reply(rec, refused)
         decision = self.server.policy.decide(host, port)
         rec.decision = decision.action
         if not decision.allowed:
             # nothing useful can follow a refused CONNECT on this connection
-            return await self._deny(rec, decision, close=True)
+            return await self._reply(rec, self._denial(rec, decision, close=True))
         event = await self._next_body_event()
         if event is not http1.END:
             return await self._error(rec, 400, "a CONNECT request must not have a body",
@@ -426,29 +731,29 @@ class ClientConnection(ResponseWriter):
         return await self._intercept(rec, host, port)
 
     async def _intercept(self, rec: AccessRecord, host: str, port: int) -> str:
-        if self.conn.trailing_data[0]:
+        stream = self.stream
+        if self.conn.trailing_data[0] or stream.buffered:
             return await self._error(
                 rec, 400, "the client sent data before the proxy answered CONNECT",
                 client_error="early_data", close=True)
         # Nothing may be read while the leaf is minted (a worker thread, when not cached): the
-        # bytes after the 200 belong to the TLS protocol start_tls installs, not to our reader.
-        self.writer.transport.pause_reading()
+        # bytes after the 200 belong to the TLS protocol start_tls installs, not to the stream.
+        stream.pause_reading()
         try:
             context = await self.server.leaf_issuer.acontext_for(host)
         except Exception as exc:  # noqa: BLE001
             log.exception("leaf_mint_failed", host=host)
             return await self._error(rec, 500, f"cannot mint a certificate for {host}: {exc}",
                                      close=True)
-        self.writer.write(self.conn.accept_connect())
+        stream.write(self.conn.accept_connect())
         rec.status = 200
         # No await between writing the 200 and start_tls: the client's ClientHello must reach
-        # the TLS protocol, not the plain reader. The handshake uses only the local leaf: it
-        # never waits for an upstream connection.
-        reader = asyncio.StreamReader(limit=2 ** 16, loop=self._loop)
-        protocol = TLSStreamReaderProtocol(reader, loop=self._loop)
+        # the TLS protocol. The handshake uses only the local leaf: it never waits for an
+        # upstream connection. The stream stays the connection's protocol, on the TLS transport.
+        stream.tls = True
         try:
-            transport = await start_tls(self._loop, self.writer.transport, protocol, context,
-                                        ssl_handshake_timeout=self._header_timeout)
+            await start_tls(self._loop, stream.transport, stream, context,
+                            ssl_handshake_timeout=self._header_timeout)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             self.metrics.tls_handshake_errors.inc()
             rec.error = f"TLS handshake failed: {exc}"
@@ -456,8 +761,6 @@ class ClientConnection(ResponseWriter):
                      error=str(exc) or type(exc).__name__,
                      hint="does the client trust the gateway CA? (trivy-gateway ca export)")
             return CLOSE
-        self.reader = reader
-        self.writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
         self.conn = self._new_http1()
         self._fresh = True
         self.tls_host, self.tls_port = host, port
@@ -500,89 +803,90 @@ class ClientConnection(ResponseWriter):
         except ClientGone:
             up_writer.transport.abort()
             return CLOSE
-        up, down, error = await pipe((self.reader, self.writer), (up_reader, up_writer),
+        up, down, error = await pipe((self.stream, self.stream), (up_reader, up_writer),  # type: ignore[arg-type]
                                      self.metrics, self._idle_timeout, self.settings.chunk_size)
         rec.bytes_in, rec.bytes, rec.error = up + len(early), down, error
         return CLOSE
 
     # -- HTTP requests ----------------------------------------------------------------------
-    async def _absolute(self, request: http1.RequestHead, rec: AccessRecord, target: str,
-                        headers: RequestFields) -> str:
+    def _route_absolute(self, request: http1.RequestHead, rec: AccessRecord, target: str,
+                        headers: RequestFields) -> Routed:
         try:
             scheme, host, port, origin = parse_absolute(target)
         except TargetError as exc:
-            return await self._error(rec, 400, f"bad request target {target[:200]!r}: {exc}",
-                                     reason=f"Bad request target: {exc}", client_error="bad_target")
+            return self._refusal(rec, 400, f"bad request target {target[:200]!r}: {exc}",
+                                 reason=f"Bad request target: {exc}", client_error="bad_target")
         rec.scheme, rec.host, rec.port, rec.path = scheme, host, port, origin.split("?", 1)[0]
         if scheme != "http":
-            return await self._error(
+            return self._refusal(
                 rec, 400, f"{scheme}:// URLs must be requested through CONNECT: set HTTPS_PROXY "
                 "(not HTTP_PROXY) to the gateway, or request http:// URLs",
                 reason="Bad Request: use CONNECT for https URLs", client_error="bad_target")
-        refused = await self._check_auth(rec, headers)
+        refused = self._auth_refusal(rec, headers)
         if refused is not None:
             return refused
         decision = self.server.policy.decide(host, port, plain_http=True)
         rec.decision = decision.action
         if not decision.allowed:
-            return await self._deny(rec, decision)
+            return self._denial(rec, decision)
         if decision.action != "intercept":
             rec.decision = "deny"
             self.metrics.denied.labels(host=self.metrics.host_label(host), reason="rule").inc()
             message = (f"{host} is allowed as a blind tunnel only ({decision.rule_key}); "
                        "plain-HTTP requests to it are not relayed: use https (CONNECT)")
             rec.error = message
-            return await self._error(rec, 403, message, reason=message)
-        return await self._exchange(request, rec, "http", host, port, origin, headers)
+            return self._refusal(rec, 403, message, reason=message)
+        return self._build_exchange(request, rec, "http", host, port, origin, headers)
 
-    async def _intercepted_request(self, request: http1.RequestHead, rec: AccessRecord, target: str,
-                                   headers: RequestFields) -> str:
+    def _route_intercepted(self, request: http1.RequestHead, rec: AccessRecord, target: str,
+                           headers: RequestFields) -> Routed:
         host, port = self.tls_host, self.tls_port
+        assert host is not None
         rec.scheme, rec.host, rec.port, rec.decision = "https", host, port, "intercept"
         if rec.method == "CONNECT":
-            return await self._error(rec, 400, "CONNECT inside an intercepted connection is not "
-                                     "supported", client_error="malformed", close=True)
+            return self._refusal(rec, 400, "CONNECT inside an intercepted connection is not "
+                                 "supported", client_error="malformed", close=True)
         origin = target
         absolute = is_absolute(target)
         if absolute:
             try:
                 scheme, t_host, t_port, origin = parse_absolute(target)
             except TargetError as exc:
-                return await self._error(rec, 400, f"bad request target: {exc}",
-                                         client_error="bad_target")
+                return self._refusal(rec, 400, f"bad request target: {exc}",
+                                     client_error="bad_target")
             if (scheme, t_host, t_port) != ("https", host, port):
-                return await self._misdirected(rec, target)
+                return self._misdirected(rec, target)
         elif target == "*" and rec.method == "OPTIONS":
             # asks about the server, not a resource: there is no URL to forward (it would
             # become https://host*), and the gateway is the server this connection talks to
             rec.path = "*"
-            return await self._respond(rec, rec.method, Response(200, CIMultiDict(
+            return Reply(Response(200, CIMultiDict(
                 {"Allow": "GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE"}), EmptyBody()))
         elif not target.startswith("/"):
-            return await self._error(rec, 400, f"bad request target {target[:200]!r}",
-                                     client_error="bad_target")
+            return self._refusal(rec, 400, f"bad request target {target[:200]!r}",
+                                 client_error="bad_target")
         rec.path = origin.split("?", 1)[0]
         host_header = headers.host
         if host_header is not None and host_header != self._host_ok and not absolute:
             try:
                 h_host, h_port = parse_authority(host_header, 443)
             except TargetError:
-                return await self._error(rec, 400, f"bad Host header {host_header[:200]!r}",
-                                         client_error="bad_target")
+                return self._refusal(rec, 400, f"bad Host header {host_header[:200]!r}",
+                                     client_error="bad_target")
             if (h_host, h_port) != (host, port):
-                return await self._misdirected(rec, host_header)
+                return self._misdirected(rec, host_header)
             self._host_ok = host_header          # the same Host on every request: check once
-        return await self._exchange(request, rec, "https", host, port, origin, headers)
+        return self._build_exchange(request, rec, "https", host, port, origin, headers)
 
-    async def _misdirected(self, rec: AccessRecord, what: str) -> str:
+    def _misdirected(self, rec: AccessRecord, what: str) -> Reply:
         here = authority(self.tls_host or "", self.tls_port, "https")
-        return await self._error(
+        return self._refusal(
             rec, 421, f"this connection was opened with CONNECT {here}; it cannot carry requests "
             f"for {what[:200]}", reason=f"Misdirected Request: connection is for {here}",
             client_error="misdirected")
 
-    async def _exchange(self, request: http1.RequestHead, rec: AccessRecord, scheme: str, host: str,
-                        port: int, origin: str, headers: RequestFields) -> str:
+    def _build_exchange(self, request: http1.RequestHead, rec: AccessRecord, scheme: str,
+                        host: str, port: int, origin: str, headers: RequestFields) -> Routed:
         # end-to-end headers, then Host and Via; RFC 9112 §3.2.2: the target's authority wins
         # over the client's Host
         ex_headers = headers.forward
@@ -595,36 +899,56 @@ class ClientConnection(ResponseWriter):
         if chunked and clen is not None:
             # RFC 9112 §6.3: both framings at once is a request-smuggling pattern (llhttp
             # already refuses it; kept as a second line)
-            return await self._error(rec, 400, "Content-Length together with Transfer-Encoding "
-                                     "is not accepted", client_error="malformed")
+            return self._refusal(rec, 400, "Content-Length together with Transfer-Encoding "
+                                 "is not accepted", client_error="malformed")
         has_body = chunked or (clen is not None and clen.strip() not in ("", "0"))
         body_iter = RequestBody(self, rec) if has_body else None
         exchange = Exchange(method=rec.method, scheme=scheme, host=host, port=port, target=origin,
                             headers=ex_headers, body=body_iter, client=self.client, id=rec.id)
         exchange.notes["decision"] = rec.decision
         rec.exchange = exchange
+        return exchange
+
+    def _try_hit(self, exchange: Exchange) -> Optional[Response]:
+        """The handler's answer when it is known without awaiting (a small fresh hit), else
+        None: then ``handle`` answers (also when ``try_hit`` fails: it only ever saves work)."""
+        try_hit = self.server.try_hit
+        if try_hit is None:
+            return None
         try:
-            # a bodyless request the handler can answer without awaiting (a small fresh hit)
-            # skips the coroutine chain; None: the same request through handle()
-            try_hit = self.server.try_hit
-            response = try_hit(exchange) if try_hit is not None and body_iter is None else None
-            if response is None:
-                response = await self.server.handler.handle(exchange)
-        except asyncio.CancelledError:
-            raise
-        except (ClientGone, ClientBodyError) as exc:
-            rec.error = f"client gone: {exc}"
-            self.metrics.client_errors.labels(reason="disconnected").inc()
-            return CLOSE
-        except Exception as exc:  # noqa: BLE001 - the handler should answer; if it raises, say so
-            log.exception("handler_failed", request_id=rec.id, host=host)
-            response = error_response(502, f"the gateway failed to handle the request to "
-                                           f"{host}: {type(exc).__name__}: {exc}")
+            return try_hit(exchange)
+        except Exception:  # noqa: BLE001 - handle() answers the request, and logs what fails
+            return None
+
+    async def _exchange(self, request: http1.RequestHead, rec: AccessRecord, exchange: Exchange,
+                        headers: RequestFields, response: Optional[Response] = None, *,
+                        tried: bool = False) -> str:
+        """The pipeline's answer to ``exchange``, written (``response``: already known)."""
+        body_iter: Optional[RequestBody] = exchange.body  # type: ignore[assignment]
+        host = exchange.host
+        if response is None:
+            try:
+                # a bodyless request the handler can answer without awaiting (a small fresh
+                # hit) skips the coroutine chain; None: the same request through handle()
+                if body_iter is None and not tried:
+                    response = self._try_hit(exchange)
+                if response is None:
+                    response = await self.server.handler.handle(exchange)
+            except asyncio.CancelledError:
+                raise
+            except (ClientGone, ClientBodyError) as exc:
+                rec.error = f"client gone: {exc}"
+                self.metrics.client_errors.labels(reason="disconnected").inc()
+                return CLOSE
+            except Exception as exc:  # noqa: BLE001 - the handler should answer; if it raises, say so
+                log.exception("handler_failed", request_id=rec.id, host=host)
+                response = error_response(502, f"the gateway failed to handle the request to "
+                                               f"{host}: {type(exc).__name__}: {exc}")
         # A request body the handler left unread is discarded after the response when little
         # is left; otherwise the response says Connection: close and the connection lingers.
         close = False
         if body_iter is not None and not body_iter.done:
-            length = (clen or "").strip()
+            length = (headers.content_length or "").strip()
             close = not (length.isdigit() and int(length) - rec.bytes_in <= DISCARD_LIMIT) \
                 or body_iter.active
         outcome = await self._respond(rec, rec.method, response, close=close)
@@ -637,10 +961,10 @@ class ClientConnection(ResponseWriter):
                     async with asyncio.timeout(1):
                         await body_iter.idle.wait()
                 except TimeoutError:
-                    self.writer.transport.abort()
+                    self.stream.transport.abort()
                     return CLOSE
                 close = True
-            if close and not self.writer.transport.is_closing():
+            if close and not self.stream.transport.is_closing():
                 await self._linger()
                 return CLOSE
         return outcome

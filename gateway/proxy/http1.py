@@ -326,6 +326,12 @@ class ServerConnection:
                         value.strip().lower() == "100-continue":
                     self.they_are_waiting_for_100_continue = True
 
+    def request_received(self) -> bool:
+        """The request whose head was just returned is complete in the buffer with no body
+        before its end (a GET/HEAD with nothing to read): :data:`END` is the next event."""
+        events = self._events
+        return self.their_state is SEND_BODY and bool(events) and events[0] is END
+
     @property
     def trailing_data(self) -> tuple[bytes, bool]:
         """(bytes received but not yet returned as events, the client closed its side).

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Optional, Protocol, Union, runtime_checkable
 
 from multidict import CIMultiDict
 
 from ..exchange import HOP_BY_HOP, ClientBodyError, Exchange, new_request_id
 from . import http1
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stream import ClientStream
 
 
 class ClientGone(ClientBodyError):
@@ -94,7 +97,7 @@ class BodySource(Protocol):
     event off the socket (raising :class:`ClientGone` when the client's side fails)."""
 
     conn: http1.ServerConnection
-    writer: asyncio.StreamWriter
+    writer: "ClientStream"
 
     async def _drain(self) -> None: ...
 

@@ -23,13 +23,15 @@ import http
 import os
 from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
-from ..exchange import HOP_BY_HOP, BytesBody, FileBody, InvalidHeader, Response, header_line
+from ..exchange import (HOP_BY_HOP, BytesBody, EmptyBody, FileBody, InvalidHeader, Response,
+                        header_line)
 from ..observability.logging import get_logger
 from . import http1
 from .request import AccessRecord, ClientGone
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..observability.metrics import Metrics
+    from .stream import ClientStream
     from .server import ProxyServer
 
 log = get_logger("gateway.proxy")
@@ -91,7 +93,7 @@ class ResponseWriterHost(Protocol):
     checked by the type checker where the mixin is used, and by a test against
     :class:`~.connection.ClientConnection`."""
 
-    writer: asyncio.StreamWriter
+    writer: "ClientStream"
     conn: http1.ServerConnection
     server: "ProxyServer"
     metrics: "Metrics"
@@ -118,14 +120,19 @@ class ResponseWriter(ResponseWriterHost):
         except OSError as exc:                   # includes TimeoutError and ssl.SSLError
             raise ClientGone(str(exc) or "client stopped reading") from None
 
-    async def _send_raw_error(self, status: int, message: str) -> None:
-        """An error answer outside the state machine's normal flow (after a protocol error); then close."""
+    @staticmethod
+    def _raw_error(status: int, message: str) -> bytes:
+        """An error answer outside the state machine's normal flow (after a protocol error),
+        with ``Connection: close``."""
         body = (message.rstrip("\n") + "\n").encode("utf-8")
-        head = (f"HTTP/1.1 {status} ".encode() + reason_phrase(message or _default_reason(status))
+        return (f"HTTP/1.1 {status} ".encode() + reason_phrase(message or _default_reason(status))
                 + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+    async def _send_raw_error(self, status: int, message: str) -> None:
+        """Write :meth:`_raw_error` and wait for it to leave; then the caller closes."""
         try:
-            self.writer.write(head + body)
+            self.writer.write(self._raw_error(status, message))
             await self._drain()
         except ClientGone:
             pass
@@ -183,10 +190,62 @@ class ResponseWriter(ResponseWriterHost):
                                         b"".join(lines), length=length,
                                         close=close or self.server.draining)
 
+    def _write_now(self, rec: AccessRecord, method: str, response: Response,
+                   extra_headers: Optional[dict] = None, close: bool = False) -> str:
+        """Write a response whose body is in memory (:class:`BytesBody` or :class:`EmptyBody`,
+        which hold nothing to release): head, body and end-of-message in ONE write (one TLS
+        record, one send), without awaiting — callback mode answers with it in the protocol
+        callback, :meth:`_respond` then drains. Returns KEEP or CLOSE."""
+        rec.status = response.status
+        try:
+            head_bytes = self._response_head(method, response, extra_headers, close)
+        except http1.LocalProtocolError as exc:
+            rec.error = f"invalid response head: {exc}"
+            rec.status = 502
+            log.warning("invalid_response", request_id=rec.id, host=rec.host, error=str(exc))
+            self.writer.write(self._raw_error(
+                502, f"the gateway produced an invalid response: {exc}"))
+            return CLOSE
+        conn = self.conn
+        if method == "HEAD" or response.status < 200 or response.status in (204, 304):
+            self.writer.write(head_bytes + conn.end_response())
+        else:
+            data = response.body.data if type(response.body) is BytesBody else b""  # type: ignore[attr-defined]
+            if data:
+                pieces = conn.send_data(data)
+                end = conn.end_response()
+                self.writer.write(b"".join((head_bytes, *pieces, end)))
+                rec.bytes += len(data)
+                if response.source in ("cache", "upstream"):
+                    self._served_bytes(response.source, len(data))
+            else:
+                self.writer.write(head_bytes + conn.end_response())
+        if conn.our_state is not http1.DONE or close:
+            return CLOSE
+        return KEEP
+
+    def _served_bytes(self, source: str, n: int) -> None:
+        key = ("served_bytes", source)
+        child = self.server.metric_children.get(key)
+        if child is None:
+            child = self.metrics.served_bytes.labels(source=source)
+            self._remember(key, child)
+        child.inc(n)
+
     async def _respond(self, rec: AccessRecord, method: str, response: Response, *,
                        extra_headers: Optional[dict] = None, close: bool = False) -> str:
         """Send ``response``; always closes its body. Returns KEEP or CLOSE."""
         body = response.body
+        if type(body) is BytesBody or type(body) is EmptyBody:
+            outcome = self._write_now(rec, method, response, extra_headers, close)
+            try:
+                await self._drain()
+            except ClientGone as exc:
+                rec.error = rec.error or f"client gone: {exc}"
+                self.metrics.client_errors.labels(reason="disconnected").inc()
+                self.writer.transport.abort()
+                return CLOSE
+            return outcome
         rec.status = response.status
         bytes_before = rec.bytes
         try:
@@ -203,16 +262,6 @@ class ResponseWriter(ResponseWriterHost):
             if not has_body:
                 # the head and end-of-message (nothing, with Content-Length) in one write
                 self.writer.write(head_bytes + self.conn.end_response())
-            elif type(body) is BytesBody:
-                # small and in memory: head, body and end-of-message in ONE write (one TLS
-                # record, one send syscall) instead of one per piece
-                data = body.data
-                out = [head_bytes]
-                if data:
-                    out += self.conn.send_data(data)
-                    rec.bytes += len(data)
-                out.append(self.conn.end_response())
-                self.writer.write(b"".join(out))
             elif (isinstance(body, FileBody) and self.tls_host is None and body.length
                     and self.writer.transport.get_extra_info("sslcontext") is None):
                 self.writer.write(head_bytes)
@@ -254,12 +303,7 @@ class ResponseWriter(ResponseWriterHost):
         finally:
             sent = rec.bytes - bytes_before
             if sent > 0 and response.source in ("cache", "upstream"):
-                key = ("served_bytes", response.source)
-                child = self.server.metric_children.get(key)
-                if child is None:
-                    child = self.metrics.served_bytes.labels(source=response.source)
-                    self._remember(key, child)
-                child.inc(sent)
+                self._served_bytes(response.source, sent)
             try:
                 await body.close()
             except Exception:  # noqa: BLE001

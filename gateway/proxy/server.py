@@ -10,6 +10,7 @@ from ..observability.logging import get_logger
 from .auth import ProxyAuth
 from .connection import ClientConnection
 from .memory import MemoryReleaser
+from .stream import ClientStream
 from .tunnel import TunnelOpener
 
 log = get_logger("gateway.proxy")
@@ -52,7 +53,8 @@ class ProxyServer:
         self.draining = False
         self._listen = listen or settings.server.listen
         self._server: Optional[asyncio.AbstractServer] = None
-        self._connections: dict[ClientConnection, asyncio.Task] = {}
+        #: open client connections (each unregisters itself when over: connection_done)
+        self._connections: set[ClientConnection] = set()
         #: open connections per client address (proxy.max_connections_per_client)
         self._per_address: dict[str, int] = {}
         self._idle = asyncio.Event()
@@ -104,9 +106,10 @@ class ProxyServer:
                                  "lower proxy.max_connections")
         host, _, port = self._listen.rpartition(":")
         host = host.strip("[]") or None
-        self._server = await asyncio.start_server(
-            self._on_client, host, int(port), limit=2 ** 16, reuse_address=True, backlog=512,
-            ssl=self.ssl_context, reuse_port=self.settings.server.reuse_port or None)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientStream(self._accepted), host, int(port), reuse_address=True,
+            backlog=512, ssl=self.ssl_context, reuse_port=self.settings.server.reuse_port or None)
         log.info(f"{self.door_name}_listening", address=f"{self.address[0]}:{self.address[1]}",
                  auth=self.auth.enabled, tls=self.ssl_context is not None)
 
@@ -151,86 +154,98 @@ class ProxyServer:
 
     async def _abort_all(self) -> None:
         tasks = []
-        for conn, task in list(self._connections.items()):
+        for conn in list(self._connections):
             conn.abort()
-            task.cancel()
-            tasks.append(task)
+            task = conn._task
+            if task is not None:
+                task.cancel()
+                tasks.append(task)
         if tasks:
             try:
                 async with asyncio.timeout(5):
                     await asyncio.gather(*tasks, return_exceptions=True)
             except TimeoutError:
                 log.warning("proxy_connections_not_closed", count=len(self._connections))
+        if self._connections:
+            # aborted transports report their loss on the next loop iterations
+            try:
+                async with asyncio.timeout(5):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("proxy_connections_not_closed", count=len(self._connections))
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accepted(self, stream: ClientStream) -> None:
+        """A new client socket (the stream's first ``connection_made``): refuse it over the
+        connection limits, else create its connection and start serving it."""
         proxy = self.settings.proxy
         cap = proxy.max_connections
         if cap and len(self._connections) >= cap:
-            await self._refuse(reader, writer, "too_many_connections", 503,
-                               b"Service Unavailable: too many connections",
-                               f"too many client connections (proxy.max_connections = {cap})")
+            self._refuse(stream, "too_many_connections", 503,
+                         b"Service Unavailable: too many connections",
+                         f"too many client connections (proxy.max_connections = {cap})")
             return
-        peer = writer.get_extra_info("peername")
+        peer = stream.get_extra_info("peername")
         address = peer[0] if peer else "?"
         per_client = proxy.max_connections_per_client
         if per_client and self._per_address.get(address, 0) >= per_client:
-            await self._refuse(reader, writer, "too_many_connections_per_client", 429,
-                               b"Too Many Requests: too many connections from this address",
-                               f"too many connections from {address} "
-                               f"(proxy.max_connections_per_client = {per_client})")
+            self._refuse(stream, "too_many_connections_per_client", 429,
+                         b"Too Many Requests: too many connections from this address",
+                         f"too many connections from {address} "
+                         f"(proxy.max_connections_per_client = {per_client})")
             return
-        conn = self.connection_class(self, reader, writer)
-        task = asyncio.current_task()
-        self._connections[conn] = task
+        conn = self.connection_class(self, stream)
+        self._connections.add(conn)
         self._per_address[address] = self._per_address.get(address, 0) + 1
         self._idle.clear()
+        conn.start()
         if self.draining:
             conn.abort()
-        try:
-            await conn.run()
-        except asyncio.CancelledError:
-            # close()/drain() cancel connection tasks after aborting them. Finish normally:
-            # asyncio (3.11) logs an error when a client_connected_cb task ends cancelled.
-            pass
-        finally:
-            self._connections.pop(conn, None)
-            left = self._per_address.pop(address, 1) - 1
-            if left > 0:
-                self._per_address[address] = left
-            self.memory.connection_closed()
-            if not self._connections:
-                self._idle.set()
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      reason: str, status: int, status_text: bytes, message: str) -> None:
+    def connection_done(self, conn: ClientConnection) -> None:
+        """Called once by a connection when it is over."""
+        if conn not in self._connections:
+            return
+        self._connections.discard(conn)
+        address = conn.client_ip
+        left = self._per_address.pop(address, 1) - 1
+        if left > 0:
+            self._per_address[address] = left
+        self.memory.connection_closed()
+        if not self._connections:
+            self._idle.set()
+
+    def _refuse(self, stream: ClientStream, reason: str, status: int, status_text: bytes,
+                message: str) -> None:
         """Over ``proxy.max_connections`` (503) or ``proxy.max_connections_per_client`` (429):
         a short answer with Retry-After, then close (clients retry; better than the whole
         process running out of file descriptors, or one client taking every slot). The
         client's request is read and dropped for up to a second before closing: closing with
         it unread would reset the connection and the client might never see the answer."""
         self.metrics.client_errors.labels(reason=reason).inc()
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if now - self._last_refusal_log >= 10.0:  # a flood must not flood the log too
             self._last_refusal_log = now
             log.warning("proxy_connection_refused", reason=message)
         body = f"trivy-gateway: {message}; retry shortly\n".encode()
-        writer.write(b"HTTP/1.1 %d %s\r\n"
-                     b"Content-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
-                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                     % (status, status_text, len(body), body))
-        try:
-            writer.write_eof()
-            async with asyncio.timeout(1.0):
-                dropped = 0
-                while dropped < 64 * 1024:
-                    data = await reader.read(16 * 1024)
-                    if not data:
-                        break
-                    dropped += len(data)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
+        transport = stream.transport
+        assert transport is not None
+        transport.write(b"HTTP/1.1 %d %s\r\n"
+                        b"Content-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                        % (status, status_text, len(body), body))
+        if transport.can_write_eof():
+            transport.write_eof()
+        dropped = [0]
+
+        def drop(data: bytes) -> None:
+            dropped[0] += len(data)
+            if not data or dropped[0] >= 64 * 1024:
+                transport.close()
+
+        stream.on_data = drop
+        timer = loop.call_later(1.0, transport.close)
+        stream.on_lost = lambda exc: timer.cancel()
 
 
 def raise_open_file_limit(wanted: int) -> tuple[int, int]:
