@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import MappingProxyType
 from typing import AsyncIterator, Mapping, Optional
 
 from multidict import CIMultiDict
@@ -28,7 +29,7 @@ from ..settings import Settings
 from ..upstream.types import UpstreamError, UpstreamRequest
 from .fetch import RFC9111_KINDS, Clock, FetchJob, Outcome, OutcomeKind
 from .offline import offline_auth_response, public_token_response
-from .serve import (HeadBody, cache_status, response_from_entry, response_from_fill,
+from .serve import (HeadBody, cache_status, hit_status, response_from_entry, response_from_fill,
                     storable_headers)
 
 log = get_logger("gateway.pipeline")
@@ -37,6 +38,9 @@ log = get_logger("gateway.pipeline")
 _OWN_FIELDS = ("host", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
                "range", "if-range", "accept-encoding", "cache-control", "pragma")
 _STALE_ON_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: distinct requests whose classification :meth:`Pipeline._classify` remembers (then it forgets
+#: them all at once: a scan repeats a few hundred requests, a flood of unique ones only refills)
+CLASSIFIED_MAX = 1024
 
 
 class Pipeline:
@@ -65,6 +69,10 @@ class Pipeline:
         #: (host label, kind, result) → its cache_requests child: ``labels()`` validates and
         #: joins its arguments on every call; bounded (host labels, kinds, results are)
         self._request_counters: dict[tuple[str, str, str], object] = {}
+        #: request (method, scheme, host, port, target, header fields) → (folded fields, its
+        #: Resource), valid for the ``cache`` settings object in ``_classified_cfg`` only
+        self._classified: dict[tuple, tuple[Mapping[str, str], Resource]] = {}
+        self._classified_cfg: Optional[object] = None
 
     # -- entry point ----------------------------------------------------------------------------
     def try_hit(self, ex: Exchange) -> Optional[Response]:
@@ -116,14 +124,36 @@ class Pipeline:
         return await self._answer(ex, res, outcome, entry, body, collapsed=not leader, job=job)
 
     # -- the steps shared by try_hit and handle -------------------------------------------------
-    def _classify(self, ex: Exchange) -> tuple[dict, Resource]:
-        lower = fold_fields(ex.headers.items())
-        # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries);
-        # the upstream URL's scheme (ex.url), not necessarily the client connection's
-        res = classify(ex.method, ex.authority, ex.path, ex.query, lower, self.cfg,
-                       scheme=ex.scheme)
-        ex.notes["kind"] = res.kind
-        return lower, res
+    def _classify(self, ex: Exchange) -> tuple[Mapping[str, str], Resource]:
+        """(the request's fields folded, lower-case names; its Resource).
+
+        Memoised: :func:`classify` is a pure function of the request line, its header fields
+        and ``self.cfg`` (frozen settings), and a scan repeats the same requests (a POM per
+        dependency, the same manifests and tokens). The key is all of the request's inputs,
+        every header field included as sent (a request differing in ``Accept`` or
+        ``Authorization`` is its own key); the memo is dropped whenever ``self.cfg`` is another
+        object (a reload assigns a new one). Both values are immutable (Resource is frozen, the
+        fields a read-only view), so sharing them between requests is safe.
+        """
+        cfg = self.cfg
+        memo = self._classified
+        if cfg is not self._classified_cfg:
+            memo.clear()
+            self._classified_cfg = cfg
+        key = (ex.method, ex.scheme, ex.host, ex.port, ex.target, tuple(ex.headers.items()))
+        known = memo.get(key)
+        if known is None:
+            lower = MappingProxyType(fold_fields(key[5]))
+            # host[:port]: a registry on a non-default port is its own registry
+            # (cache.oci.registries); the upstream URL's scheme (ex.url), not necessarily the
+            # client connection's
+            res = classify(ex.method, ex.authority, ex.path, ex.query, lower, cfg,
+                           scheme=ex.scheme)
+            if len(memo) >= CLASSIFIED_MAX:
+                memo.clear()
+            known = memo[key] = (lower, res)
+        ex.notes["kind"] = known[1].kind
+        return known
 
     def _token(self, ex: Exchange, res: Resource) -> Optional[Response]:
         """An anonymous registry token the gateway answers itself (offline-capable)."""
@@ -157,8 +187,7 @@ class Pipeline:
             return None
         result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
         self._maybe_refresh(ex, res, entry, now)
-        return self._serve(ex, res, entry, body, result,
-                           cache_status(result, ttl=entry.ttl_left(now)))
+        return self._serve(ex, res, entry, body, result, hit_status(result, entry.ttl_left(now)))
 
     # -- the cache's answers -------------------------------------------------------------------
     def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],
