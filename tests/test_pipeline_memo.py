@@ -25,9 +25,9 @@ INDEX_ACCEPT = "application/vnd.oci.image.index.v1+json"
 
 def reload(h: Harness, extra: dict) -> None:
     """Apply a new configuration the way SIGHUP does (``Gateway._apply``: settings and
-    ``cache`` swapped on the running pipeline)."""
+    ``cache`` swapped on the running pipeline, the policy's hosts made known to the metrics)."""
     gw = Gateway(h.settings)
-    gw.pipeline, gw.upstream = h.pipeline, h.upstream
+    gw.pipeline, gw.upstream, gw.metrics = h.pipeline, h.upstream, h.pipeline.metrics
     base = {"server": {"data_dir": str(h.settings.data_dir)},
             "upstream": {"ca_bundle": str(h.settings.upstream.ca_bundle),
                          "address_overrides": dict(h.settings.upstream.address_overrides)},
@@ -139,3 +139,24 @@ async def test_purge_and_new_generation_are_served_with_their_own_fields(world, 
     _, quick = ask(h, CHECK, "/g")
     assert quick.body.data == b"three" and b'"v3"' in quick.head
     assert quick.headers["ETag"] == '"v3"' and quick.headers["Age"] == "0"
+
+
+def hits(metrics: Metrics, host: str) -> float:
+    return metrics.registry.get_sample_value("trivy_gateway_cache_requests_total",
+                                             {"host": host, "kind": "generic", "result": "hit"}) or 0
+
+
+async def test_a_host_named_by_a_reload_is_counted_under_its_own_label(world, make):
+    """The cache-request counter children are kept per host: once a reload names a host that
+    was counted as ``other``, its requests are counted under its own label."""
+    h = await make({"policy": {"rules": [{"host": CHECK, "action": "intercept"}]}})
+    h.pipeline.metrics = fresh = Metrics()             # nothing named yet: CHECK is ``other``
+    world.fail_status(CHECK, 200, path="^/a$", times=None, body=b"a", content_type="text/plain",
+                      headers=[("Cache-Control", "max-age=30")])
+    assert (await h.get(CHECK, "/a"))[3] == "miss"
+    assert (await h.get(CHECK, "/a"))[3] == "hit"
+    assert (hits(fresh, "other"), hits(fresh, CHECK)) == (1, 0)
+    reload(h, {"policy": {"rules": [{"host": CHECK, "action": "intercept"}]}})
+    assert (await h.get(CHECK, "/a"))[3] == "hit"
+    assert ask(h, CHECK, "/a")[1] is not None
+    assert (hits(fresh, "other"), hits(fresh, CHECK)) == (1, 2)

@@ -41,6 +41,8 @@ _STALE_ON_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: distinct requests whose classification :meth:`Pipeline._classify` remembers (then it forgets
 #: them all at once: a scan repeats a few hundred requests, a flood of unique ones only refills)
 CLASSIFIED_MAX = 1024
+#: (host, kind, result) metric children :meth:`Pipeline._count` keeps (then forgets them all)
+COUNTERS_MAX = 4096
 
 
 class Pipeline:
@@ -66,9 +68,11 @@ class Pipeline:
         #: artifact name → facts about the last tag manifest served (status page)
         self.artifacts: dict[str, dict] = {}
         self.results: dict[str, int] = {}
-        #: (host label, kind, result) → its cache_requests child: ``labels()`` validates and
-        #: joins its arguments on every call; bounded (host labels, kinds, results are)
-        self._request_counters: dict[tuple[str, str, str], object] = {}
+        #: (host, port, scheme, kind, result) → its cache_requests child: ``labels()``
+        #: validates and joins its arguments on every call, and the host's label is looked up
+        #: once; valid for ``metrics.host_labels_generation`` in ``_counters_generation``
+        self._request_counters: dict[tuple, object] = {}
+        self._counters_generation = -1
         #: request (method, scheme, host, port, target, header fields) → (folded fields, its
         #: Resource), valid for the ``cache`` settings object in ``_classified_cfg`` only
         self._classified: dict[tuple, tuple[Mapping[str, str], Resource]] = {}
@@ -105,7 +109,9 @@ class Pipeline:
             return token
         if not self._lookup_allowed(ex, res):
             return await self._forward(ex, res)
-        found = self._variant(await self.entries.get(res.cache_key), lower)
+        # peek: the same answer as get() when it has one, without two coroutines (a memory hit)
+        found = self._variant(self.entries.peek(res.cache_key)
+                              or await self.entries.get(res.cache_key), lower)
         now = self.clock()
         if found is not None:
             entry, body = found
@@ -187,16 +193,18 @@ class Pipeline:
             return None
         result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
         self._maybe_refresh(ex, res, entry, now)
-        return self._serve(ex, res, entry, body, result, hit_status(result, entry.ttl_left(now)))
+        return self._serve(ex, res, entry, body, result, hit_status(result, entry.ttl_left(now)),
+                           now)
 
     # -- the cache's answers -------------------------------------------------------------------
     def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],
-               result: CacheResult, status_value: str) -> Response:
+               result: CacheResult, status_value: str, now: Optional[float] = None) -> Response:
+        """``now``: the clock's reading when nothing was awaited since (else read here)."""
         self._count(ex, res, result)
         self._note_artifact(res, entry, stale=result == CacheResult.STALE)
         try:
             return response_from_entry(ex, entry, body, self.blobs, status_value, self.chunk_size,
-                                       now=self.clock())
+                                       now=self.clock() if now is None else now)
         except LookupError:
             # the blob went away between lookup and pin: answer as a miss next time
             asyncio.get_running_loop().create_task(self.entries.delete(entry.key))
@@ -386,11 +394,20 @@ class Pipeline:
     # -- helpers ----------------------------------------------------------------------------
     def _count(self, ex: Exchange, res: Resource, result: CacheResult) -> None:
         ex.notes["cache"] = result
-        self.results[result] = self.results.get(result, 0) + 1
-        key = (self.metrics.host_label(ex.authority), res.kind, result)
-        counter = self._request_counters.get(key)
+        results = self.results
+        results[result] = results.get(result, 0) + 1
+        counters = self._request_counters
+        generation = self.metrics.host_labels_generation
+        if generation != self._counters_generation:   # a host got its own label: relabel
+            counters.clear()
+            self._counters_generation = generation
+        key = (ex.host, ex.port, ex.scheme, res.kind, result)
+        counter = counters.get(key)
         if counter is None:
-            counter = self._request_counters[key] = self.metrics.cache_requests.labels(*key)
+            if len(counters) >= COUNTERS_MAX:
+                counters.clear()
+            counter = counters[key] = self.metrics.cache_requests.labels(
+                self.metrics.host_label(ex.authority), res.kind, result)
         counter.inc()
 
     def _note_artifact(self, res: Resource, entry: Entry, stale: bool) -> None:
