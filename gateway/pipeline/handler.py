@@ -41,6 +41,8 @@ _STALE_ON_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: distinct requests whose classification :meth:`Pipeline._classify` remembers (then it forgets
 #: them all at once: a scan repeats a few hundred requests, a flood of unique ones only refills)
 CLASSIFIED_MAX = 1024
+#: the results of a hit (module constants: an enum member is a slow class attribute lookup)
+_HIT, _NEGATIVE, _STALE = CacheResult.HIT, CacheResult.NEGATIVE, CacheResult.STALE
 #: (host, kind, result) metric children :meth:`Pipeline._count` keeps (then forgets them all)
 COUNTERS_MAX = 4096
 
@@ -172,7 +174,7 @@ class Pipeline:
 
     def _lookup_allowed(self, ex: Exchange, res: Resource) -> bool:
         """False: not answered from the cache at all (forwarded as a stream)."""
-        return bool(res.cacheable) and ex.method in ("GET", "HEAD") and not (
+        return res.cache_key is not None and ex.method in ("GET", "HEAD") and not (
             res.kind == "oci_blob" and ex.method == "HEAD"
             and not self.blobs.has(res.digest or ""))
 
@@ -191,7 +193,7 @@ class Pipeline:
         entry, body = found
         if not entry.is_fresh(now):
             return None
-        result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
+        result = _NEGATIVE if entry.negative else _HIT
         self._maybe_refresh(ex, res, entry, now)
         return self._serve(ex, res, entry, body, result, hit_status(result, entry.ttl_left(now)),
                            now)
@@ -201,7 +203,7 @@ class Pipeline:
                result: CacheResult, status_value: str, now: Optional[float] = None) -> Response:
         """``now``: the clock's reading when nothing was awaited since (else read here)."""
         self._count(ex, res, result)
-        self._note_artifact(res, entry, stale=result == CacheResult.STALE)
+        self._note_artifact(res, entry, stale=result == _STALE)
         try:
             return response_from_entry(ex, entry, body, self.blobs, status_value, self.chunk_size,
                                        now=self.clock() if now is None else now)

@@ -16,6 +16,7 @@ from ..cache import BlobStore, Entry, Fill
 from ..exchange import (Body, BytesBody, EmptyBody, Exchange, FileBody, InvalidHeader, Response,
                         StreamBody, header_line)
 from ..observability.metrics import CacheResult
+from ..resources import IMMUTABLE
 
 CACHE_NAME = "trivy-gateway"
 
@@ -136,7 +137,7 @@ _hit_values: dict[tuple[CacheResult, Optional[int]], str] = {}
 def hit_status(result: CacheResult, ttl: float) -> str:
     """``cache_status(result, ttl=ttl)`` for a fresh hit (HIT or NEGATIVE), memoised: it only
     changes with the whole seconds of ``ttl`` (the same text as :func:`cache_status`)."""
-    key = (result, None if ttl == float("inf") else int(ttl))
+    key = (result, None if ttl == IMMUTABLE else int(ttl))
     value = _hit_values.get(key)
     if value is None:
         if len(_hit_values) >= 4096:
