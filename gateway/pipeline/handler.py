@@ -39,8 +39,10 @@ _OWN_FIELDS = ("host", "if-none-match", "if-modified-since", "if-match", "if-unm
                "range", "if-range", "accept-encoding", "cache-control", "pragma")
 _STALE_ON_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: distinct requests whose classification :meth:`Pipeline._classify` remembers (then it forgets
-#: them all at once: a scan repeats a few hundred requests, a flood of unique ones only refills)
-CLASSIFIED_MAX = 1024
+#: them all at once): a scan repeats a few hundred to a couple of thousand requests (POMs,
+#: manifests, tokens), a flood of unique requests only refills it; ~2.3 KB each (measured with
+#: tracemalloc: the key holds the request's fields), so at most ~5 MB
+CLASSIFIED_MAX = 2048
 #: the results of a hit (module constants: an enum member is a slow class attribute lookup)
 _HIT, _NEGATIVE, _STALE = CacheResult.HIT, CacheResult.NEGATIVE, CacheResult.STALE
 #: (host, kind, result) metric children :meth:`Pipeline._count` keeps (then forgets them all)
