@@ -160,3 +160,13 @@ async def test_a_host_named_by_a_reload_is_counted_under_its_own_label(world, ma
     assert (await h.get(CHECK, "/a"))[3] == "hit"
     assert ask(h, CHECK, "/a")[1] is not None
     assert (hits(fresh, "other"), hits(fresh, CHECK)) == (1, 2)
+
+
+async def test_the_classification_memo_is_bounded(world, make):
+    from gateway.pipeline.handler import CLASSIFIED_MAX
+
+    h = await make()
+    for i in range(CLASSIFIED_MAX + 10):                 # distinct requests: misses, no I/O
+        ex, quick = ask(h, MAVEN, f"/maven2/org/example/x{i}/x/1.0/x-1.0.pom")
+        assert quick is None and ex.notes["kind"] == "maven"
+    assert 0 < len(h.pipeline._classified) <= CLASSIFIED_MAX  # noqa: SLF001
