@@ -10,13 +10,13 @@ from __future__ import annotations
 from multidict import CIMultiDict
 
 from gateway.app import Gateway
-from gateway.cache import EntryStore
 from gateway.exchange import Exchange
 from gateway.observability.metrics import Metrics
 from gateway.settings import load_settings
 from tests.emulated.world import CHECK, MIRROR
 from tests.gateway_harness import deep_merge
-from tests.test_pipeline_freshness import MANIFEST_ACCEPT, TAG, Harness, make, world  # noqa: F401
+from tests.test_pipeline_freshness import (  # noqa: F401 - the world and make fixtures are shared
+    MANIFEST_ACCEPT, TAG, Harness, make, world)
 
 MAVEN = "repo.maven.apache.org"
 POM = "/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom"
@@ -106,7 +106,7 @@ async def test_age_and_ttl_follow_the_clock_on_one_entry(world, make):
             assert b"Age: %d\r\n" % i in head and b"Cache-Status: %s\r\n" % status.encode() in head
 
 
-async def test_purge_and_new_generation_are_served_with_their_own_fields(world, make, tmp_path):
+async def test_purge_and_new_generation_are_served_with_their_own_fields(world, make):
     h = await make({"policy": {"rules": [{"host": CHECK, "action": "intercept"}]}})
     world.fail_status(CHECK, 200, path="^/g$", times=None, body=b"one", content_type="text/plain",
                       headers=[("Cache-Control", "max-age=30"), ("ETag", '"v1"')])
@@ -114,12 +114,7 @@ async def test_purge_and_new_generation_are_served_with_their_own_fields(world, 
     _, quick = ask(h, CHECK, "/g")
     assert quick.body.data == b"one" and b'"v1"' in quick.head
     # an operator purge (another process), then the origin has new content
-    other = EntryStore(tmp_path / "h0" / "data" / "cache", h.blobs, h.settings.cache.memory,
-                       Metrics())
-    other.open()
-    for e in list(other.iter_entries()):
-        await other.delete(e.key)
-    other.mark_purged()
+    await h.purge_as_operator()
     h.mono.advance(1.5)                                  # the purge check is due
     world.clear_faults(CHECK)
     world.fail_status(CHECK, 200, path="^/g$", times=None, body=b"two", content_type="text/plain",
@@ -142,8 +137,8 @@ async def test_purge_and_new_generation_are_served_with_their_own_fields(world, 
 
 
 def hits(metrics: Metrics, host: str) -> float:
-    return metrics.registry.get_sample_value("trivy_gateway_cache_requests_total",
-                                             {"host": host, "kind": "generic", "result": "hit"}) or 0
+    labels = {"host": host, "kind": "generic", "result": "hit"}
+    return metrics.registry.get_sample_value("trivy_gateway_cache_requests_total", labels) or 0
 
 
 async def test_a_host_named_by_a_reload_is_counted_under_its_own_label(world, make):

@@ -146,6 +146,25 @@ def hit_status(result: CacheResult, ttl: float) -> str:
     return value
 
 
+def _answer_fields(entry: Entry, age: int, status_value: str) -> CIMultiDict:
+    """The stored fields, then ``Age`` and ``Cache-Status`` (each answer from an entry)."""
+    headers = CIMultiDict(entry.headers)
+    headers["Age"] = str(age)
+    headers["Cache-Status"] = status_value
+    return headers
+
+
+def _answer_head(block: Optional[bytes], age: int, status_value: str) -> Optional[bytes]:
+    """:func:`_answer_fields` as header lines: the same lines the proxy would render, in the
+    same order; None if one of them cannot be sent as is."""
+    if block is None:
+        return None
+    try:
+        return block + b"Age: %d\r\n" % age + header_line("Cache-Status", status_value)
+    except InvalidHeader:
+        return None
+
+
 def _plain_answer(entry: Entry, age: int, status_value: str) -> tuple[CIMultiDict, Optional[bytes]]:
     """Fields and head of the whole stored response (no validator matched, no range asked):
     the stored fields, ``Age``, ``Cache-Status``, ``Accept-Ranges`` (for a 200). Built once
@@ -154,16 +173,8 @@ def _plain_answer(entry: Entry, age: int, status_value: str) -> tuple[CIMultiDic
     r = _rendering(entry)
     key = (entry.status, age, status_value)
     if r.key != key:
-        headers = CIMultiDict(entry.headers)
-        headers["Age"] = str(age)
-        headers["Cache-Status"] = status_value
-        head = r.block
-        if head is not None:
-            head += b"Age: %d\r\n" % age
-            try:
-                head += header_line("Cache-Status", status_value)
-            except InvalidHeader:
-                head = None
+        headers = _answer_fields(entry, age, status_value)
+        head = _answer_head(r.block, age, status_value)
         if entry.status == 200:
             headers["Accept-Ranges"] = "bytes"
             if head is not None:
@@ -190,9 +201,7 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
             return Response(status, headers, HeadBody(size), source="cache", head=head)
         return Response(status, headers, _entry_body(entry, body, blobs, 0, size, chunk_size),
                         source="cache", head=head)
-    headers = CIMultiDict(entry.headers)
-    headers["Age"] = str(age)
-    headers["Cache-Status"] = status_value
+    headers = _answer_fields(entry, age, status_value)
     inm = req.get("If-None-Match")
     if status == 200 and inm is not None and _etag_matches(inm, entry.etag):
         return _not_modified(headers)
@@ -214,14 +223,7 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if entry.status == 200:
         headers["Accept-Ranges"] = "bytes"
-    head = _rendered_fields(entry)
-    if head is not None:
-        # the same lines the proxy would render from ``headers``, in the same order
-        head += b"Age: %d\r\n" % age
-        try:
-            head += header_line("Cache-Status", status_value)
-        except InvalidHeader:
-            head = None
+    head = _answer_head(_rendered_fields(entry), age, status_value)
     if head is not None:
         if status == 206:
             head += b"Content-Range: bytes %d-%d/%d\r\n" % (start, end - 1, size)
