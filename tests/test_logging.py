@@ -119,7 +119,7 @@ def test_info_line_json_chain_same_text_with_contextvars_and_exc_info(lines):
     undumpable values come out as the bound logger writes them."""
     bound = get_logger("gateway.access").bind(conn="c-2")
     line = InfoLine(bound)
-    assert line._json is not None                       # the inline chain, not the generic loop
+    assert line._json                                   # the inline chain, not the generic loop
     structlog.contextvars.bind_contextvars(trace="t-9")
     try:
         try:

@@ -8,7 +8,7 @@ every cache hit. Two of structlog's stock processors dominated it and are replac
 equivalents producing the same text (``bench/hitpath.py`` measures it):
 
 - JSON: orjson instead of ``json.dumps`` (which builds a new ``JSONEncoder`` per call when given
-  ``default=``); see :class:`_JsonRenderer` for how the output stays what it was.
+  ``default=``); see :func:`_render_json` for how the output stays what it was.
 - timestamp: :class:`_UtcIsoStamper` formats the date and time once per second instead of a
   ``datetime`` + ``isoformat()`` per line.
 
@@ -149,47 +149,57 @@ def _json_default(obj: Any) -> Any:
         return repr(obj)
 
 
-class _JsonRenderer:
-    """``JSONRenderer()``'s renderer step, by orjson (``json.dumps`` built a new ``JSONEncoder``
-    per call when given ``default=``).
+def _render_json(event_dict: EventDict) -> str:
+    """``JSONRenderer()``'s text, by orjson (``json.dumps`` built a new ``JSONEncoder`` per call
+    when given ``default=``).
 
     Same keys, order and values as ``json.dumps``; the text differs only in whitespace (no
     space after ``,`` and ``:``), non-ASCII characters written as UTF-8 instead of ``\\uXXXX``
     escapes, and NaN/Infinity written as ``null`` (valid JSON). What orjson refuses (integers
     beyond 64 bits, nesting deeper than 254) falls back to ``json.dumps``: a log call never
     raises because of its values."""
+    try:
+        return orjson.dumps(event_dict, default=_json_default, option=_ORJSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(event_dict, default=_json_default)
+
+
+class _JsonRenderer:
+    """The renderer step: :func:`_render_json`."""
 
     __slots__ = ()
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
-        try:
-            return orjson.dumps(event_dict, default=_json_default, option=_ORJSON_OPTIONS).decode()
-        except orjson.JSONEncodeError:
-            return json.dumps(event_dict, default=_json_default)
+        return _render_json(event_dict)
+
+
+#: (second, "YYYY-mm-ddTHH:MM:SS") of the last timestamp (one tuple: consistent when read from
+#: any thread)
+_stamp_cache: tuple[int, str] = (-1, "")
+
+
+def _utc_iso_now() -> str:
+    """The text of ``TimeStamper(fmt="iso", utc=True)`` (``datetime.isoformat`` in UTC with
+    ``Z``: microseconds, omitted when zero), with the date and time formatted once per second."""
+    global _stamp_cache
+    ns = time.time_ns()
+    second = ns // 1_000_000_000
+    cached_second, prefix = _stamp_cache
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_cache = (second, prefix)
+    micro = ns // 1000 % 1_000_000
+    # str(1_000_000 + micro)[1:]: the six digits, zero-padded (cheaper than a format spec)
+    return f"{prefix}.{str(1_000_000 + micro)[1:]}Z" if micro else prefix + "Z"
 
 
 class _UtcIsoStamper:
-    """``timestamp``: the text of ``TimeStamper(fmt="iso", utc=True)`` (``datetime.isoformat``
-    in UTC with ``Z``: microseconds, omitted when zero), with the date and time formatted once
-    per second."""
+    """The ``timestamp`` step: :func:`_utc_iso_now`."""
 
-    __slots__ = ("_cache",)
-
-    def __init__(self) -> None:
-        #: (second, "YYYY-mm-ddTHH:MM:SS") of the last line
-        self._cache: tuple[int, str] = (-1, "")
+    __slots__ = ()
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-        ns = time.time_ns()
-        second = ns // 1_000_000_000
-        cached_second, prefix = self._cache  # one tuple: consistent when read from any thread
-        if second != cached_second:
-            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._cache = (second, prefix)
-        micro = ns // 1000 % 1_000_000
-        # str(1_000_000 + micro)[1:]: the six digits, zero-padded (cheaper than a format spec)
-        event_dict["timestamp"] = (f"{prefix}.{str(1_000_000 + micro)[1:]}Z" if micro
-                                   else prefix + "Z")
+        event_dict["timestamp"] = _utc_iso_now()
         return event_dict
 
 
@@ -246,11 +256,10 @@ class InfoLine:
         self._processors = tuple(bound._processors)
         self._logger = bound._logger
         self.enabled = bound.is_enabled_for(logging.INFO)
-        #: the configured JSON chain, when that is this logger's chain (see __call__)
-        self._json: Optional[tuple] = None
+        #: this logger's chain is the JSON chain of configure_logging (see __call__)
+        self._json = bool(self._processors) and self._processors == _json_chain
         self._write: Callable[[str], None] = self._logger.info
-        if self._processors and self._processors == _json_chain:
-            self._json = self._processors
+        if self._json:
             if isinstance(self._logger, _BufferedLogger):
                 self._write = self._logger._buffer.write_line
 
@@ -261,18 +270,17 @@ class InfoLine:
         event_dict: Any = {**self._context, **fields} if self._context else fields
         event_dict["event"] = event
         logger = self._logger
-        if self._json is not None:
+        if self._json:
             # the JSON chain of configure_logging, step by step: merge_contextvars,
-            # add_log_level (``info`` for the info method), the stamper, format_exc_info (a
-            # no-op without ``exc_info``), the renderer; then the line to the buffer, which is
+            # add_log_level (``info`` for the info method), _UtcIsoStamper, format_exc_info (a
+            # no-op without ``exc_info``), _JsonRenderer; then the line to the buffer, which is
             # what ``logger.info(line)`` does
-            merge, _, stamp, format_exc, render = self._json
-            merge(logger, "info", event_dict)
+            structlog.contextvars.merge_contextvars(logger, "info", event_dict)
             event_dict["level"] = "info"
-            stamp(logger, "info", event_dict)
+            event_dict["timestamp"] = _utc_iso_now()
             if "exc_info" in event_dict:
-                format_exc(logger, "info", event_dict)
-            self._write(render(logger, "info", event_dict))
+                structlog.processors.format_exc_info(logger, "info", event_dict)
+            self._write(_render_json(event_dict))
             return
         try:
             for processor in self._processors:
