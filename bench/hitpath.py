@@ -12,20 +12,27 @@ or the logging set-up can be compared without the noise of TLS, h11 and the load
   own ``upstream.address_overrides`` / ``upstream.ca_bundle``; one real miss stores a 4 KiB
   Maven release POM (as ``bench/run.py`` uses);
 - then ``N`` hits: ``await pipeline.handle(Exchange(...))`` with the headers a Go client sends,
-  reading ``BytesBody.data`` and closing the body.
+  reading ``BytesBody.data`` and closing the body;
+- and ``N`` hits the way the proxy asks first: ``pipeline.try_hit(Exchange(...))`` (synchronous;
+  when it answers None, as it does once per purge-marker interval, ``handle`` as the proxy does).
 
 Also timed on their own: one access-log line (logging configured as the gateway does, to
-``/dev/null``), ``classify()``, ``EntryStore.get()`` and the cache-request metric increment.
+``/dev/null``) through the bound structlog logger and through :class:`InfoLine` (what the proxy
+calls; the fields dict is built per line there too), ``classify()``, ``EntryStore.get()`` and
+the cache-request metric increment. ``--profile ROW`` prints a cProfile of one row instead of
+timing it (the row's number in the output, from 1).
 Figures are µs per operation: main-thread CPU time (``time.thread_time``; the world's thread is
 idle meanwhile) and wall time; best of ``--rounds``. Not a test: nothing is asserted on time.
 
-    python bench/hitpath.py [-n 20000] [--rounds 3] [--loop asyncio|uvloop]
+    python bench/hitpath.py [-n 20000] [--rounds 3] [--loop asyncio|uvloop] [--profile ROW]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
 import shutil
 import sys
 import tempfile
@@ -43,7 +50,7 @@ from multidict import CIMultiDict  # noqa: E402
 from gateway.app import known_hosts  # noqa: E402
 from gateway.cache import BlobStore, EntryStore  # noqa: E402
 from gateway.exchange import BytesBody, Exchange  # noqa: E402
-from gateway.observability.logging import configure_logging, get_logger  # noqa: E402
+from gateway.observability.logging import InfoLine, configure_logging, get_logger  # noqa: E402
 from gateway.observability.metrics import Metrics  # noqa: E402
 from gateway.pipeline import Pipeline  # noqa: E402
 from gateway.policy import Policy  # noqa: E402
@@ -67,8 +74,21 @@ def go_exchange() -> Exchange:
     return ex
 
 
+#: ``--profile``: the row to profile instead of timing (1-based), and how many rows so far
+_profile = {"row": 0, "seen": 0}
+
+
 async def timed(n: int, rounds: int, op: Callable[[], Awaitable[None]]) -> tuple[float, float]:
     """(cpu µs, wall µs) per ``op``, best of ``rounds``; includes the loop turns it causes."""
+    _profile["seen"] += 1
+    if _profile["seen"] == _profile["row"]:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            await op()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return 0.0, 0.0
     best_cpu = best_wall = float("inf")
     for _ in range(rounds):
         c0, w0 = time.thread_time(), time.perf_counter()
@@ -133,15 +153,33 @@ async def run(args, world) -> list[tuple[str, float, float]]:
 
         rows.append(("pipeline.handle hit (+ Exchange, body)",) + await timed(args.n, args.rounds, hit))
 
+        async def try_hit() -> None:
+            ex = go_exchange()
+            r = pipeline.try_hit(ex)
+            if r is None:                        # not known without awaiting: as the proxy does
+                r = await pipeline.handle(ex)
+            assert r.body.data  # type: ignore[attr-defined]
+
+        rows.append(("pipeline.try_hit hit (+ Exchange)",) + await timed(args.n, args.rounds,
+                                                                         try_hit))
+
         access = get_logger("gateway.access").bind()
         fields = dict(request_id="a1b2c3-1f", client="127.0.0.1:40000", method="GET",
                       scheme="https", host=MAVEN, port=443, path=TARGET, status=200,
-                      bytes=len(got), duration=0.0004, decision="intercept", cache="hit")
+                      bytes=len(got), duration=0.0004, decision="intercept", cache="hit",
+                      door="proxy")
 
         async def log_line() -> None:
             access.info("request", **fields)
 
         rows.append(("access-log line",) + await timed(args.n, args.rounds, log_line))
+        info_line = InfoLine(access)
+
+        async def proxy_line() -> None:
+            info_line("request", dict(fields))
+
+        rows.append(("access-log line (InfoLine, the proxy's)",) + await timed(args.n, args.rounds,
+                                                                               proxy_line))
 
         lower = {"user-agent": "Go-http-client/1.1", "accept-encoding": "gzip", "host": MAVEN,
                  "via": "1.1 trivy-gateway"}
@@ -178,7 +216,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--small-bytes", type=int, default=4096)
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROW",
+                    help="cProfile row ROW (1-based, in output order) instead of timing it")
     args = ap.parse_args()
+    _profile["row"] = args.profile
     args.n = max(1, min(args.n, 200_000))
 
     from tests.emulated.world import WorldThread  # noqa: PLC0415 - test support, like run.py
@@ -199,9 +240,9 @@ def main() -> int:
             world.stop()
     print(f"\nhit path below the proxy ({args.loop}, {args.n} ops x {args.rounds} rounds, "
           f"best round; POM {args.small_bytes} B)")
-    print(f"{'operation':38} {'cpu µs/op':>10} {'wall µs/op':>11}")
+    print(f"{'operation':40} {'cpu µs/op':>10} {'wall µs/op':>11}")
     for name, cpu, wall in rows:
-        print(f"{name:38} {cpu:10.1f} {wall:11.1f}")
+        print(f"{name:40} {cpu:10.1f} {wall:11.1f}")
     return 0
 
 

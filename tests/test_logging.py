@@ -112,3 +112,56 @@ def test_timestamp_drops_zero_microseconds_like_isoformat(monkeypatch):
     assert stamp == ref.isoformat().replace("+00:00", "Z") == "2023-11-14T22:13:20Z"
     monkeypatch.setattr(logging_module.time, "time_ns", lambda: 1_700_000_000_000_123_999)
     assert _UtcIsoStamper()(None, "info", {})["timestamp"] == "2023-11-14T22:13:20.000123Z"
+
+
+def test_info_line_json_chain_same_text_with_contextvars_and_exc_info(lines):
+    """InfoLine runs the configured JSON chain inline: context variables, exc_info and
+    undumpable values come out as the bound logger writes them."""
+    bound = get_logger("gateway.access").bind(conn="c-2")
+    line = InfoLine(bound)
+    assert line._json                                   # the inline chain, not the generic loop
+    structlog.contextvars.bind_contextvars(trace="t-9")
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError as exc:
+            extra = dict(ACCESS_FIELDS, exc_info=exc, settings=_Secretive("hunter2"))
+            bound.info("request", **extra)
+            line("request", dict(extra))
+    finally:
+        structlog.contextvars.clear_contextvars()
+    first, second = lines()
+    assert list(first) == list(second)
+    first.pop("timestamp"), second.pop("timestamp")
+    assert first == second
+    assert first["trace"] == "t-9" and "ValueError: boom" in first["exception"]
+    assert first["settings"] == "_Secretive(password=***)" and "exc_info" not in first
+
+
+def test_a_burst_is_written_in_batches_of_flush_lines_in_order():
+    """On an event loop lines wait for the flush timer, except that every FLUSH_LINES-th line
+    writes the batch at once (bounded memory, cache-sized batches); order is kept."""
+    import asyncio
+
+    from gateway.observability import logging as logging_module
+
+    buf = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
+    n = logging_module.FLUSH_LINES
+
+    async def burst() -> tuple[int, int]:
+        line = InfoLine(get_logger("gateway.access").bind())
+        for i in range(n - 1):
+            line("request", {"i": i})
+        before = len(buf.getvalue().splitlines())          # all waiting for the timer
+        line("request", {"i": n - 1})
+        line("request", {"i": n})
+        return before, len(buf.getvalue().splitlines())
+
+    try:
+        before, after = asyncio.run(burst())
+        logging_module.structlog.get_config()["logger_factory"]()._buffer.flush()
+        written = [json.loads(text)["i"] for text in buf.getvalue().splitlines()]
+    finally:
+        structlog.reset_defaults()
+    assert (before, after) == (0, n) and written == list(range(n + 1))

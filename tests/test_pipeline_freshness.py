@@ -68,6 +68,16 @@ class Harness:
             await resp.body.close()
         return resp.status, resp.headers, body, ex.notes.get("cache")
 
+    async def purge_as_operator(self) -> None:
+        """What ``trivy-gateway cache purge`` does from another process: every entry deleted
+        through its own EntryStore, then the purge marker touched (the test moves ``mono``)."""
+        other = EntryStore(self.settings.data_dir / "cache", self.blobs,
+                           self.settings.cache.memory, Metrics())
+        other.open()
+        for e in list(other.iter_entries()):
+            await other.delete(e.key)
+        other.mark_purged()
+
     async def background_done(self) -> None:
         """Wait (bounded) for background refreshes the pipeline started."""
         for _ in range(200):
@@ -208,8 +218,7 @@ async def test_vary_variant_never_served_stale_or_coalesced_to_another_client(wo
     assert len(world.requests(host=CHECK, path_contains="/w")) == 2
 
 
-async def test_try_hit_answers_fresh_memory_hits_as_handle_does_and_declines_the_rest(world, make,
-                                                                                    tmp_path):
+async def test_try_hit_answers_fresh_memory_hits_as_handle_does_and_declines_the_rest(world, make):
     """``Pipeline.try_hit`` (the proxy's synchronous first ask) gives exactly ``handle``'s answer
     for a fresh in-memory hit, and None — never another answer — for a miss, another Vary
     variant, an expired entry, or while an operator's purge is not yet checked for."""
@@ -241,12 +250,7 @@ async def test_try_hit_answers_fresh_memory_hits_as_handle_does_and_declines_the
 
     # an operator purge (another process: entry gone, marker touched) is seen by handle()
     # once the check is due; try_hit must not answer from memory in the meantime
-    other = EntryStore(tmp_path / "h0" / "data" / "cache", h.blobs, h.settings.cache.memory,
-                       Metrics())
-    other.open()
-    for e in list(other.iter_entries()):
-        await other.delete(e.key)
-    other.mark_purged()
+    await h.purge_as_operator()
     h.mono.advance(1.5)                                    # PURGE_CHECK_INTERVAL has passed
     assert ask("/a")[1] is None
     assert (await h.get(CHECK, "/a"))[3] == "miss"

@@ -81,3 +81,14 @@ def test_not_modified_and_unsatisfiable_have_no_head(blobs):
     assert r.status == 304 and r.head is None
     r = response_from_entry(exchange(Range="bytes=99999-"), e, BODY, blobs, cache_status(CacheResult.HIT))
     assert r.status == 416 and r.head is None
+
+
+def test_answers_from_one_entry_do_not_share_their_fields(blobs):
+    """The rendered answer of an entry is reused; the fields each response carries are its own."""
+    e = entry()
+    first = response_from_entry(exchange(), e, BODY, blobs, cache_status(CacheResult.HIT))
+    first.headers["X-Mine"] = "1"
+    del first.headers["ETag"]
+    second = response_from_entry(exchange(), e, BODY, blobs, cache_status(CacheResult.HIT))
+    assert "X-Mine" not in second.headers and second.headers["ETag"] == '"abc"'
+    assert second.head == rendered(second)

@@ -114,6 +114,8 @@ class _FrontSerializer(BaseSerializer):
         return entry, body
 
 
+#: a hot value's "served until" when nothing but this process can change it (memory backend)
+_FOREVER = float("inf")
 #: with the shared (Redis) backend, how long a replica serves an immutable entry from its own
 #: process before asking Redis again (see :class:`_MemoryFront`)
 SHARED_HOT_SECONDS = 1.0
@@ -189,7 +191,7 @@ class _MemoryFront:
                 return
             until = self.monotonic() + SHARED_HOT_SECONDS
         else:
-            until = float("inf")
+            until = _FOREVER
         self._hot_pop(key)
         self._hot[key] = (value, size, until)
         self._hot_total += size
@@ -208,7 +210,7 @@ class _MemoryFront:
         hot = self._hot.get(key)
         if hot is None:
             return None
-        if hot[2] == float("inf") or hot[2] > self.monotonic():
+        if hot[2] == _FOREVER or hot[2] > self.monotonic():
             self._hot.move_to_end(key)
             if key in self._sizes:
                 self._sizes.move_to_end(key)

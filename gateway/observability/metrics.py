@@ -66,6 +66,9 @@ class Metrics:
     def __init__(self, known_hosts: Iterable[str] = (), registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self._known_hosts = {h.lower() for h in known_hosts if h and "*" not in h}
+        #: grows by one whenever a host becomes known (its label stops being ``other``): a
+        #: cache of labels (or of labelled children) keyed by host is valid while it is the same
+        self.host_labels_generation = 0
         r = self.registry
         p = PREFIX
 
@@ -273,7 +276,9 @@ class Metrics:
     # -----------------------------------------------------------------------------------
     def add_known_hosts(self, hosts: Iterable[str]) -> None:
         new = {h.lower() for h in hosts if h and "*" not in h} - self._known_hosts
-        self._known_hosts.update(new)
+        if new:
+            self._known_hosts.update(new)
+            self.host_labels_generation += 1
         self._zero_host_series(new)
 
     def add_failover_pair(self, from_host: str, to_host: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import MappingProxyType
 from typing import AsyncIterator, Mapping, Optional
 
 from multidict import CIMultiDict
@@ -28,7 +29,7 @@ from ..settings import Settings
 from ..upstream.types import UpstreamError, UpstreamRequest
 from .fetch import RFC9111_KINDS, Clock, FetchJob, Outcome, OutcomeKind
 from .offline import offline_auth_response, public_token_response
-from .serve import (HeadBody, cache_status, response_from_entry, response_from_fill,
+from .serve import (HeadBody, cache_status, hit_status, response_from_entry, response_from_fill,
                     storable_headers)
 
 log = get_logger("gateway.pipeline")
@@ -37,6 +38,15 @@ log = get_logger("gateway.pipeline")
 _OWN_FIELDS = ("host", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
                "range", "if-range", "accept-encoding", "cache-control", "pragma")
 _STALE_ON_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: distinct requests whose classification :meth:`Pipeline._classify` remembers (then it forgets
+#: them all at once): a scan repeats a few hundred to a couple of thousand requests (POMs,
+#: manifests, tokens), a flood of unique requests only refills it; ~2.3 KB each (measured with
+#: tracemalloc: the key holds the request's fields), so at most ~5 MB
+CLASSIFIED_MAX = 2048
+#: the results of a hit (module constants: an enum member is a slow class attribute lookup)
+_HIT, _NEGATIVE, _STALE = CacheResult.HIT, CacheResult.NEGATIVE, CacheResult.STALE
+#: (host, kind, result) metric children :meth:`Pipeline._count` keeps (then forgets them all)
+COUNTERS_MAX = 4096
 
 
 class Pipeline:
@@ -62,9 +72,15 @@ class Pipeline:
         #: artifact name → facts about the last tag manifest served (status page)
         self.artifacts: dict[str, dict] = {}
         self.results: dict[str, int] = {}
-        #: (host label, kind, result) → its cache_requests child: ``labels()`` validates and
-        #: joins its arguments on every call; bounded (host labels, kinds, results are)
-        self._request_counters: dict[tuple[str, str, str], object] = {}
+        #: (host, port, scheme, kind, result) → its cache_requests child: ``labels()``
+        #: validates and joins its arguments on every call, and the host's label is looked up
+        #: once; valid for ``metrics.host_labels_generation`` in ``_counters_generation``
+        self._request_counters: dict[tuple, object] = {}
+        self._counters_generation = -1
+        #: request (method, scheme, host, port, target, header fields) → (folded fields, its
+        #: Resource), valid for the ``cache`` settings object in ``_classified_cfg`` only
+        self._classified: dict[tuple, tuple[Mapping[str, str], Resource]] = {}
+        self._classified_cfg: Optional[object] = None
 
     # -- entry point ----------------------------------------------------------------------------
     def try_hit(self, ex: Exchange) -> Optional[Response]:
@@ -97,7 +113,9 @@ class Pipeline:
             return token
         if not self._lookup_allowed(ex, res):
             return await self._forward(ex, res)
-        found = self._variant(await self.entries.get(res.cache_key), lower)
+        # peek: the same answer as get() when it has one, without two coroutines (a memory hit)
+        found = self._variant(self.entries.peek(res.cache_key)
+                              or await self.entries.get(res.cache_key), lower)
         now = self.clock()
         if found is not None:
             entry, body = found
@@ -116,14 +134,36 @@ class Pipeline:
         return await self._answer(ex, res, outcome, entry, body, collapsed=not leader, job=job)
 
     # -- the steps shared by try_hit and handle -------------------------------------------------
-    def _classify(self, ex: Exchange) -> tuple[dict, Resource]:
-        lower = fold_fields(ex.headers.items())
-        # host[:port]: a registry on a non-default port is its own registry (cache.oci.registries);
-        # the upstream URL's scheme (ex.url), not necessarily the client connection's
-        res = classify(ex.method, ex.authority, ex.path, ex.query, lower, self.cfg,
-                       scheme=ex.scheme)
-        ex.notes["kind"] = res.kind
-        return lower, res
+    def _classify(self, ex: Exchange) -> tuple[Mapping[str, str], Resource]:
+        """(the request's fields folded, lower-case names; its Resource).
+
+        Memoised: :func:`classify` is a pure function of the request line, its header fields
+        and ``self.cfg`` (frozen settings), and a scan repeats the same requests (a POM per
+        dependency, the same manifests and tokens). The key is all of the request's inputs,
+        every header field included as sent (a request differing in ``Accept`` or
+        ``Authorization`` is its own key); the memo is dropped whenever ``self.cfg`` is another
+        object (a reload assigns a new one). Both values are immutable (Resource is frozen, the
+        fields a read-only view), so sharing them between requests is safe.
+        """
+        cfg = self.cfg
+        memo = self._classified
+        if cfg is not self._classified_cfg:
+            memo.clear()
+            self._classified_cfg = cfg
+        key = (ex.method, ex.scheme, ex.host, ex.port, ex.target, tuple(ex.headers.items()))
+        known = memo.get(key)
+        if known is None:
+            lower = MappingProxyType(fold_fields(key[5]))
+            # host[:port]: a registry on a non-default port is its own registry
+            # (cache.oci.registries); the upstream URL's scheme (ex.url), not necessarily the
+            # client connection's
+            res = classify(ex.method, ex.authority, ex.path, ex.query, lower, cfg,
+                           scheme=ex.scheme)
+            if len(memo) >= CLASSIFIED_MAX:
+                memo.clear()
+            known = memo[key] = (lower, res)
+        ex.notes["kind"] = known[1].kind
+        return known
 
     def _token(self, ex: Exchange, res: Resource) -> Optional[Response]:
         """An anonymous registry token the gateway answers itself (offline-capable)."""
@@ -136,7 +176,7 @@ class Pipeline:
 
     def _lookup_allowed(self, ex: Exchange, res: Resource) -> bool:
         """False: not answered from the cache at all (forwarded as a stream)."""
-        return bool(res.cacheable) and ex.method in ("GET", "HEAD") and not (
+        return res.cache_key is not None and ex.method in ("GET", "HEAD") and not (
             res.kind == "oci_blob" and ex.method == "HEAD"
             and not self.blobs.has(res.digest or ""))
 
@@ -155,19 +195,20 @@ class Pipeline:
         entry, body = found
         if not entry.is_fresh(now):
             return None
-        result = CacheResult.NEGATIVE if entry.negative else CacheResult.HIT
+        result = _NEGATIVE if entry.negative else _HIT
         self._maybe_refresh(ex, res, entry, now)
-        return self._serve(ex, res, entry, body, result,
-                           cache_status(result, ttl=entry.ttl_left(now)))
+        return self._serve(ex, res, entry, body, result, hit_status(result, entry.ttl_left(now)),
+                           now)
 
     # -- the cache's answers -------------------------------------------------------------------
     def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],
-               result: CacheResult, status_value: str) -> Response:
+               result: CacheResult, status_value: str, now: Optional[float] = None) -> Response:
+        """``now``: the clock's reading when nothing was awaited since (else read here)."""
         self._count(ex, res, result)
-        self._note_artifact(res, entry, stale=result == CacheResult.STALE)
+        self._note_artifact(res, entry, stale=result == _STALE)
         try:
             return response_from_entry(ex, entry, body, self.blobs, status_value, self.chunk_size,
-                                       now=self.clock())
+                                       now=self.clock() if now is None else now)
         except LookupError:
             # the blob went away between lookup and pin: answer as a miss next time
             asyncio.get_running_loop().create_task(self.entries.delete(entry.key))
@@ -357,11 +398,20 @@ class Pipeline:
     # -- helpers ----------------------------------------------------------------------------
     def _count(self, ex: Exchange, res: Resource, result: CacheResult) -> None:
         ex.notes["cache"] = result
-        self.results[result] = self.results.get(result, 0) + 1
-        key = (self.metrics.host_label(ex.authority), res.kind, result)
-        counter = self._request_counters.get(key)
+        results = self.results
+        results[result] = results.get(result, 0) + 1
+        counters = self._request_counters
+        generation = self.metrics.host_labels_generation
+        if generation != self._counters_generation:   # a host got its own label: relabel
+            counters.clear()
+            self._counters_generation = generation
+        key = (ex.host, ex.port, ex.scheme, res.kind, result)
+        counter = counters.get(key)
         if counter is None:
-            counter = self._request_counters[key] = self.metrics.cache_requests.labels(*key)
+            if len(counters) >= COUNTERS_MAX:
+                counters.clear()
+            counter = counters[key] = self.metrics.cache_requests.labels(
+                self.metrics.host_label(ex.authority), res.kind, result)
         counter.inc()
 
     def _note_artifact(self, res: Resource, entry: Entry, stale: bool) -> None:

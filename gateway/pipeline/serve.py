@@ -16,6 +16,7 @@ from ..cache import BlobStore, Entry, Fill
 from ..exchange import (Body, BytesBody, EmptyBody, Exchange, FileBody, InvalidHeader, Response,
                         StreamBody, header_line)
 from ..observability.metrics import CacheResult
+from ..resources import IMMUTABLE
 
 CACHE_NAME = "trivy-gateway"
 
@@ -87,33 +88,99 @@ def parse_range(value: str, size: int) -> Optional[tuple[int, int]] | str:
     return start, min(end, size)
 
 
-#: id(entry.headers) -> (that list, its lines rendered): a hot entry's stored fields are
-#: validated and encoded once, not on every hit. Revalidation replaces the list (never edits it),
-#: and the list is held here, so an id cannot be reused while its bytes are cached.
-_rendered: dict[int, tuple[list, Optional[bytes]]] = {}
+class _Rendered:
+    """One entry's stored fields rendered as header lines, and the last plain answer built from
+    them (its fields and head), kept while ``Age`` and ``Cache-Status`` stay the same."""
+
+    __slots__ = ("fields", "block", "key", "headers", "head")
+
+    def __init__(self, fields: list, block: Optional[bytes]) -> None:
+        self.fields = fields
+        self.block = block
+        #: (entry status, Age, Cache-Status) the answer below was built for
+        self.key: Optional[tuple[int, int, str]] = None
+        self.headers = CIMultiDict()
+        self.head: Optional[bytes] = None
 
 
-def _rendered_fields(entry: Entry) -> Optional[bytes]:
-    """The entry's stored fields as header lines; None if one of them cannot be sent as is
-    (the proxy's normal path then gives the error)."""
+#: id(entry.headers) -> its :class:`_Rendered`: a hot entry's stored fields are validated and
+#: encoded once, not on every hit. Revalidation replaces the list (never edits it), and the list
+#: is held here, so an id cannot be reused while its bytes are cached.
+_rendered: dict[int, _Rendered] = {}
+
+
+def _rendering(entry: Entry) -> _Rendered:
     fields = entry.headers
-    hit = _rendered.get(id(fields))
-    if hit is not None and hit[0] is fields:
-        return hit[1]
+    known = _rendered.get(id(fields))
+    if known is not None and known.fields is fields:
+        return known
     try:
         block: Optional[bytes] = b"".join(header_line(k, v) for k, v in fields)
     except InvalidHeader:
         block = None
     if len(_rendered) >= 4096:
         _rendered.clear()
-    _rendered[id(fields)] = (fields, block)
-    return block
+    known = _rendered[id(fields)] = _Rendered(fields, block)
+    return known
 
 
-def entry_headers(entry: Entry, now: float) -> CIMultiDict:
-    h = CIMultiDict(entry.headers)
-    h["Age"] = str(max(0, int(now - entry.validated_at)))
-    return h
+def _rendered_fields(entry: Entry) -> Optional[bytes]:
+    """The entry's stored fields as header lines; None if one of them cannot be sent as is
+    (the proxy's normal path then gives the error)."""
+    return _rendering(entry).block
+
+
+#: (result, whole seconds of freshness left or None for immutable) -> Cache-Status value
+_hit_values: dict[tuple[CacheResult, Optional[int]], str] = {}
+
+
+def hit_status(result: CacheResult, ttl: float) -> str:
+    """``cache_status(result, ttl=ttl)`` for a fresh hit (HIT or NEGATIVE), memoised: it only
+    changes with the whole seconds of ``ttl`` (the same text as :func:`cache_status`)."""
+    key = (result, None if ttl == IMMUTABLE else int(ttl))
+    value = _hit_values.get(key)
+    if value is None:
+        if len(_hit_values) >= 4096:
+            _hit_values.clear()
+        value = _hit_values[key] = cache_status(result, ttl=ttl)
+    return value
+
+
+def _answer_fields(entry: Entry, age: int, status_value: str) -> CIMultiDict:
+    """The stored fields, then ``Age`` and ``Cache-Status`` (each answer from an entry)."""
+    headers = CIMultiDict(entry.headers)
+    headers["Age"] = str(age)
+    headers["Cache-Status"] = status_value
+    return headers
+
+
+def _answer_head(block: Optional[bytes], age: int, status_value: str) -> Optional[bytes]:
+    """:func:`_answer_fields` as header lines: the same lines the proxy would render, in the
+    same order; None if one of them cannot be sent as is."""
+    if block is None:
+        return None
+    try:
+        return block + b"Age: %d\r\n" % age + header_line("Cache-Status", status_value)
+    except InvalidHeader:
+        return None
+
+
+def _plain_answer(entry: Entry, age: int, status_value: str) -> tuple[CIMultiDict, Optional[bytes]]:
+    """Fields and head of the whole stored response (no validator matched, no range asked):
+    the stored fields, ``Age``, ``Cache-Status``, ``Accept-Ranges`` (for a 200). Built once
+    per entry per (``Age``, ``Cache-Status``): a hot entry is asked for many times a second.
+    The fields are a copy the caller owns."""
+    r = _rendering(entry)
+    key = (entry.status, age, status_value)
+    if r.key != key:
+        headers = _answer_fields(entry, age, status_value)
+        head = _answer_head(r.block, age, status_value)
+        if entry.status == 200:
+            headers["Accept-Ranges"] = "bytes"
+            if head is not None:
+                head += b"Accept-Ranges: bytes\r\n"
+        r.key, r.headers, r.head = key, headers, head
+    return r.headers.copy(), r.head
 
 
 def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs: BlobStore,
@@ -122,20 +189,29 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
     """Answer ``ex`` from a stored entry (hit, stale, negative, revalidated); ``now``: the
     pipeline's clock (for ``Age``)."""
     now = time.time() if now is None else now
-    headers = entry_headers(entry, now)
-    headers["Cache-Status"] = status_value
+    age = max(0, int(now - entry.validated_at))
     status = entry.status
     size = entry.body_size
-    inm = ex.headers.get("If-None-Match")
+    req = ex.headers
+    if status != 200 or not ("If-None-Match" in req or "If-Modified-Since" in req
+                             or "Range" in req):
+        # what most hits are: the whole stored response (what the lines below give for them)
+        headers, head = _plain_answer(entry, age, status_value)
+        if ex.method == "HEAD":
+            return Response(status, headers, HeadBody(size), source="cache", head=head)
+        return Response(status, headers, _entry_body(entry, body, blobs, 0, size, chunk_size),
+                        source="cache", head=head)
+    headers = _answer_fields(entry, age, status_value)
+    inm = req.get("If-None-Match")
     if status == 200 and inm is not None and _etag_matches(inm, entry.etag):
         return _not_modified(headers)
-    ims = ex.headers.get("If-Modified-Since")
+    ims = req.get("If-Modified-Since")
     if status == 200 and inm is None and ims and entry.last_modified == ims:
         return _not_modified(headers)
     start, end = 0, size
-    rng = ex.headers.get("Range")
+    rng = req.get("Range")
     if rng and status == 200 and ex.method == "GET":
-        if_range = ex.headers.get("If-Range")
+        if_range = req.get("If-Range")
         if if_range is None or if_range == entry.etag or if_range == entry.last_modified:
             parsed = parse_range(rng, size)
             if parsed == "unsatisfiable":
@@ -147,14 +223,7 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if entry.status == 200:
         headers["Accept-Ranges"] = "bytes"
-    head = _rendered_fields(entry)
-    if head is not None:
-        # the same lines the proxy would render from ``headers``, in the same order
-        head += b"Age: %d\r\n" % max(0, int(now - entry.validated_at))
-        try:
-            head += header_line("Cache-Status", status_value)
-        except InvalidHeader:
-            head = None
+    head = _answer_head(_rendered_fields(entry), age, status_value)
     if head is not None:
         if status == 206:
             head += b"Content-Range: bytes %d-%d/%d\r\n" % (start, end - 1, size)
