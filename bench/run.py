@@ -785,6 +785,7 @@ def parse_args(argv=None):
     p.add_argument("--artifact-dir", type=Path, default=None,
                    help="keep generated blobs here between runs (default: a temp dir)")
     p.add_argument("--only", default="", help="comma list of phases: tls,plain,mirror,small,tunnels,rss,cold "
+                   "(small-go: only small's Go client lane) "
                    "(none: only the --profile pass)")
     p.add_argument("--save", action="store_true", help="write bench/results/bench-<time>.json")
     p.add_argument("--profile", action="store_true", help="extra py-spy pass per phase")
@@ -835,6 +836,8 @@ def main(argv=None) -> int:
                              bench.env.nginx.pids(), args.blob_mib, 0.9, "nginx sendfile")
         if "small" in phases:
             bench.small()
+        elif "small-go" in phases:
+            bench.small_go()                     # the Go client lane alone (quick A/B runs)
         if "tunnels" in phases:
             bench.tunnels()
         if "rss" in phases:

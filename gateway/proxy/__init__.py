@@ -1,4 +1,4 @@
-"""The client-facing forward proxy: asyncio streams + an HTTP/1.1 state machine over llhttp.
+"""The client-facing forward proxy: an asyncio Protocol + an HTTP/1.1 state machine over llhttp.
 
 Why not aiohttp's web server (which the upstream side does use, as a client): a forward proxy must
 answer ``CONNECT`` with ``200`` and then *own the raw connection*: start TLS on it as a server
@@ -7,7 +7,10 @@ socket (tunnel). aiohttp's server has no supported way to take a connection over
 response; its request parser also insists on origin-form/absolute-form semantics of a web
 server. So the client side is built on:
 
-* ``asyncio.start_server`` streams, with flow control (``drain()``) for backpressure both ways;
+* a buffered ``asyncio.Protocol`` per connection (:mod:`.stream`) with flow control both ways,
+  and two schedulers (:mod:`.connection`): answers known at once — a fresh cache hit in memory
+  — are written in the protocol callback; everything that awaits runs in a task that hands
+  the connection back when it is idle (``docs/hit-path.md``);
 * :mod:`.http1` — a small explicit HTTP/1.1 server state machine (h11-style events, no I/O)
   with llhttp (httptools) as the parser. It does the parsing and framing (Content-Length,
   chunked, keep-alive, HEAD/204/304, ``Expect: 100-continue``, the CONNECT switch, the request

@@ -20,11 +20,12 @@ one record, so a read no longer allocates a 256 KiB bytes object to shrink it ag
 ``call_connection_made=True``: the application protocol is connected when the handshake completes,
 *before* any decrypted data or EOF reaches it. (``loop.start_tls`` connects it only when the
 caller's coroutine resumes; a client that closes right after its handshake — a handshake storm —
-then made ``StreamReaderProtocol.eof_received`` run unconnected, return True, and asyncio log
+then made the StreamReaderProtocol used at the time run ``eof_received`` unconnected, return True, and asyncio log
 "returning true from eof_received() has no effect when using ssl" on stderr.)
 
 Event loops that are not the stdlib selector loop (uvloop has its own SSL protocol) get
-``loop.start_tls``; :class:`TLSStreamReaderProtocol` keeps the warning away there too.
+``loop.start_tls``; the connection's :class:`~.stream.ClientStream` returns False from
+``eof_received`` on TLS (there is no half-close there), which keeps the warning away there too.
 """
 from __future__ import annotations
 
@@ -64,18 +65,6 @@ class LeanSSLProtocol(sslproto.SSLProtocol):
         # buffer_updated() reads self._ssl_buffer_view: point it at the shared buffer
         view = self._ssl_buffer_view = _shared_view()
         return view
-
-
-class TLSStreamReaderProtocol(asyncio.StreamReaderProtocol):
-    """A StreamReaderProtocol for the TLS side of a connection on any event loop: EOF from the
-    peer always ends the connection (there is no half-close over TLS), so ``eof_received``
-    returns False even before ``connection_made`` told it the transport is TLS — the case in
-    which asyncio's (and uvloop's) SSL protocol would log "returning true from eof_received()
-    has no effect when using ssl"."""
-
-    def eof_received(self) -> bool:
-        super().eof_received()
-        return False
 
 
 def lean_start_tls_supported(loop: asyncio.AbstractEventLoop, transport) -> bool:
