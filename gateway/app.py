@@ -256,6 +256,7 @@ class Gateway:
         except OSError:
             disk_free = None
         bytes_served = {}
+        self.metrics.deferred.flush()
         for sample in self.metrics.served_bytes.collect()[0].samples:
             if sample.name.endswith("_total"):
                 bytes_served[sample.labels["source"]] = int(sample.value)

@@ -60,11 +60,50 @@ _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
 _RETRY_AFTER_BUCKETS = (0.001, 0.1, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
 
 
+class DeferredCounts:
+    """Counter increments of the per-request path, kept as plain numbers until collection.
+
+    Why: prometheus_client's ``inc()`` checks the value and takes a lock on every call (~0.7 µs
+    here) and a small cache hit makes three of them (requests, cache requests, bytes served),
+    a noticeable part of what the hit costs. :meth:`add` is a dict update instead. The sums
+    reach the real counters in :meth:`flush`, which runs before anything reads them: this
+    object is the first collector of the gateway's registry, and a registry collects in the
+    order collectors were registered, so a scrape, the status page or a test reading a sample
+    always sees every increment made before it. Code that reads one metric's ``collect()``
+    directly calls :meth:`flush` first. Single-threaded by design: the event loop's thread
+    adds and flushes.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[object, float] = {}
+
+    def add(self, counter, amount: float = 1) -> None:
+        """Add ``amount`` to ``counter`` (a labelled prometheus_client Counter child)."""
+        pending = self._pending
+        pending[counter] = pending.get(counter, 0) + amount
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for counter, amount in pending.items():
+            counter.inc(amount)
+
+    # the collector protocol: nothing of its own to expose; collecting flushes
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        self.flush()
+        return []
+
+
 class Metrics:
     """All collectors of one gateway instance, on their own registry."""
 
     def __init__(self, known_hosts: Iterable[str] = (), registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        #: registered before every metric, so it flushes before any of them is collected
+        self.deferred = DeferredCounts()
+        self.registry.register(self.deferred)  # type: ignore[arg-type]
         self._known_hosts = {h.lower() for h in known_hosts if h and "*" not in h}
         #: grows by one whenever a host becomes known (its label stops being ``other``): a
         #: cache of labels (or of labelled children) keyed by host is valid while it is the same

@@ -412,7 +412,7 @@ class Pipeline:
                 counters.clear()
             counter = counters[key] = self.metrics.cache_requests.labels(
                 self.metrics.host_label(ex.authority), res.kind, result)
-        counter.inc()
+        self.metrics.deferred.add(counter)
 
     def _note_artifact(self, res: Resource, entry: Entry, stale: bool) -> None:
         name = entry.meta.get("artifact") if entry.meta else None

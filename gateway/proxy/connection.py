@@ -1002,7 +1002,7 @@ class ClientConnection(ResponseWriter):
                                                      status=str(rec.status), door=rec.door),
                         self.metrics.request_duration.labels(host=host_label))
             self._remember(key, children)
-        children[0].inc()
+        self.metrics.deferred.add(children[0])
         if not rec.established:
             children[1].observe(duration)
         if not self.server.settings.logging.access_log:

@@ -230,7 +230,7 @@ class ResponseWriter(ResponseWriterHost):
         if child is None:
             child = self.metrics.served_bytes.labels(source=source)
             self._remember(key, child)
-        child.inc(n)
+        self.metrics.deferred.add(child, n)
 
     async def _respond(self, rec: AccessRecord, method: str, response: Response, *,
                        extra_headers: Optional[dict] = None, close: bool = False) -> str:
