@@ -168,3 +168,27 @@ async def test_an_idle_connection_between_hits_is_closed_after_the_idle_timeout(
         async with asyncio.timeout(5):
             while gw.server.active_connections:
                 await asyncio.sleep(0.01)
+
+
+async def test_a_closed_connection_is_freed_without_waiting_for_the_cycle_collector(tmp_path):
+    """The stream's callbacks are bound methods of the connection: a closed connection must
+    drop them, or every closed connection (and the ~20 KiB of TLS state its stream holds)
+    waits for a full garbage collection."""
+    import gc
+    import weakref
+
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=HitHandler()) as gw:
+        reader, writer = await _intercepted(gw)
+        conn = await _in_callback_mode(gw, reader, writer)
+        refs = [weakref.ref(conn), weakref.ref(conn.stream)]
+        del conn
+        gc.disable()
+        try:
+            writer.close()
+            async with asyncio.timeout(5):
+                while gw.server.active_connections:
+                    await asyncio.sleep(0.005)
+                while any(r() is not None for r in refs):
+                    await asyncio.sleep(0.005)      # the transport lets go on its next turn
+        finally:
+            gc.enable()
