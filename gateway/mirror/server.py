@@ -13,7 +13,8 @@ from typing import Optional
 
 from ..exchange import error_response
 from ..observability.logging import get_logger
-from ..proxy.connection import ClientConnection, Prepared, Reply
+from ..proxy.connection import ClientConnection
+from ..proxy.routing import Prepared, Reply
 from ..proxy.request import AccessRecord, RequestFields
 from ..proxy.server import ProxyServer
 from ..settings import Settings
