@@ -178,6 +178,9 @@ def _serve(settings: Settings, loader: Callable[[], Settings]) -> int:
 
 
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
+    from .startup import check_files  # noqa: PLC0415
+
+    check_files(settings, absolute_only=True)   # what serve would fail on, where it can tell
     if args.print:
         print(json.dumps(settings_view(settings), indent=2, default=str))
     print(f"configuration OK ({settings.source}, digest {settings_digest(settings)}): "
