@@ -212,6 +212,7 @@ class Gateway:
         now = time.time()
         try:
             new = self._loader()
+            check_files(new)    # a typo in a certificate's path would only bite at the restart
         except ConfigError as exc:
             errors = [e.describe() for e in exc.errors]
             self.metrics.config_reloads.labels(result=ReloadResult.REFUSED).inc()
