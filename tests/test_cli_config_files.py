@@ -192,3 +192,12 @@ def test_damaged_ca_in_the_data_dir_is_named_without_a_traceback(tmp_path):
             f"{data}/ca/ca.pem exists but its key") in r.stderr
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (data / "ca").iterdir()) == ["ca.pem"]
+
+
+def test_secret_file_that_is_not_text(tmp_path):
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe\x00binary")
+    cfg, data = _config(tmp_path, "")
+    cfg.write_text(cfg.read_text().replace("server:\n", f"server:\n  admin_token_file: {token}\n"))
+    _assert_refused(cfg, data, "server.admin_token_file", "admin_token_file",
+                    f"{token} is not UTF-8 text")

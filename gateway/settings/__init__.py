@@ -244,10 +244,9 @@ def _locate(exc: ConfigError, origins: Mapping[str, str], file_lines: Mapping[st
 
 
 def _read_secret(settings: Settings, env_name: Optional[str], file_key: str,
-                 env: Mapping[str, str]) -> str:
-    """The secret from the file named at ``file_key`` (if set), else from ``env_name``; an
-    unreadable file is an error naming the key, where it was set and the OS error."""
-    file_name = _value_at(settings, file_key)
+                 file_name: Optional[str], env: Mapping[str, str]) -> str:
+    """The secret from ``file_name`` (set at ``file_key``), else from ``env_name``; an unreadable
+    file is an error naming the key, where it was set, the path and the OS error."""
     if file_name:
         try:
             return Path(file_name).read_text("utf-8").strip()
@@ -260,17 +259,10 @@ def _read_secret(settings: Settings, env_name: Optional[str], file_key: str,
     return ""
 
 
-def _value_at(settings: Settings, key: str) -> Any:
-    """The value at ``server.admin_token_file`` or ``upstream.credentials[0].secret_file``."""
-    obj: Any = settings
-    for part in key.replace("[", ".[").split("."):
-        obj = obj[int(part[1:-1])] if part.startswith("[") else getattr(obj, part)
-    return obj
-
-
 def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
     server = settings.server
-    token = _read_secret(settings, server.admin_token_env, "server.admin_token_file", env)
+    token = _read_secret(settings, server.admin_token_env, "server.admin_token_file",
+                         server.admin_token_file, env)
     if server.admin_token_file and not token:
         raise settings.error("server.admin_token_file", f"{server.admin_token_file} is empty")
     if token:
@@ -278,7 +270,8 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
             server, admin_token=token))
     auth = settings.proxy.auth
     if auth.enabled:
-        password = _read_secret(settings, auth.password_env, "proxy.auth.password_file", env)
+        password = _read_secret(settings, auth.password_env, "proxy.auth.password_file",
+                                auth.password_file, env)
         if not password:
             raise ConfigError("proxy.auth", f"proxy auth is enabled but {auth.password_env} is "
                               "empty and no password_file is set", settings.source)
@@ -286,7 +279,8 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
             settings.proxy, auth=dataclasses.replace(auth, password=password)))
     tls = settings.tls
     if tls.ca_key_password_file or tls.ca_key_password_env:
-        secret = _read_secret(settings, tls.ca_key_password_env, "tls.ca_key_password_file", env)
+        secret = _read_secret(settings, tls.ca_key_password_env, "tls.ca_key_password_file",
+                              tls.ca_key_password_file, env)
         if not secret:
             raise ConfigError("tls.ca_key_password_env", f"{tls.ca_key_password_env} is empty "
                               "and no ca_key_password_file is set", settings.source)
@@ -295,7 +289,7 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
     creds = []
     for i, cred in enumerate(settings.upstream.credentials):
         secret = _read_secret(settings, cred.secret_env, f"upstream.credentials[{i}].secret_file",
-                              env)
+                              cred.secret_file, env)
         creds.append(dataclasses.replace(cred, secret=secret))
     shared = settings.cache.shared
     if shared.redis_password_env:
