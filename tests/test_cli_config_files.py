@@ -181,12 +181,24 @@ def test_every_bad_file_is_reported_at_once(tmp_path):
     assert not data.exists()
 
 
-def test_damaged_ca_in_the_data_dir_is_named_without_a_traceback(tmp_path):
+def test_ca_init_names_the_operator_ca_and_creates_nothing(tmp_path, pki):
+    absent = tmp_path / "ca.pem"
+    cfg, data = _config(tmp_path, f"tls:\n  ca_cert: {absent}\n  ca_key: {pki.ca_key_pem}\n")
+    r = _run("ca", "init", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert f"tls.ca_cert in {cfg} line {_line_of(cfg, 'ca_cert')}: " in r.stderr
+    assert f"{absent}: {MISSING}" in r.stderr and "Traceback" not in r.stderr
+    assert not data.exists()
+
+
+@pytest.mark.parametrize("command", [["serve", "--listen", "127.0.0.1:0",
+                                      "--admin-listen", "127.0.0.1:0"], ["ca", "init"]],
+                         ids=["serve", "ca_init"])
+def test_damaged_ca_in_the_data_dir_is_named_without_a_traceback(tmp_path, command):
     data = tmp_path / "data"
     (data / "ca").mkdir(parents=True)
     (data / "ca" / "ca.pem").write_text("damaged\n")        # its key is gone
-    r = _run("serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{free_port()}",
-             "--admin-listen", f"127.0.0.1:{free_port()}")
+    r = _run(*command, "--data-dir", str(data))
     assert r.returncode == 1, r.stderr
     assert (f"cannot use the CA under server.data_dir '{data}' (from flag --data-dir): "
             f"{data}/ca/ca.pem exists but its key") in r.stderr
