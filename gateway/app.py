@@ -30,8 +30,8 @@ from .proxy.auth import ProxyAuth
 from .reload import ReloadResult, split_changes
 from .settings import ConfigError, Settings, settings_digest, split_hostport
 from .shared import Shared, build as build_shared, shared_memory_front
-from .startup import DataDirLock, check_addresses, data_dir_error
-from .tls.ca import CertificateAuthority
+from .startup import DataDirLock, ca_error, check_addresses, check_files, data_dir_error
+from .tls.ca import CAError, CertificateAuthority
 from .tls.leaf import LeafIssuer
 from .upstream import UpstreamClient
 
@@ -87,6 +87,7 @@ class Gateway:
         """Check the ports, take the data dir, then build bottom-up; on any failure close what
         was opened (no "Unclosed client session", no lock left) and raise StartupError/OSError."""
         check_addresses(self.settings)   # before any state exists: a taken port creates nothing
+        check_files(self.settings)       # nor does a missing certificate (ConfigErrors, exit 2)
         self._lock.acquire()
         try:
             await self._start()
@@ -103,6 +104,8 @@ class Gateway:
             self.ca = CertificateAuthority.load_or_create(s)
         except OSError as exc:
             raise data_dir_error(s, exc) from None
+        except CAError as exc:
+            raise ca_error(s, exc) from None
         leaf = LeafIssuer(self.ca, s.tls, self.metrics)
         policy = self.policy = RecordingPolicy(s.policy, self.denials)
         cache_root = s.data_dir / "cache"
@@ -209,6 +212,7 @@ class Gateway:
         now = time.time()
         try:
             new = self._loader()
+            check_files(new)    # a typo in a certificate's path would only bite at the restart
         except ConfigError as exc:
             errors = [e.describe() for e in exc.errors]
             self.metrics.config_reloads.labels(result=ReloadResult.REFUSED).inc()

@@ -125,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "serve":
             return _serve(settings, lambda: _settings(args))
         if args.command == "reload":
+            _check_files(settings)
             return reload_command(settings)
         if args.command == "check-config":
             return _check_config(settings, args)
@@ -177,7 +178,16 @@ def _serve(settings: Settings, loader: Callable[[], Settings]) -> int:
     return 0
 
 
+def _check_files(settings: Settings) -> None:
+    """What ``serve`` would fail on among the files the configuration names, as far as this
+    process can tell: a relative path is the serving process's business (its own cwd)."""
+    from .startup import check_files  # noqa: PLC0415
+
+    check_files(settings, absolute_only=True)
+
+
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
+    _check_files(settings)
     if args.print:
         print(json.dumps(settings_view(settings), indent=2, default=str))
     print(f"configuration OK ({settings.source}, digest {settings_digest(settings)}): "

@@ -23,15 +23,22 @@ def data_dir_hint(settings: Settings) -> str:
 
 
 def ca_command(settings: Settings, args: argparse.Namespace) -> int:
-    from .tls.ca import CertificateAuthority, bundle_from_pem  # noqa: PLC0415
+    from .startup import ca_error  # noqa: PLC0415
+    from .tls.ca import CAError, CertificateAuthority, bundle_from_pem  # noqa: PLC0415
 
     if args.ca_command == "init":   # the one ca command that may create state, by its name
+        operator = bool(settings.tls.ca_cert)      # the operator's CA: nothing to create
         try:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            if not operator:
+                settings.data_dir.mkdir(parents=True, exist_ok=True)
             ca = CertificateAuthority.load_or_create(settings)
         except OSError as exc:
             raise StateMissing(f"cannot create the CA: {exc.strerror}: {exc.filename} "
                                f"({data_dir_hint(settings)})") from None
+        except CAError as exc:
+            if operator:
+                raise settings.error(f"tls.ca_{exc.part}", str(exc)) from None
+            raise StateMissing(str(ca_error(settings, exc))) from None
         print(f"gateway CA {ca.cert_path} sha256={ca.fingerprint_sha256}", file=sys.stderr)
         return 0
     pem = fetch_ca(args.from_url) if args.from_url else read_ca(settings)

@@ -4,6 +4,12 @@ Why a separate step: a gateway that fails to bind its port must not leave a fres
 cache or an open upstream session behind, and every failure must name the setting to change and
 where that setting came from (``server.listen (flag --listen)``), not a bare ``[Errno 98]``.
 
+Files the configuration names (the mirror door's certificate and key, ``upstream.ca_bundle``,
+the operator's CA) are opened and parsed here too, before the data dir is taken, so a typo in a
+path is ``mirror.tls.cert in /etc/gw.yaml line 12: cannot read /etc/gw/tls.crt: No such file or
+directory`` (exit 2, like any configuration error) and not a bare ``[Errno 2]`` after the gateway
+has already created its CA and cache. Secret files are read by the settings loader itself.
+
 The data dir lock (``<data_dir>/gateway.lock``, ``flock``) keeps two gateways off one data dir:
 they would evict each other's blobs and race on the CA. The kernel drops the lock when the
 process dies, so a crash never leaves a stale lock behind.
@@ -14,10 +20,11 @@ import errno
 import fcntl
 import os
 import socket
+import ssl
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Iterator, Optional
 
-from .settings import Settings, split_hostport
+from .settings import ConfigError, ConfigErrors, Settings, split_hostport
 
 LOCK_FILE = "gateway.lock"
 
@@ -64,6 +71,87 @@ def check_addresses(settings: Settings) -> None:
                                    f"{exc.strerror}{hint}") from None
 
 
+def check_files(settings: Settings, *, absolute_only: bool = False) -> None:
+    """Open and parse every file the gateway loads at start, without creating anything; raise
+    :class:`ConfigErrors` naming each bad key, where it was set, the path and the OS (or
+    OpenSSL) error. ``absolute_only`` (``check-config``): a relative path is resolved against
+    the serving process's working directory, which need not be this one, so only absolute
+    paths are checked."""
+    errors = list(_file_problems(settings, absolute_only))
+    if errors:
+        raise ConfigErrors(errors)
+
+
+def _file_problems(settings: Settings, absolute_only: bool) -> Iterator[ConfigError]:
+    def wanted(*paths: Optional[str]) -> bool:
+        return all(paths) and (not absolute_only or all(os.path.isabs(str(p)) for p in paths))
+
+    cert, key = settings.mirror.tls.cert, settings.mirror.tls.key
+    if settings.server.mirror_listen and cert and key and wanted(cert, key):
+        problems = [e for e in (_unreadable(settings, "mirror.tls.cert", cert),
+                                _unreadable(settings, "mirror.tls.key", key)) if e]
+        yield from problems or _server_pair_problems(settings, cert, key)
+    bundle = settings.upstream.ca_bundle
+    if bundle and wanted(bundle):
+        problem = (_unreadable(settings, "upstream.ca_bundle", bundle)
+                   or _trust_problem(settings, "upstream.ca_bundle", bundle))
+        if problem:
+            yield problem
+    tls = settings.tls
+    if tls.ca_cert and tls.ca_key and wanted(tls.ca_cert, tls.ca_key):
+        from .tls.ca import CAError, CertificateAuthority  # noqa: PLC0415 - cryptography is heavy
+
+        try:
+            CertificateAuthority.load(tls.ca_cert, tls.ca_key,
+                                      password=tls.ca_key_password.encode() or None)
+        except CAError as exc:
+            yield settings.error(f"tls.ca_{exc.part}", str(exc))
+
+
+def _unreadable(settings: Settings, key: str, path: str) -> Optional[ConfigError]:
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return settings.error(key, f"cannot read {path}: {exc.strerror}")
+
+
+def _openssl_reason(exc: ssl.SSLError) -> str:
+    """``[X509: KEY_VALUES_MISMATCH] key values mismatch``, without CPython's ``(_ssl.c:3926)``."""
+    text = str(exc.args[1] if len(exc.args) > 1 else exc)
+    return text.rsplit(" (_ssl.c:", 1)[0]
+
+
+def _trust_problem(settings: Settings, key: str, path: str) -> Optional[ConfigError]:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        return settings.error(key, f"{path} holds no usable PEM certificate "
+                                   f"(OpenSSL: {_openssl_reason(exc)})")
+    return None
+
+
+def _refuse_password() -> bytes:
+    raise ValueError("encrypted")   # never let OpenSSL prompt on the terminal
+
+
+def _server_pair_problems(settings: Settings, cert: str, key: str) -> Iterator[ConfigError]:
+    """What the mirror listener's ``load_cert_chain`` would fail on, blamed on the right key."""
+    problem = _trust_problem(settings, "mirror.tls.cert", cert)
+    if problem:
+        yield problem
+        return
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key, password=_refuse_password)
+    except ValueError:
+        yield settings.error("mirror.tls.key", f"{key} is encrypted; the mirror listener needs "
+                                               "an unencrypted key")
+    except ssl.SSLError as exc:
+        yield settings.error("mirror.tls.key", f"{key} does not load as the key of {cert} "
+                                               f"(OpenSSL: {_openssl_reason(exc)})")
+
+
 class DataDirLock:
     """Exclusive use of ``server.data_dir`` for this process's lifetime."""
 
@@ -104,3 +192,9 @@ def data_dir_error(settings: Settings, exc: OSError) -> StartupError:
     path = Path(exc.filename) if exc.filename else settings.data_dir
     return StartupError(f"cannot write under {_describe(settings, 'server.data_dir')}: "
                         f"{exc.strerror}: {path}")
+
+
+def ca_error(settings: Settings, exc: Exception) -> StartupError:
+    """The CA kept under the data dir does not load (a lost key, a damaged file): exit 1 with
+    the reason and the setting, not a traceback."""
+    return StartupError(f"cannot use the CA under {_describe(settings, 'server.data_dir')}: {exc}")

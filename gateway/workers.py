@@ -80,10 +80,12 @@ Serve = Callable[[Settings, Callable[[], Settings]], int]
 def run_workers(settings: Settings, loader: Callable[[], Settings], serve: Serve) -> int:
     """Supervise ``server.worker_count`` workers, each running ``serve(its settings, its
     loader)``; ``loader`` re-reads the whole configuration (live reload)."""
-    from .startup import DataDirLock, StartupError, check_addresses, data_dir_error  # noqa: PLC0415
-    from .tls.ca import CertificateAuthority  # noqa: PLC0415
+    from .startup import (DataDirLock, StartupError, ca_error, check_addresses,  # noqa: PLC0415
+                          check_files, data_dir_error)
+    from .tls.ca import CAError, CertificateAuthority  # noqa: PLC0415
 
     n = settings.server.worker_count
+    check_files(settings)          # ConfigErrors (exit 2) before the data dir exists
     lock = DataDirLock(settings)   # inherited by the workers: held while any of them runs
     try:
         lock.acquire()
@@ -93,6 +95,8 @@ def run_workers(settings: Settings, loader: Callable[[], Settings], serve: Serve
             CertificateAuthority.load_or_create(settings)  # once, before the workers read it
         except OSError as exc:
             raise data_dir_error(settings, exc) from None
+        except CAError as exc:
+            raise ca_error(settings, exc) from None
     except (OSError, StartupError) as exc:
         lock.release()
         print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)

@@ -121,6 +121,25 @@ def test_invalid_reload_is_refused_and_the_old_config_stays(make_gateway, tmp_pa
     assert gw.status()["ready"] is True
 
 
+def test_reload_naming_a_missing_file_is_refused(make_gateway, tmp_path):
+    """A restart-only key (upstream.ca_bundle) pointing at nothing would pass a reload and
+    break the next restart: the CLI and the gateway refuse it, naming the key and its line."""
+    gw = make_gateway()
+    gone = tmp_path / "gone.pem"
+    gw.config.setdefault("upstream", {})["ca_bundle"] = str(gone)
+    gw.config_path.write_text(yaml.safe_dump(gw.config))
+    r = _cli_reload(gw, gw.config_path)
+    assert r.returncode == 2, r.stderr
+    assert f"upstream.ca_bundle in {gw.config_path} line " in r.stderr
+    assert f"cannot read {gone}: No such file or directory" in r.stderr
+    assert gw.status()["config"]["last_reload"] is None
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    report = _wait_reload(gw, None)["last_reload"]
+    assert report["result"] == "refused"
+    assert any(e.startswith("upstream.ca_bundle in ") and str(gone) in e for e in report["errors"])
+    assert gw.status()["ready"] is True
+
+
 def test_cli_reload_reports_applied_and_restart_needed_keys(make_gateway):
     gw = make_gateway()
     gw.config["server"]["drain_grace"] = "3s"

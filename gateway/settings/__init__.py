@@ -118,6 +118,16 @@ class Settings:
                 return self.origins[prefix]
         return "<embedded default>"
 
+    def error(self, path: str, message: str) -> ConfigError:
+        """A :class:`ConfigError` for ``path`` blamed on where its value came from (file and
+        line, env variable or flag), for problems found after loading (a file the key names is
+        missing or does not load), so they read like every other configuration error."""
+        where = self.origin(path)
+        source, sep, line = where.rpartition(" line ")
+        if sep and line.isdigit():
+            return ConfigError(path, message, source, int(line))
+        return ConfigError(path, message, where)
+
 
 def _prefixes(path: str) -> list[str]:
     """``a.b[0].c`` → ``[a.b[0].c, a.b[0], a.b, a]``: from the most to the least specific."""
@@ -233,13 +243,17 @@ def _locate(exc: ConfigError, origins: Mapping[str, str], file_lines: Mapping[st
     return ConfigErrors(located)
 
 
-def _read_secret(env_name: Optional[str], file_name: Optional[str], env: Mapping[str, str],
-                 path: str) -> str:
+def _read_secret(settings: Settings, env_name: Optional[str], file_key: str,
+                 file_name: Optional[str], env: Mapping[str, str]) -> str:
+    """The secret from ``file_name`` (set at ``file_key``), else from ``env_name``; an unreadable
+    file is an error naming the key, where it was set, the path and the OS error."""
     if file_name:
         try:
             return Path(file_name).read_text("utf-8").strip()
         except OSError as exc:
-            raise ConfigError(path, f"cannot read secret file {file_name}: {exc.strerror}") from None
+            raise settings.error(file_key, f"cannot read {file_name}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise settings.error(file_key, f"{file_name} is not UTF-8 text") from None
     if env_name:
         return env.get(env_name, "")
     return ""
@@ -247,17 +261,17 @@ def _read_secret(env_name: Optional[str], file_name: Optional[str], env: Mapping
 
 def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
     server = settings.server
-    token = _read_secret(server.admin_token_env, server.admin_token_file, env,
-                         "server.admin_token_file")
+    token = _read_secret(settings, server.admin_token_env, "server.admin_token_file",
+                         server.admin_token_file, env)
     if server.admin_token_file and not token:
-        raise ConfigError("server.admin_token_file", f"{server.admin_token_file} is empty",
-                          settings.origin("server.admin_token_file"))
+        raise settings.error("server.admin_token_file", f"{server.admin_token_file} is empty")
     if token:
         settings = dataclasses.replace(settings, server=dataclasses.replace(
             server, admin_token=token))
     auth = settings.proxy.auth
     if auth.enabled:
-        password = _read_secret(auth.password_env, auth.password_file, env, "proxy.auth")
+        password = _read_secret(settings, auth.password_env, "proxy.auth.password_file",
+                                auth.password_file, env)
         if not password:
             raise ConfigError("proxy.auth", f"proxy auth is enabled but {auth.password_env} is "
                               "empty and no password_file is set", settings.source)
@@ -265,7 +279,8 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
             settings.proxy, auth=dataclasses.replace(auth, password=password)))
     tls = settings.tls
     if tls.ca_key_password_file or tls.ca_key_password_env:
-        secret = _read_secret(tls.ca_key_password_env, tls.ca_key_password_file, env, "tls")
+        secret = _read_secret(settings, tls.ca_key_password_env, "tls.ca_key_password_file",
+                              tls.ca_key_password_file, env)
         if not secret:
             raise ConfigError("tls.ca_key_password_env", f"{tls.ca_key_password_env} is empty "
                               "and no ca_key_password_file is set", settings.source)
@@ -273,7 +288,8 @@ def _resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
             tls, ca_key_password=secret))
     creds = []
     for i, cred in enumerate(settings.upstream.credentials):
-        secret = _read_secret(cred.secret_env, cred.secret_file, env, f"upstream.credentials[{i}]")
+        secret = _read_secret(settings, cred.secret_env, f"upstream.credentials[{i}].secret_file",
+                              cred.secret_file, env)
         creds.append(dataclasses.replace(cred, secret=secret))
     shared = settings.cache.shared
     if shared.redis_password_env:

@@ -40,7 +40,14 @@ PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
 
 
 class CAError(Exception):
-    """The CA cannot be loaded or created; the message says which file and why."""
+    """The CA cannot be loaded or created; the message says which file and why.
+
+    ``part`` is the file at fault, ``"cert"`` or ``"key"``, so a start-up check can blame
+    ``tls.ca_cert`` or ``tls.ca_key`` and where that setting was made."""
+
+    def __init__(self, message: str, part: str = "cert") -> None:
+        super().__init__(message)
+        self.part = part
 
 
 @dataclass
@@ -125,25 +132,26 @@ class CertificateAuthority:
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=password)
         except OSError as exc:
-            raise CAError(f"cannot read CA key {key_path}: {exc.strerror}") from None
+            raise CAError(f"cannot read CA key {key_path}: {exc.strerror}", part="key") from None
         except TypeError as exc:
             # cryptography: "Password was not given but private key is encrypted" (or the
             # other way round)
             hint = ("set tls.ca_key_password_file or tls.ca_key_password_env"
                     if password is None else "the key is not encrypted: drop the password")
-            raise CAError(f"{key_path}: {exc}; {hint}") from None
+            raise CAError(f"{key_path}: {exc}; {hint}", part="key") from None
         except ValueError as exc:
             what = ("wrong password for the encrypted key, or not a PEM private key"
                     if password is not None else "not a usable PEM private key")
-            raise CAError(f"{key_path}: {what}: {exc}") from None
+            raise CAError(f"{key_path}: {what}: {exc}", part="key") from None
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey,
                                 ed25519.Ed25519PrivateKey)):
-            raise CAError(f"{key_path}: unsupported key type {type(key).__name__}")
+            raise CAError(f"{key_path}: unsupported key type {type(key).__name__}", part="key")
         cert = certs[0]
         pub = serialization.PublicFormat.SubjectPublicKeyInfo
         if (cert.public_key().public_bytes(serialization.Encoding.DER, pub)
                 != key.public_key().public_bytes(serialization.Encoding.DER, pub)):
-            raise CAError(f"{key_path} is not the key of the certificate in {cert_path}")
+            raise CAError(f"{key_path} is not the key of the certificate in {cert_path}",
+                          part="key")
         try:
             bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
