@@ -14,6 +14,7 @@ from typing import Optional
 from ..exchange import error_response
 from ..observability.logging import get_logger
 from ..proxy.connection import ClientConnection
+from ..proxy.respond import Outcome
 from ..proxy.routing import Prepared, Reply
 from ..proxy.request import AccessRecord, RequestFields
 from ..proxy.server import ProxyServer
@@ -78,7 +79,7 @@ class MirrorConnection(ClientConnection):
         return Reply(response) if response is not None else None
 
     async def _dispatch(self, request, prepared: Optional[Prepared] = None,
-                        response=None) -> str:
+                        response=None) -> Outcome:
         if prepared is None:
             prepared = self._prepare(request)
         rec, routed = prepared.rec, prepared.routed

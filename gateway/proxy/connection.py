@@ -43,7 +43,7 @@ from ..exchange import (BytesBody, ClientBodyError, EmptyBody, Exchange, Respons
 from ..observability.logging import InfoLine, get_logger
 from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
-from .respond import CLOSE, KEEP, SWITCHED, ResponseWriter
+from .respond import CLOSE, KEEP, SWITCHED, Outcome, ResponseWriter
 from .routing import CONNECT, Prepared, Reply, RequestRouter
 from .stream import ClientStream
 from .targets import TargetError, parse_authority
@@ -63,7 +63,7 @@ READ_SIZE = 1024 * 1024
 #: the connection is closed instead
 DISCARD_LIMIT = 1024 * 1024
 #: the task found nothing more to do: the connection goes back to callback mode
-IDLE = "idle"
+IDLE = Outcome.IDLE
 
 
 class _HeaderTimeout(Exception):
@@ -328,7 +328,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
     def _nothing_pending(self) -> bool:
         return not (self.conn.trailing_data[0] or self.stream.buffered or self.stream.at_eof)
 
-    async def _serve(self, handover: Optional[_Handover]) -> str:
+    async def _serve(self, handover: Optional[_Handover]) -> Outcome:
         """Task mode: the handed-over request, then whatever is already buffered behind it.
         Returns :data:`IDLE` (back to callback mode) or CLOSE."""
         while True:
@@ -514,13 +514,13 @@ class ClientConnection(RequestRouter, ResponseWriter):
         return self.conn.their_state is http1.DONE
 
     # -- answers the connection gives itself ---------------------------------------------------
-    async def _reply(self, rec: AccessRecord, reply: Reply) -> str:
+    async def _reply(self, rec: AccessRecord, reply: Reply) -> Outcome:
         return await self._respond(rec, rec.method, reply.response,
                                    extra_headers=reply.extra_headers, close=reply.close)
 
     async def _error(self, rec: AccessRecord, status: int, message: str, *, reason: str = "",
                      close: bool = False, extra_headers: Optional[dict] = None,
-                     client_error: Optional[str] = None) -> str:
+                     client_error: Optional[str] = None) -> Outcome:
         return await self._reply(rec, self._refusal(
             rec, status, message, reason=reason, close=close, extra_headers=extra_headers,
             client_error=client_error))
@@ -556,7 +556,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
         return None
 
     async def _dispatch(self, request: http1.RequestHead, prepared: Optional[Prepared] = None,
-                        response: Optional[Response] = None) -> str:
+                        response: Optional[Response] = None) -> Outcome:
         """Answer one request in the task (``prepared``/``response``: what callback mode
         already did for it); accounted here, once."""
         if prepared is None:
@@ -573,7 +573,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
             self._account(rec)
 
     # -- CONNECT ----------------------------------------------------------------------------
-    async def _connect(self, rec: AccessRecord, target: str, headers: RequestFields) -> str:
+    async def _connect(self, rec: AccessRecord, target: str, headers: RequestFields) -> Outcome:
         rec.path = ""
         try:
             host, port = parse_authority(target)
@@ -598,7 +598,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
             return await self._tunnel(rec, host, port)
         return await self._intercept(rec, host, port)
 
-    async def _intercept(self, rec: AccessRecord, host: str, port: int) -> str:
+    async def _intercept(self, rec: AccessRecord, host: str, port: int) -> Outcome:
         stream = self.stream
         if self.conn.trailing_data[0] or stream.buffered:
             return await self._error(
@@ -636,7 +636,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
         self._set_kind("intercepted")
         return SWITCHED
 
-    async def _tunnel(self, rec: AccessRecord, host: str, port: int) -> str:
+    async def _tunnel(self, rec: AccessRecord, host: str, port: int) -> Outcome:
         budget = max(2 * float(self.server.settings.upstream.connect_timeout), 5.0)
         try:
             async with asyncio.timeout(budget):
@@ -689,7 +689,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
 
     async def _exchange(self, request: http1.RequestHead, rec: AccessRecord, exchange: Exchange,
                         headers: RequestFields, response: Optional[Response] = None, *,
-                        tried: bool = False) -> str:
+                        tried: bool = False) -> Outcome:
         """The pipeline's answer to ``exchange``, written (``response``: already known)."""
         body_iter: Optional[RequestBody] = exchange.body  # type: ignore[assignment]
         host = exchange.host

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import http
 import os
+from enum import StrEnum
 from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 from ..exchange import (HOP_BY_HOP, BytesBody, EmptyBody, FileBody, InvalidHeader, Response,
@@ -42,7 +43,16 @@ SENDFILE_SLICE = 8 * 1024 * 1024
 #: one send); larger chunks are not copied for that
 COALESCE_LIMIT = 64 * 1024
 
-KEEP, CLOSE, SWITCHED = "keep", "close", "switched"
+class Outcome(StrEnum):
+    """What became of a connection after an answer (or of the task, for IDLE)."""
+
+    KEEP = "keep"            # kept alive: the next request may come
+    CLOSE = "close"          # to be closed
+    SWITCHED = "switched"    # CONNECT accepted: the connection now carries TLS or a tunnel
+    IDLE = "idle"            # the task has nothing more to do: back to callback mode
+
+
+KEEP, CLOSE, SWITCHED = Outcome.KEEP, Outcome.CLOSE, Outcome.SWITCHED
 
 
 class BodyFailed(Exception):
@@ -191,7 +201,7 @@ class ResponseWriter(ResponseWriterHost):
                                         close=close or self.server.draining)
 
     def _write_now(self, rec: AccessRecord, method: str, response: Response,
-                   extra_headers: Optional[dict] = None, close: bool = False) -> str:
+                   extra_headers: Optional[dict] = None, close: bool = False) -> Outcome:
         """Write a response whose body is in memory (:class:`BytesBody` or :class:`EmptyBody`,
         which hold nothing to release): head, body and end-of-message in ONE write (one TLS
         record, one send), without awaiting — callback mode answers with it in the protocol
@@ -233,7 +243,7 @@ class ResponseWriter(ResponseWriterHost):
         self.metrics.deferred.add(child, n)
 
     async def _respond(self, rec: AccessRecord, method: str, response: Response, *,
-                       extra_headers: Optional[dict] = None, close: bool = False) -> str:
+                       extra_headers: Optional[dict] = None, close: bool = False) -> Outcome:
         """Send ``response``; always closes its body. Returns KEEP or CLOSE."""
         body = response.body
         if type(body) is BytesBody or type(body) is EmptyBody:
