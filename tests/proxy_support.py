@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 from typing import Awaitable, Callable, Optional
 
 from aiohttp.abc import AbstractResolver
@@ -241,3 +242,13 @@ def _serve_main(argv: list[str]) -> None:
 if __name__ == "__main__":
     import sys
     _serve_main(sys.argv[1:])
+
+
+async def open_intercepted(gw, host: str = "registry.test") -> tuple[asyncio.StreamReader,
+                                                                     asyncio.StreamWriter]:
+    """A client connection through ``CONNECT host:443`` and TLS with the gateway's leaf."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await writer.start_tls(ssl.create_default_context(cafile=gw.ca_path), server_hostname=host)
+    return reader, writer

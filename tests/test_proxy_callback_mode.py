@@ -9,13 +9,12 @@ fresh in-memory hit) and everything else through ``handle`` (``tests/proxy_suppo
 from __future__ import annotations
 
 import asyncio
-import ssl
 from typing import Optional
 
 from multidict import CIMultiDict
 
 from gateway.exchange import BytesBody, Exchange, Response
-from tests.proxy_support import MemoryHandler, make_settings, running_gateway
+from tests.proxy_support import MemoryHandler, make_settings, open_intercepted, running_gateway
 
 RULES = [{"host": "registry.test", "action": "intercept"}]
 BIG = 256 * 1024
@@ -52,15 +51,6 @@ def _body(name: str) -> bytes:
     return f"hit {name}\n".encode()
 
 
-async def _intercepted(gw):
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(b"CONNECT registry.test:443 HTTP/1.1\r\nHost: registry.test:443\r\n\r\n")
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
-    await writer.start_tls(ssl.create_default_context(cafile=gw.ca_path),
-                           server_hostname="registry.test")
-    return reader, writer
-
-
 async def _read_response(reader) -> tuple[bytes, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0
@@ -93,7 +83,7 @@ def _connection(gw):
 async def test_pipelined_mix_of_hits_and_awaited_answers_comes_back_in_order(tmp_path):
     handler = HitHandler()
     async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
-        reader, writer = await _intercepted(gw)
+        reader, writer = await open_intercepted(gw)
         conn = await _in_callback_mode(gw, reader, writer)
         body = b"x" * 3000
         # one write: hits, a slow streamed answer, a POST with a body, a try_hit that raises
@@ -132,7 +122,7 @@ async def test_pipelined_mix_of_hits_and_awaited_answers_comes_back_in_order(tmp
 async def test_a_client_that_does_not_read_its_answers_is_not_buffered_without_bound(tmp_path):
     handler = HitHandler()
     async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
-        reader, writer = await _intercepted(gw)
+        reader, writer = await open_intercepted(gw)
         conn = await _in_callback_mode(gw, reader, writer)
         handler.sync_answers = 0
         count = 200                                  # 200 × 256 KiB = 50 MiB of answers
@@ -159,7 +149,7 @@ async def test_a_client_that_does_not_read_its_answers_is_not_buffered_without_b
 async def test_an_idle_connection_between_hits_is_closed_after_the_idle_timeout(tmp_path):
     settings = make_settings(tmp_path, rules=RULES, proxy={"idle_timeout": 0.3})
     async with running_gateway(settings, handler=HitHandler()) as gw:
-        reader, writer = await _intercepted(gw)
+        reader, writer = await open_intercepted(gw)
         writer.write(_get("/hit/a"))
         async with asyncio.timeout(5):
             assert (await _read_response(reader))[1] == b"hit a\n"
@@ -178,7 +168,7 @@ async def test_a_closed_connection_is_freed_without_waiting_for_the_cycle_collec
     import weakref
 
     async with running_gateway(make_settings(tmp_path, rules=RULES), handler=HitHandler()) as gw:
-        reader, writer = await _intercepted(gw)
+        reader, writer = await open_intercepted(gw)
         conn = await _in_callback_mode(gw, reader, writer)
         refs = [weakref.ref(conn), weakref.ref(conn.stream)]
         del conn

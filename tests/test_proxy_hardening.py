@@ -9,7 +9,6 @@ import gc
 import logging
 import socket
 import ssl
-import threading
 import tracemalloc
 
 import pytest
@@ -19,7 +18,8 @@ from gateway.exchange import ClientBodyError, error_response
 from gateway.proxy.auth import FailureLimiter
 from gateway.proxy.memory import MemoryReleaser
 
-from proxy_support import PASSWORD, MemoryHandler, make_settings, raw_request, running_gateway, status_line
+from proxy_support import (PASSWORD, MemoryHandler, make_settings, open_intercepted, raw_request,
+                           running_gateway, status_line)
 
 RULES = [{"host": "registry.test", "action": "intercept"}]
 
@@ -206,18 +206,9 @@ async def test_one_address_cannot_take_every_connection(tmp_path):
 
 # -- D11, D13: OPTIONS * in a tunnel, Host field rules ------------------------------------------
 
-async def _intercepted(gw) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(b"CONNECT registry.test:443 HTTP/1.1\r\nHost: registry.test:443\r\n\r\n")
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
-    await writer.start_tls(ssl.create_default_context(cafile=gw.ca_path),
-                           server_hostname="registry.test")
-    return reader, writer
-
-
 async def test_options_asterisk_in_intercepted_connection_is_answered_locally(tmp_path):
     async with running_gateway(make_settings(tmp_path, rules=RULES)) as gw:
-        reader, writer = await _intercepted(gw)
+        reader, writer = await open_intercepted(gw)
         writer.write(b"OPTIONS * HTTP/1.1\r\nHost: registry.test\r\n\r\n"
                      b"GET /hello HTTP/1.1\r\nHost: registry.test\r\nConnection: close\r\n\r\n")
         async with asyncio.timeout(5):
@@ -263,7 +254,7 @@ async def test_host_field_rules(tmp_path, head, expected):
 ])
 async def test_host_field_rules_inside_an_intercepted_connection(tmp_path, head):
     async with running_gateway(make_settings(tmp_path, rules=RULES)) as gw:
-        reader, writer = await _intercepted(gw)
+        reader, writer = await open_intercepted(gw)
         writer.write(head)
         async with asyncio.timeout(5):
             raw = await reader.read()

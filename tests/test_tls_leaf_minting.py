@@ -3,12 +3,11 @@ connections asking for the same new name share one mint."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 import threading
 
 from gateway.tls import LeafIssuer
 
-from proxy_support import make_settings, running_gateway
+from proxy_support import make_settings, open_intercepted, running_gateway
 
 RULES = [{"host": "registry.test", "action": "intercept"},
          {"host": "*.cdn.test", "action": "intercept"}]
@@ -34,14 +33,6 @@ class GatedIssuer(LeafIssuer):
         return super().mint(host)
 
 
-async def _intercepted(gw, host: str = "registry.test"):
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
-    await writer.start_tls(ssl.create_default_context(cafile=gw.ca_path), server_hostname=host)
-    return reader, writer
-
-
 async def _get_hello(reader, writer, host: str = "registry.test") -> bytes:
     writer.write(f"GET /hello HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
@@ -54,7 +45,7 @@ async def test_cached_request_completes_during_a_mint_storm(tmp_path):
         issuer = GatedIssuer(gw.ca, gw.settings, gw.metrics)
         gw.server.leaf_issuer = issuer
         issuer.gate.set()
-        reader, writer = await _intercepted(gw)          # registry.test's leaf is now cached
+        reader, writer = await open_intercepted(gw)          # registry.test's leaf is now cached
         issuer.gate.clear()
         events: list[str] = []
         storm = []

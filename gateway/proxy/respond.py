@@ -97,6 +97,11 @@ def _default_reason(status: int) -> str:
         return ""
 
 
+def _bodiless(method: str, status: int) -> bool:
+    """HEAD answers and 1xx/204/304 never carry a body (RFC 9110 §6.4.1)."""
+    return method == "HEAD" or status < 200 or status == 204 or status == 304
+
+
 @runtime_checkable
 class ResponseWriterHost(Protocol):
     """What :class:`ResponseWriter` needs from the class it is mixed into (the connection):
@@ -210,14 +215,10 @@ class ResponseWriter(ResponseWriterHost):
         try:
             head_bytes = self._response_head(method, response, extra_headers, close)
         except http1.LocalProtocolError as exc:
-            rec.error = f"invalid response head: {exc}"
-            rec.status = 502
-            log.warning("invalid_response", request_id=rec.id, host=rec.host, error=str(exc))
-            self.writer.write(self._raw_error(
-                502, f"the gateway produced an invalid response: {exc}"))
+            self.writer.write(self._invalid_head(rec, exc))
             return CLOSE
         conn = self.conn
-        if method == "HEAD" or response.status < 200 or response.status in (204, 304):
+        if _bodiless(method, response.status):
             self.writer.write(head_bytes + conn.end_response())
         else:
             data = response.body.data if type(response.body) is BytesBody else b""  # type: ignore[attr-defined]
@@ -233,6 +234,19 @@ class ResponseWriter(ResponseWriterHost):
         if conn.our_state is not http1.DONE or close:
             return CLOSE
         return KEEP
+
+    def _invalid_head(self, rec: AccessRecord, exc: http1.LocalProtocolError) -> bytes:
+        """Record a response head the gateway could not produce; the 502 to send instead."""
+        rec.error = f"invalid response head: {exc}"
+        rec.status = 502
+        log.warning("invalid_response", request_id=rec.id, host=rec.host, error=str(exc))
+        return self._raw_error(502, f"the gateway produced an invalid response: {exc}")
+
+    def _client_gone(self, rec: AccessRecord, exc: ClientGone) -> Outcome:
+        rec.error = rec.error or f"client gone: {exc}"
+        self.metrics.client_errors.labels(reason="disconnected").inc()
+        self.writer.transport.abort()
+        return CLOSE
 
     def _served_bytes(self, source: str, n: int) -> None:
         key = ("served_bytes", source)
@@ -251,10 +265,7 @@ class ResponseWriter(ResponseWriterHost):
             try:
                 await self._drain()
             except ClientGone as exc:
-                rec.error = rec.error or f"client gone: {exc}"
-                self.metrics.client_errors.labels(reason="disconnected").inc()
-                self.writer.transport.abort()
-                return CLOSE
+                return self._client_gone(rec, exc)
             return outcome
         rec.status = response.status
         bytes_before = rec.bytes
@@ -262,14 +273,10 @@ class ResponseWriter(ResponseWriterHost):
             try:
                 head_bytes = self._response_head(method, response, extra_headers, close)
             except http1.LocalProtocolError as exc:
-                rec.error = f"invalid response head: {exc}"
-                rec.status = 502
-                log.warning("invalid_response", request_id=rec.id, host=rec.host, error=str(exc))
-                await self._send_raw_error(502, f"the gateway produced an invalid response: {exc}")
+                self.writer.write(self._invalid_head(rec, exc))
+                await self._drain()
                 return CLOSE
-            has_body = not (method == "HEAD" or response.status < 200
-                            or response.status in (204, 304))
-            if not has_body:
+            if _bodiless(method, response.status):
                 # the head and end-of-message (nothing, with Content-Length) in one write
                 self.writer.write(head_bytes + self.conn.end_response())
             elif (isinstance(body, FileBody) and self.tls_host is None and body.length
@@ -296,10 +303,7 @@ class ResponseWriter(ResponseWriterHost):
                     self.writer.write(self.conn.end_response())
             await self._drain()
         except ClientGone as exc:
-            rec.error = rec.error or f"client gone: {exc}"
-            self.metrics.client_errors.labels(reason="disconnected").inc()
-            self.writer.transport.abort()
-            return CLOSE
+            return self._client_gone(rec, exc)
         except BodyFailed:
             # abort: the client must see a cut connection, not a complete-looking body
             self.writer.transport.abort()
