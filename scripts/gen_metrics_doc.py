@@ -89,10 +89,13 @@ sum(rate(trivy_gateway_served_bytes_total{source="cache"}[1h]))
 sum(rate(trivy_gateway_served_bytes_total[1h]))
 ```
 
-**Age of the vulnerability DB being served** (Trivy publishes every 6 h; more than 24 h means
-the gateway has been serving stale content, usually because the upstreams are unreachable):
+**Age of the vulnerability DB being served**, by its own `UpdatedAt` (kept current by the
+prefetcher; Trivy publishes every 6 h, and `TrivyGatewayVulnerabilityDBStale` fires past 24 h),
+and the time since the gateway last got it fresh from upstream (grows while stale content hides
+an upstream outage):
 
 ```promql
+max(trivy_gateway_artifact_served_age_seconds{artifact="vulnerability_db"}) / 3600
 max(trivy_gateway_artifact_age_seconds{artifact="vulnerability_db"}) / 3600
 ```
 
