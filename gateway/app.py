@@ -281,6 +281,8 @@ class Gateway:
             "draining": self.draining,
             "hit_ratio": (served / total) if total else None,
             "cache_results": results,
+            # the prefetcher's own requests: not in the hit ratio (no client asked for them)
+            "prefetch_cache_results": dict(self.pipeline.prefetch_results) if self.pipeline else {},
             "bytes_served": bytes_served,
             "artifacts": sorted(artifacts, key=lambda a: a["artifact"]),
             "health": assess(upstreams, artifacts, self.draining),

@@ -13,6 +13,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol
 
 from multidict import CIMultiDict
@@ -76,6 +77,18 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids):x}"
 
 
+class Origin(StrEnum):
+    """Who sent an :class:`Exchange`: a client of a front door, or the gateway itself.
+
+    Why it travels with the request: the prefetcher sends its requests through the same
+    pipeline as clients (single flight, circuits, verification), but its misses and
+    revalidations are not client traffic; the pipeline counts them apart, so the hit ratio an
+    operator judges the cache by counts clients only."""
+
+    CLIENT = "client"
+    PREFETCH = "prefetch"
+
+
 @dataclass
 class Exchange:
     """One client request, as seen after the proxy protocol has been peeled off."""
@@ -88,6 +101,8 @@ class Exchange:
     headers: CIMultiDict            # end-to-end request headers (hop-by-hop removed)
     body: Optional[AsyncIterator[bytes]] = None
     client: str = ""                # "ip:port" of the proxy client
+    #: a front door's client, or the gateway's own prefetcher (counted apart)
+    origin: Origin = Origin.CLIENT
     id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.monotonic)
     #: notes layers add for the access log (cache outcome, upstream status, kind …)

@@ -43,7 +43,8 @@ LABEL_VALUES = {
     "decision": "`intercept`, `tunnel`, `deny`; `mirror` for requests the mirror door served, "
                 "`none` for requests refused before any decision (malformed)",
     "door": "`proxy` (HTTPS_PROXY clients), `mirror` (registry / Maven / VEX mirror clients)",
-    "kind": "for `trivy_gateway_cache_requests_total`: `oci_blob`, `oci_manifest`, `oci_auth`, "
+    "kind": "for `trivy_gateway_cache_requests_total` and "
+            "`trivy_gateway_prefetch_cache_requests_total`: `oci_blob`, `oci_manifest`, `oci_auth`, "
             "`maven`, `github`, `generic`; for `trivy_gateway_active_connections`: `client`, "
             "`intercepted`, `tunnel`, `mirror`",
     "direction": "`upstream`, `downstream`",
@@ -58,14 +59,24 @@ HOW_TO_USE = """\
 All examples assume the default scrape job name `trivy-gateway` (see
 `deploy/prometheus/prometheus.yml`); drop the `job` matcher if you scrape differently.
 
-**Hit ratio** (share of cacheable requests the gateway answered without a full upstream
+**Hit ratio** (share of cacheable client requests the gateway answered without a full upstream
 download: hits, stale serves, coalesced followers, negative hits and 304 revalidations, against
-those plus misses; the same definition as `hit_ratio` on the status page):
+those plus misses; the same definition as `hit_ratio` on the status page). Clients only: the
+prefetcher's requests (new generations fetched before anyone asks, hourly revalidations of
+watched tags) are counted in `trivy_gateway_prefetch_cache_requests_total`, so an idle gateway
+shows no misses here:
 
 ```promql
 sum(rate(trivy_gateway_cache_requests_total{result=~"hit|stale|coalesced|negative|revalidated"}[1h]))
 /
 sum(rate(trivy_gateway_cache_requests_total{result=~"hit|stale|coalesced|negative|revalidated|miss"}[1h]))
+```
+
+**Prefetch activity** (the prefetcher's requests through the cache by result: `miss` fetched
+from upstream before any client asked, `revalidated` a watched tag checked unchanged):
+
+```promql
+sum by (result) (rate(trivy_gateway_prefetch_cache_requests_total[1h]))
 ```
 
 **Bytes saved** (bytes served from the cache instead of the internet, per day, and as a share):
@@ -78,10 +89,13 @@ sum(rate(trivy_gateway_served_bytes_total{source="cache"}[1h]))
 sum(rate(trivy_gateway_served_bytes_total[1h]))
 ```
 
-**Age of the vulnerability DB being served** (Trivy publishes every 6 h; more than 24 h means
-the gateway has been serving stale content, usually because the upstreams are unreachable):
+**Age of the vulnerability DB being served**, by its own `UpdatedAt` (kept current by the
+prefetcher; Trivy publishes every 6 h, and `TrivyGatewayVulnerabilityDBStale` fires past 24 h),
+and the time since the gateway last got it fresh from upstream (grows while stale content hides
+an upstream outage):
 
 ```promql
+max(trivy_gateway_artifact_served_age_seconds{artifact="vulnerability_db"}) / 3600
 max(trivy_gateway_artifact_age_seconds{artifact="vulnerability_db"}) / 3600
 ```
 

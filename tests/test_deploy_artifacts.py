@@ -311,7 +311,12 @@ def test_alert_metrics_are_exported():
 def test_required_alerts():
     by_expr = {r["alert"]: " ".join(r["expr"].split()) for r in alert_rules()}
     exprs = "\n".join(by_expr.values())
-    assert 'trivy_gateway_artifact_age_seconds{artifact="vulnerability_db"} > 86400' in exprs
+    # the DB scanners get, by its own date; not while the outdated-DB alert covers it
+    stale = by_expr["TrivyGatewayVulnerabilityDBStale"]
+    assert 'trivy_gateway_artifact_served_age_seconds{artifact="vulnerability_db"}' in stale
+    assert stale.endswith(") > 86400 unless on (instance, artifact) "
+                          "trivy_gateway_artifact_upstream_newer == 1"), stale
+    assert "trivy_gateway_artifact_upstream_newer == 1" in by_expr["TrivyGatewayServingOutdatedDB"]
     assert re.search(r"trivy_gateway_upstream_circuit_state\) == 2", exprs)
     assert re.search(r'trivy_gateway_upstream_responses_total\{status="429"\}\[\d+m\]', exprs)
     assert re.search(r"trivy_gateway_cache_size_bytes / \(trivy_gateway_cache_max_size_bytes > 0\) > 0\.9", exprs)

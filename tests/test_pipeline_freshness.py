@@ -16,7 +16,7 @@ from gateway.observability.metrics import Metrics
 from gateway.pipeline.handler import Pipeline
 from gateway.settings import load_settings
 from gateway.upstream.client import UpstreamClient
-from tests.emulated.world import CHECK, GHCR, MIRROR, World
+from tests.emulated.world import API_GITHUB, CHECK, CODELOAD, GHCR, GITHUB, MIRROR, World
 from tests.gateway_harness import deep_merge
 
 MANIFEST_ACCEPT = ("application/vnd.oci.image.manifest.v1+json,"
@@ -259,3 +259,34 @@ async def test_try_hit_answers_fresh_memory_hits_as_handle_does_and_declines_the
     h.clock.advance(31)                                    # expired: not answered here
     assert ask("/a")[1] is None
     assert (await h.get(CHECK, "/a"))[3] == "miss"
+
+
+VEX_ARCHIVE = "/aquasecurity/vexhub/archive/refs/heads/main.tar.gz"
+VEX_CODELOAD = "/aquasecurity/vexhub/tar.gz/refs/heads/main"
+VEX_CONTENTS = "/repos/aquasecurity/vexhub/contents/"
+
+
+async def test_vex_archive_freshness_is_set_apart_from_other_github_traffic(world, make):
+    """cache.github.archive_ttl: the VEX archive (the github.com redirect and the codeload
+    body) is revalidated after its own 10 minutes, while the API listing stays fresh for the
+    24 h of cache.github.ttl; a new VEX Hub revision reaches clients within archive_ttl."""
+    h = await make({"cache": {"github": {"ttl": "24h", "archive_ttl": "10m"}}})
+    api = {"accept": "application/vnd.github.v3+json", "x-github-api-version": "2022-11-28"}
+    assert (await h.get(GITHUB, VEX_ARCHIVE))[0] == 302
+    status, _, first, result = await h.get(CODELOAD, VEX_CODELOAD)
+    assert (status, result) == (200, "miss")
+    assert (await h.get(API_GITHUB, VEX_CONTENTS, **api))[3] == "miss"
+
+    world.publish_vex(2)
+    h.clock.advance(9 * 60)                   # within both TTLs: the old archive, from cache
+    assert (await h.get(CODELOAD, VEX_CODELOAD))[2:] == (first, "hit")
+    h.clock.advance(2 * 60)                   # past archive_ttl, far within ttl
+    world.clear_log()
+    assert (await h.get(GITHUB, VEX_ARCHIVE))[0::3] == (302, "miss")   # no validator: refetched
+    status, _, second, result = await h.get(CODELOAD, VEX_CODELOAD)
+    assert (status, result) == (200, "miss") and second != first       # ETag changed: new body
+    assert (await h.get(API_GITHUB, VEX_CONTENTS, **api))[3] == "hit"
+    world.wait_idle(10)
+    asked = [(e.host, e.request_headers.get("if-none-match")) for e in world.requests()]
+    assert asked == [(GITHUB, None), (CODELOAD, '"' + hashlib.sha1(first).hexdigest() + '"')], \
+        world.log_summary()

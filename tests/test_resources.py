@@ -69,6 +69,23 @@ def test_github_key_varies_by_api_headers_and_marks_vex_archive():
     assert 302 in c("GET", "github.com", "/aquasecurity/vexhub/archive/refs/heads/main.tar.gz").cacheable_statuses
 
 
+def test_github_archives_have_their_own_ttl():
+    """VEX repository archives follow cache.github.archive_ttl, API answers and raw files
+    cache.github.ttl: an operator can keep the archive fresh and the API quota spared."""
+    cfg = load_settings(env={}, overrides={"cache": {"github": {"ttl": "24h",
+                                                                "archive_ttl": "10m"}}}).cache
+    def ttl(host, path):
+        return classify("GET", host, path, "", {}, cfg, scheme="https").ttl
+    assert ttl("codeload.github.com", "/aquasecurity/vexhub/tar.gz/refs/heads/main") == 600
+    assert ttl("github.com", "/aquasecurity/vexhub/archive/refs/heads/main.tar.gz") == 600
+    assert ttl("github.com", "/acme/vex/archive/v1.zip") == 600
+    assert ttl("api.github.com", "/repos/aquasecurity/vexhub/contents/") == 86400
+    assert ttl("raw.githubusercontent.com", "/aquasecurity/vexhub/main/vex-repository.json") == 86400
+    assert ttl("github.com", "/aquasecurity/vexhub/vex-repository.json") == 86400
+    assert ttl("github.com", "/archive/x/y") == 86400      # not /<owner>/<repo>/archive/
+    assert CFG.github.archive_ttl == CFG.github.ttl == 3600  # the shipped defaults
+
+
 def test_generic_rfc9111_lifetimes():
     assert c("POST", "example.org", "/x").cache_key is None
     assert response_ttl(200, {"cache-control": "max-age=60"}, False) == 60

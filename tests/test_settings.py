@@ -58,6 +58,8 @@ def test_file_merges_over_default_and_flags_win(tmp_path):
     ("mirror: {maven: {v2: repo.maven.apache.org/maven2}}", "mirror.maven.v2"),
     ("mirror: {vex: {hub: 'http://x/vex-repository.json'}}", "mirror.vex.hub"),
     ("cache: {max_object_share: 1.5}", "cache.max_object_share"),
+    ("cache: {github: {archive_ttl: soon}}", "cache.github.archive_ttl"),
+    ("cache: {github: {archive_ttl: -5}}", "cache.github.archive_ttl"),
     ("cache: {max_object_share: 0}", "cache.max_object_share"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, key):

@@ -192,6 +192,12 @@ def _cell(text: str, cls: str = "", title: str = "") -> str:
     return f"<td{attrs}>{text}</td>"
 
 
+def _counts(results: Mapping) -> str:
+    """``hit 14 · miss 1 · …`` (escaped)."""
+    return " · ".join(f"{esc(k)} {esc(int(v) if _num(v) is not None else v)}"
+                      for k, v in results.items())
+
+
 def _summary(status: Mapping) -> str:
     results = _mapping(status.get("cache_results"))
     served = _mapping(status.get("bytes_served"))
@@ -199,14 +205,16 @@ def _summary(status: Mapping) -> str:
     total = (from_cache or 0) + (from_upstream or 0)
     share = percent(from_cache / total) if from_cache is not None and total > 0 else DASH
     ratio = status.get("hit_ratio")
-    counts = " · ".join(f"{esc(k)} {esc(int(v) if _num(v) is not None else v)}"
-                        for k, v in results.items()) or "no cacheable requests yet"
+    counts = _counts(results) or "no client requests yet"
+    prefetch = _counts(_mapping(status.get("prefetch_cache_results")))
+    prefetch_line = (f'\n    <div class="muted" id="prefetch-results">prefetch, not counted: '
+                     f'{prefetch}</div>' if prefetch else "")
     return f"""<section id="traffic">
 <h2>Cache effectiveness</h2>
 <div class="cards">
   <div class="card"><div class="label">Hit ratio</div>
     <div class="value" id="hit-ratio">{esc(percent(ratio))}</div>
-    <div class="muted">{counts}</div></div>
+    <div class="muted">clients: {counts}</div>{prefetch_line}</div>
   <div class="card"><div class="label">Served from cache</div>
     <div class="value" id="bytes-cache">{esc(human_bytes(from_cache))}</div>
     <div class="muted">{esc(share)} of all bytes served</div></div>

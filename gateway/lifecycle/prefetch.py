@@ -16,7 +16,8 @@ asking at the same moment shares the fetch), the circuit breakers and per-host r
 budget is shared with client traffic, so a rate-limited upstream is not hit harder), failover
 groups, digest verification before publish (a corrupt layer is never stored; the check fails and
 is retried at the next interval). The allowlist is asked first: a host it does not intercept is
-never prefetched.
+never prefetched. Its requests carry ``Origin.PREFETCH``: the pipeline counts their cache results
+in trivy_gateway_prefetch_cache_requests_total, not among the clients' (the hit ratio).
 
 The clock, the sleep and the random source are injectable; :meth:`Prefetcher.trigger` runs
 every check at once (tests, and an operator's "check now").
@@ -34,7 +35,7 @@ from typing import Awaitable, Callable, Optional
 from multidict import CIMultiDict
 
 from ..cache import BlobStore, EntryStore, FillFailed
-from ..exchange import Exchange, Response
+from ..exchange import Exchange, Origin, Response
 from ..hostport import split_authority
 from ..observability.logging import get_logger
 from ..observability.metrics import Metrics
@@ -192,7 +193,8 @@ class Prefetcher:
         if accept:
             headers["Accept"] = accept
         name, port = split_authority(host)
-        return Exchange("GET", "https", name, port or 443, target, headers, client="prefetch")
+        return Exchange("GET", "https", name, port or 443, target, headers, client="prefetch",
+                        origin=Origin.PREFETCH)
 
     async def _get(self, ex: Exchange, *, revalidate: bool, keep: int = 0,
                    sha256: Optional["hashlib._Hash"] = None) -> tuple[Response, bytes, int]:

@@ -164,8 +164,10 @@ class Metrics:
         # -- cache --------------------------------------------------------------------------
         self.cache_requests = Counter(
             p + "cache_requests_total",
-            "Intercepted requests by upstream host, artifact kind (oci_blob, oci_manifest, "
-            "oci_auth, maven, github, generic) and cache result (" + ", ".join(CACHE_RESULTS) + ").",
+            "Client requests (proxy and mirror door) through the cache, by upstream host, "
+            "artifact kind (oci_blob, oci_manifest, oci_auth, maven, github, generic) and cache "
+            "result (" + ", ".join(CACHE_RESULTS) + "); the prefetcher's own requests are in "
+            "trivy_gateway_prefetch_cache_requests_total.",
             ["host", "kind", "result"], registry=r)
         self.served_bytes = Counter(
             p + "served_bytes_total",
@@ -203,6 +205,12 @@ class Metrics:
             "Prefetch checks of a watched artifact's tag, by result (unchanged, fetched: a new "
             "generation is now cached, failed, denied: the allowlist does not intercept it).",
             ["artifact", "result"], registry=r)
+        self.prefetch_cache_requests = Counter(
+            p + "prefetch_cache_requests_total",
+            "Requests the prefetcher sent through the cache, by upstream host, kind and cache "
+            "result (as trivy_gateway_cache_requests_total, which counts clients only): its "
+            "misses fetch new generations before any client asks.",
+            ["host", "kind", "result"], registry=r)
         self.prefetch_bytes = Counter(
             p + "prefetch_bytes_total",
             "Bytes of new generations fetched by the prefetcher (before any client asked).",

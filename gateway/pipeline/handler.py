@@ -21,7 +21,8 @@ from multidict import CIMultiDict
 
 from ..cache import (BlobStore, Entry, EntryStore, Fill, FillFailed, FillReader, PassThroughGap,
                      StoreFull)
-from ..exchange import BytesBody, EmptyBody, Exchange, Response, StreamBody, error_response
+from ..exchange import (BytesBody, EmptyBody, Exchange, Origin, Response, StreamBody,
+                        error_response)
 from ..observability.logging import get_logger
 from ..observability.metrics import CacheResult, Metrics
 from ..resources import IMMUTABLE, Resource, classify, fold_fields, variant_matches
@@ -45,6 +46,7 @@ _STALE_ON_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CLASSIFIED_MAX = 2048
 #: the results of a hit (module constants: an enum member is a slow class attribute lookup)
 _HIT, _NEGATIVE, _STALE = CacheResult.HIT, CacheResult.NEGATIVE, CacheResult.STALE
+_CLIENT = Origin.CLIENT
 #: (host, kind, result) metric children :meth:`Pipeline._count` keeps (then forgets them all)
 COUNTERS_MAX = 4096
 
@@ -71,8 +73,12 @@ class Pipeline:
         self._background: set[asyncio.Task] = set()
         #: artifact name → facts about the last tag manifest served (status page)
         self.artifacts: dict[str, dict] = {}
+        #: cache result → count, of client requests (the status page's hit ratio) and of the
+        #: prefetcher's requests (kept apart: an idle fleet's prefetch misses are no client's)
         self.results: dict[str, int] = {}
-        #: (host, port, scheme, kind, result) → its cache_requests child: ``labels()``
+        self.prefetch_results: dict[str, int] = {}
+        #: (host, port, scheme, kind, result, client?) → its cache_requests (or
+        #: prefetch_cache_requests) child: ``labels()``
         #: validates and joins its arguments on every call, and the host's label is looked up
         #: once; valid for ``metrics.host_labels_generation`` in ``_counters_generation``
         self._request_counters: dict[tuple, object] = {}
@@ -397,20 +403,24 @@ class Pipeline:
 
     # -- helpers ----------------------------------------------------------------------------
     def _count(self, ex: Exchange, res: Resource, result: CacheResult) -> None:
+        """Count ``result`` for ``ex``: a client's in ``results`` and
+        trivy_gateway_cache_requests_total (the hit ratio), the prefetcher's apart."""
         ex.notes["cache"] = result
-        results = self.results
+        client = ex.origin is _CLIENT
+        results = self.results if client else self.prefetch_results
         results[result] = results.get(result, 0) + 1
         counters = self._request_counters
         generation = self.metrics.host_labels_generation
         if generation != self._counters_generation:   # a host got its own label: relabel
             counters.clear()
             self._counters_generation = generation
-        key = (ex.host, ex.port, ex.scheme, res.kind, result)
+        key = (ex.host, ex.port, ex.scheme, res.kind, result, client)
         counter = counters.get(key)
         if counter is None:
             if len(counters) >= COUNTERS_MAX:
                 counters.clear()
-            counter = counters[key] = self.metrics.cache_requests.labels(
+            metric = self.metrics.cache_requests if client else self.metrics.prefetch_cache_requests
+            counter = counters[key] = metric.labels(
                 self.metrics.host_label(ex.authority), res.kind, result)
         self.metrics.deferred.add(counter)
 

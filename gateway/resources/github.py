@@ -1,6 +1,8 @@
 """GitHub / VEX Hub semantics: contents API, raw files, archive redirect, codeload archives.
 
-Cached with a TTL and revalidated with ETag/Last-Modified; the archive redirect (302 from
+Cached with a TTL and revalidated with ETag/Last-Modified (repository archives, what VEX
+repositories point at, with ``cache.github.archive_ttl``; everything else with
+``cache.github.ttl``); the archive redirect (302 from
 github.com to codeload.github.com) is cached as the redirect itself, so Trivy follows it through
 the gateway and the archive bytes are cached under codeload's URL. api.github.com answers vary
 by ``Accept`` and API version, which are part of the key. Requests carrying their own
@@ -30,8 +32,18 @@ def classify_github(method: str, scheme: str, host: str, path: str, query: str,
     if host == "api.github.com":
         vary = "|" + headers.get("accept", "") + "|" + headers.get("x-github-api-version", "")
     target = path + ("?" + query if query else "")
+    archive = _is_archive(host, path)
     artifact = "vex_hub" if "vexhub" in path and (host == "codeload.github.com"
                                                    or "/archive/" in path) else None
-    return Resource("github", cache_key=f"github|{scheme}://{host}{target}{vary}", ttl=gh.ttl,
+    return Resource("github", cache_key=f"github|{scheme}://{host}{target}{vary}",
+                    ttl=gh.archive_ttl if archive else gh.ttl,
                     max_stale=cfg.stale_limit("github"), artifact=artifact,
                     cacheable_statuses=(200, 301, 302, 307, 308))
+
+
+def _is_archive(host: str, path: str) -> bool:
+    """A repository archive: everything codeload.github.com serves, and github.com's
+    ``/<owner>/<repo>/archive/<ref>`` (the 302 to codeload) — what a VEX repository lists."""
+    if host == "codeload.github.com":
+        return True
+    return host == "github.com" and path.split("/", 4)[3:4] == ["archive"]

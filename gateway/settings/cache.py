@@ -149,7 +149,15 @@ class GitHubSettings:
     #: hosts with GitHub/VEX Hub semantics (TTL + ETag/Last-Modified revalidation)
     hosts: tuple[str, ...] = ("api.github.com", "raw.githubusercontent.com", "github.com",
                               "codeload.github.com")
+    #: lifetime of API answers and raw files (the contents listing and vex-repository.json a
+    #: VEX repository costs); long spares api.github.com's anonymous quota (60 an hour per
+    #: address, where even a 304 counts)
     ttl: Duration = Duration(3600)
+    #: lifetime of repository archives (``github.com/<owner>/<repo>/archive/…`` and its
+    #: redirect, ``codeload.github.com``): what VEX repositories point at. Its own setting
+    #: because VEX Hub's archive changes several times a day while the API answers around it
+    #: hardly change; revalidating an archive (ETag) costs no API quota
+    archive_ttl: Duration = Duration(3600)
 
 
 @dataclass(frozen=True)
