@@ -647,10 +647,10 @@ def test_workers_hold_the_data_dir_lock_and_a_reload_reaches_every_worker(
     assert all(_ready(a) for a in admins)
 
 
-def test_a_start_up_failure_after_the_shared_state_started_closes_it(tmp_path, redis_server,
-                                                                     s3_server):
-    """The mirror door's certificate is missing: the gateway fails after its Redis, S3 and peer
-    clients were opened, and closes them (Gateway._close_all) before it exits."""
+def test_a_missing_mirror_certificate_fails_before_the_shared_state_starts(tmp_path,
+                                                                           redis_server, s3_server):
+    """The mirror door's certificate is missing: a configuration error (exit 2) naming the key,
+    found before Redis, S3 or the peer port were opened and before the data dir exists."""
     import subprocess
     import sys
 
@@ -668,10 +668,50 @@ def test_a_start_up_failure_after_the_shared_state_started_closes_it(tmp_path, r
         **shared_config(redis_server, s3_server)}))
     r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
                        cwd=str(REPO), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1, r.stderr
-    assert "cannot start" in r.stderr and "No such file" in r.stderr, r.stderr
-    assert "shared_state_started" in r.stderr, r.stderr    # it failed after the shared state
+    assert r.returncode == 2, r.stderr
+    assert "mirror.tls.cert" in r.stderr and "No such file" in r.stderr, r.stderr
+    assert "shared_state_started" not in r.stderr, r.stderr
     assert "Unclosed" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "d").exists()
+
+
+async def test_a_start_up_failure_after_the_shared_state_started_closes_it(
+        tmp_path, redis_server, s3_server, monkeypatch):
+    """A door that cannot start after Redis, S3 and the peer port were opened (the failure is
+    injected into the gateway's own MirrorServer.start): Gateway.start closes all of it and
+    releases the data dir, so the same configuration starts right after."""
+    import errno
+
+    from gateway.app import Gateway
+    from gateway.mirror.server import MirrorServer
+    from gateway.settings import load_settings
+
+    shared = shared_config(redis_server, s3_server)
+    peer = shared["cache"]["shared"]["peer_listen"]
+    settings = load_settings(env={}, overrides={
+        "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+                   "mirror_listen": "127.0.0.1:0", "data_dir": str(tmp_path / "d")},
+        **shared})
+    real_start = MirrorServer.start
+
+    async def cannot_listen(self) -> None:
+        raise OSError(errno.EADDRINUSE, "address in use (injected)")
+
+    monkeypatch.setattr(MirrorServer, "start", cannot_listen)
+    gw = Gateway(settings)
+    with pytest.raises(OSError, match="injected"):
+        await gw.start()
+    host, _, port = peer.rpartition(":")
+    with pytest.raises(OSError):                 # the peer port is closed again
+        _r, w = await asyncio.open_connection(host, int(port))
+        w.close()
+    monkeypatch.setattr(MirrorServer, "start", real_start)
+    again = Gateway(settings)                     # data dir lock, ports: all released
+    await again.start()
+    try:
+        assert again.mirror is not None and again.shared is not None
+    finally:
+        await again.stop()
 
 
 def test_more_than_one_worker_needs_redis(tmp_path):
