@@ -11,9 +11,11 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.cache import BlobStore, EntryStore
+from gateway.cache.keyformat import migrate_keys
 from gateway.exchange import Exchange
 from gateway.observability.metrics import Metrics
 from gateway.pipeline.handler import Pipeline
+from gateway.resources.legacy import KEY_UPGRADE
 from gateway.settings import load_settings
 from gateway.upstream.client import UpstreamClient
 from tests.emulated.world import CHECK, GHCR, MIRROR, World
@@ -53,6 +55,8 @@ class Harness:
         self.mono = Clock(0.0)
         self.entries = EntryStore(root, self.blobs, self.settings.cache.memory, self.metrics,
                                   monotonic=self.mono)
+        #: the start-up sequence of gateway.app: older keys migrated, then the store opened
+        self.key_migration = migrate_keys(self.entries, KEY_UPGRADE)
         self.entries.open()
         self.upstream = UpstreamClient(self.settings.upstream, self.metrics)
         self.clock = Clock()

@@ -85,7 +85,7 @@ def migrate_keys(store: EntryStore, upgrade: KeyUpgrade) -> Optional[KeyMigratio
                 released.add(entry.body_digest)
             continue
         try:
-            if not target.exists():
+            if not _holds(target, entry):
                 write_atomically(target, dataclasses.replace(entry, key=upgrade.new_key(entry))
                                  .to_json())
             path.unlink(missing_ok=True)
@@ -123,19 +123,25 @@ def migrate_keys(store: EntryStore, upgrade: KeyUpgrade) -> Optional[KeyMigratio
 
 def _target(store: EntryStore, upgrade: KeyUpgrade, entry: Entry) -> Optional[Path]:
     """Where an old entry goes, or None: drop it. Dropped: no new key for it, its body is gone,
-    or another entry already holds the new key with other content (stored since the upgrade,
-    by the current code: it wins)."""
+    or an entry of the current format already holds the new key with other content (stored
+    since the upgrade by the current code: it wins). A target that does not read as an entry
+    (torn) is written over."""
     if entry.body_digest and not store.blobs.has(entry.body_digest):
         return None
     key = upgrade.new_key(entry)
     if key is None:
         return None
     target = store._path(key)  # noqa: SLF001 - same package: the entry file layout
-    if target.exists():
-        held = _read(target)
-        if held is None or held.key != key or held.body_digest != entry.body_digest:
-            return None
+    held = _read(target)
+    if held is not None and held.key == key and held.body_digest != entry.body_digest:
+        return None
     return target
+
+
+def _holds(target: Path, entry: Entry) -> bool:
+    """Does ``target`` already hold ``entry``'s content (renamed by an interrupted run)?"""
+    held = _read(target)
+    return held is not None and held.body_digest == entry.body_digest
 
 
 def _legacy(store: EntryStore, upgrade: KeyUpgrade) -> Iterator[tuple[Path, Entry]]:
