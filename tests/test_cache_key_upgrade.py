@@ -22,8 +22,8 @@ from gateway.resources.legacy import KEY_FORMAT, is_legacy_key, upgrade_key
 from gateway.settings import load_settings
 from tests.emulated.world import GHCR, MIRROR
 from tests.test_gateway_cache import get as proxy_get
-from tests.test_pipeline_freshness import (  # noqa: F401 - the world fixture is shared
-    MANIFEST_ACCEPT, Clock, Harness, world)
+from tests.test_pipeline_freshness import (  # noqa: F401 - the world and make fixtures are shared
+    MANIFEST_ACCEPT, Clock, Harness, make, world)
 
 MAVEN = "repo.maven.apache.org"
 POM = "/maven2/org/example/demo/demo-lib/1.2.3/demo-lib-1.2.3.pom"
@@ -96,22 +96,10 @@ def cache_root(tmp_path: Path) -> Path:
     return tmp_path / "gw" / "data" / "cache"
 
 
-@pytest.fixture
-async def open_gateway(world, tmp_path):
-    """Factory: the current gateway's stores and pipeline on ``tmp_path/gw`` (opening them
-    migrates, as start-up does); closed at the end."""
-    opened: list[Harness] = []
-
-    async def factory() -> Harness:
-        h = Harness(world, tmp_path / "gw", {})
-        await h.upstream.start()
-        opened.append(h)
-        return h
-
-    yield factory
-    for h in opened:
-        await h.pipeline.close()
-        await h.upstream.close()
+async def open_gateway(make) -> Harness:
+    """The current gateway's stores and pipeline on ``tmp_path/gw`` (opening them migrates, as
+    start-up does); the same data dir at every call."""
+    return await make(name="gw")
 
 
 def blob_url(digest: str, repo: str = "aquasec/trivy-db") -> str:
@@ -124,13 +112,13 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-async def test_warm_old_cache_answers_the_db_without_any_upstream_request(world, open_gateway,
+async def test_warm_old_cache_answers_the_db_without_any_upstream_request(world, make,
                                                                           tmp_path):
     root = cache_root(tmp_path)
     old = old_db_cache(root, world)
     db = world.published["db"]
     world.clear_log()
-    h = await open_gateway()
+    h = await open_gateway(make)
     assert h.key_migration is not None
     assert (h.key_migration.migrated, h.key_migration.dropped) == (3, 1)
     # the dropped tag's body is the manifest, still the body of the manifest by digest
@@ -159,7 +147,7 @@ async def test_warm_old_cache_answers_the_db_without_any_upstream_request(world,
 
 
 async def test_what_may_have_come_over_plain_http_or_with_a_query_never_answers_https(
-        world, open_gateway, tmp_path):
+        world, make, tmp_path):
     """A first-format entry that may have been fetched over plain HTTP (a planted tag manifest,
     a planted POM) is dropped with its body; a failover tag (fetched without a query) answers
     only a request without one (D10)."""
@@ -173,7 +161,7 @@ async def test_what_may_have_come_over_plain_http_or_with_a_query_never_answers_
     write_old_entry(root, f"maven|{MAVEN}{POM}", "maven", planted_pom,
                     headers=[("Content-Type", "text/xml")], meta={"host": MAVEN})
     world.clear_log()
-    h = await open_gateway()
+    h = await open_gateway(make)
     assert (h.key_migration.migrated, h.key_migration.dropped) == (3, 3)
     assert h.key_migration.blobs_released == 2                # the planted bodies, nothing else
     assert h.key_migration.bytes_released == len(planted_manifest) + len(planted_pom)
@@ -194,17 +182,17 @@ async def test_what_may_have_come_over_plain_http_or_with_a_query_never_answers_
     assert (await h.get(MIRROR, javadb_tag, Accept=MANIFEST_ACCEPT))[3] == "hit"
 
 
-async def test_second_open_does_nothing(world, open_gateway, tmp_path):
+async def test_second_open_does_nothing(world, make, tmp_path):
     root = cache_root(tmp_path)
     old_db_cache(root, world)
-    first = await open_gateway()
+    first = await open_gateway(make)
     assert first.key_migration is not None and first.key_migration.migrated == 3
     before = snapshot(root)
     # an entry in the first format appearing later is not looked at again: the marker says done
     late = write_old_entry(root, f"blob|{sha(b'late')}|public", "oci_blob", b"late",
                            headers=[], meta={"host": MIRROR})
     before_late = snapshot(root)
-    second = await open_gateway()
+    second = await open_gateway(make)
     assert second.key_migration is None
     assert snapshot(root) == before_late and late.exists()
     assert {k: v for k, v in before_late.items() if k in before} == before
@@ -215,7 +203,7 @@ async def test_second_open_does_nothing(world, open_gateway, tmp_path):
 
 
 async def test_interrupted_migration_loses_nothing_and_finishes_at_the_next_start(
-        world, open_gateway, tmp_path):
+        world, make, tmp_path):
     """Interrupted in every place it can be: the rename of one entry fails (its temp file is a
     link into a directory that does not exist: a real I/O error), another entry was renamed but
     its old file not yet removed, a temp file was torn while written, and a dropped entry's body
@@ -243,7 +231,7 @@ async def test_interrupted_migration_loses_nothing_and_finishes_at_the_next_star
     obstacle = root / "entries" / (hashlib.sha256(new_blob_key.encode()).hexdigest() + ".tmp")
     obstacle.symlink_to(tmp_path / "no-such-directory" / "x")
 
-    first = await open_gateway()
+    first = await open_gateway(make)
     report = first.key_migration
     assert report is not None
     assert (report.migrated, report.dropped, report.failed) == (2, 2, 1)
@@ -253,7 +241,7 @@ async def test_interrupted_migration_loses_nothing_and_finishes_at_the_next_star
     assert not (root / "entries" / "0123abcd.tmp").exists() and not obstacle.is_symlink()
 
     world.clear_log()
-    second = await open_gateway()
+    second = await open_gateway(make)
     assert second.key_migration is not None
     assert (second.key_migration.migrated, second.key_migration.failed) == (1, 0)
     assert (root / "entries" / FORMAT_MARKER).exists()
@@ -264,7 +252,7 @@ async def test_interrupted_migration_loses_nothing_and_finishes_at_the_next_star
                                 Accept=MANIFEST_ACCEPT)
     assert manifest[3] == "hit" and manifest[2] == db.manifest
     assert world.requests() == []
-    assert (await open_gateway()).key_migration is None
+    assert (await open_gateway(make)).key_migration is None
 
 
 @pytest.mark.parametrize("old_key, kwargs, request_args", [

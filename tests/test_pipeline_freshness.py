@@ -101,8 +101,10 @@ async def world(tmp_path):
 async def make(world, tmp_path):
     made: list[Harness] = []
 
-    async def factory(extra: dict | None = None) -> Harness:
-        h = Harness(world, tmp_path / f"h{len(made)}", extra or {})
+    async def factory(extra: dict | None = None, name: str | None = None) -> Harness:
+        """``name``: the directory under tmp_path (a later call with the same name opens the
+        same data dir again, as a restart does)."""
+        h = Harness(world, tmp_path / (name or f"h{len(made)}"), extra or {})
         await h.upstream.start()
         made.append(h)
         return h

@@ -85,9 +85,9 @@ def migrate_keys(store: EntryStore, upgrade: KeyUpgrade) -> Optional[KeyMigratio
                 released.add(entry.body_digest)
             continue
         try:
-            if not _holds(target, entry):
-                write_atomically(target, dataclasses.replace(entry, key=upgrade.new_key(entry))
-                                 .to_json())
+            renamed = dataclasses.replace(entry, key=upgrade.new_key(entry))
+            if not _holds(target, renamed):
+                write_atomically(target, renamed.to_json())
             path.unlink(missing_ok=True)
         except OSError as exc:
             report.failed += 1
@@ -138,10 +138,11 @@ def _target(store: EntryStore, upgrade: KeyUpgrade, entry: Entry) -> Optional[Pa
     return target
 
 
-def _holds(target: Path, entry: Entry) -> bool:
-    """Does ``target`` already hold ``entry``'s content (renamed by an interrupted run)?"""
+def _holds(target: Path, renamed: Entry) -> bool:
+    """Does ``target`` already hold ``renamed`` (written by an interrupted run)?"""
     held = _read(target)
-    return held is not None and held.body_digest == entry.body_digest
+    return held is not None and (held.key, held.body_digest) == (renamed.key,
+                                                                 renamed.body_digest)
 
 
 def _legacy(store: EntryStore, upgrade: KeyUpgrade) -> Iterator[tuple[Path, Entry]]:
