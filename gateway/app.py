@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from . import __version__
 from .admin.server import AdminServer
 from .cache import BlobStore, EntryStore
+from .cache.keyformat import migrate_keys
 from .hostport import join_authority
 from .mirror import MirrorServer
 from .lifecycle.freshness import Freshness
@@ -25,6 +26,7 @@ from .observability.metrics import Metrics
 from .pipeline import Pipeline
 from .health import DenialLog, RecordingPolicy, assess, recent_errors
 from .policy import ACTION_DENY
+from .resources.legacy import KEY_UPGRADE
 from .proxy import ProxyServer
 from .proxy.auth import ProxyAuth
 from .reload import ReloadResult, split_changes
@@ -114,6 +116,8 @@ class Gateway:
                                    self.metrics, s.cache.max_object_size)
             self.blobs.open()
             self.entries = EntryStore(cache_root, self.blobs, shared_memory_front(s), self.metrics)
+            # entries stored by an older gateway under older keys: renamed or dropped, once
+            migrate_keys(self.entries, KEY_UPGRADE)
             self.entries.open()
         except OSError as exc:
             raise data_dir_error(s, exc) from None

@@ -11,9 +11,11 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.cache import BlobStore, EntryStore
+from gateway.cache.keyformat import migrate_keys
 from gateway.exchange import Exchange
 from gateway.observability.metrics import Metrics
 from gateway.pipeline.handler import Pipeline
+from gateway.resources.legacy import KEY_UPGRADE
 from gateway.settings import load_settings
 from gateway.upstream.client import UpstreamClient
 from tests.emulated.world import API_GITHUB, CHECK, CODELOAD, GHCR, GITHUB, MIRROR, World
@@ -53,6 +55,8 @@ class Harness:
         self.mono = Clock(0.0)
         self.entries = EntryStore(root, self.blobs, self.settings.cache.memory, self.metrics,
                                   monotonic=self.mono)
+        #: the start-up sequence of gateway.app: older keys migrated, then the store opened
+        self.key_migration = migrate_keys(self.entries, KEY_UPGRADE)
         self.entries.open()
         self.upstream = UpstreamClient(self.settings.upstream, self.metrics)
         self.clock = Clock()
@@ -97,8 +101,10 @@ async def world(tmp_path):
 async def make(world, tmp_path):
     made: list[Harness] = []
 
-    async def factory(extra: dict | None = None) -> Harness:
-        h = Harness(world, tmp_path / f"h{len(made)}", extra or {})
+    async def factory(extra: dict | None = None, name: str | None = None) -> Harness:
+        """``name``: the directory under tmp_path (a later call with the same name opens the
+        same data dir again, as a restart does)."""
+        h = Harness(world, tmp_path / (name or f"h{len(made)}"), extra or {})
         await h.upstream.start()
         made.append(h)
         return h

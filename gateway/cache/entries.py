@@ -126,6 +126,24 @@ REDIS_RETRY_SECONDS = 1.0
 PURGE_MARKER = ".operator-changed"
 #: how often a running gateway looks at it (one stat; a purge takes effect within this)
 PURGE_CHECK_INTERVAL = 1.0
+#: file in the entries directory naming the key format its entries are stored under (not an
+#: entry; written by :mod:`gateway.cache.keyformat` once older keys have been migrated)
+FORMAT_MARKER = ".key-format"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``write tmp + fsync + rename``: a crash leaves the old file or the new one, never half
+    of one (a torn ``.tmp`` is removed by :meth:`EntryStore.open`)."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class _MemoryFront:
@@ -313,7 +331,7 @@ class EntryStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         count = 0
         for f in self.dir.iterdir():
-            if f.name == PURGE_MARKER:
+            if f.name in (PURGE_MARKER, FORMAT_MARKER):
                 continue
             if f.name.endswith(".tmp"):
                 f.unlink(missing_ok=True)
@@ -414,15 +432,9 @@ class EntryStore:
         return entry, body
 
     async def put(self, entry: Entry, body: Optional[bytes] = None) -> None:
-        text = entry.to_json()
         path = self._path(entry.key)
-        tmp = path.with_suffix(".tmp")
         existed = path.exists()
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, entry.to_json())
         if not existed:
             self._count += 1
             self.metrics.cache_entries.labels("response").set(self._count)
