@@ -192,3 +192,23 @@ async def test_purge_beside_a_running_two_worker_gateway(clean_upstreams, make_g
     assert status == 200 and again == body
     assert "hit" not in headers["Cache-Status"], headers["Cache-Status"]
     assert len(world.requests(host=MAVEN)) == 1
+
+
+def test_bundle_import_with_workers_reaches_every_workers_tier(tmp_path):
+    """Each worker serves only its own tier: an import into ``<data_dir>/cache`` (before) was
+    served by no worker of an air-gapped ``server.workers: 2`` gateway."""
+    src, data = tmp_path / "src", tmp_path / "data"
+    tag_key = populate(src)["tag_key"]
+    out = tmp_path / "b.tar"
+    export(src, out)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"data_dir": str(data), "workers": 2},
+        "cache": {"shared": {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}}}))
+    res = run_cli("bundle", "import", "--config", str(config), str(out))
+    assert res.returncode == 0, res.stderr
+    imported = keys_in(worker(data, 0))
+    assert tag_key in imported and keys_in(worker(data, 1)) == imported
+    assert not (data / "cache").exists()
+    res = run_cli("cache", "verify", "--config", str(config))
+    assert res.returncode == 0 and "verified 4 blobs" in res.stderr, res.stderr
