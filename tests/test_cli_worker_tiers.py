@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gateway.cache import BlobStore, Entry, EntryStore
-from gateway.cache.entries import PURGE_MARKER, _MemoryFront
+from gateway.cache.entries import PURGE_CHECK_INTERVAL, PURGE_MARKER, _MemoryFront
 from gateway.observability.metrics import Metrics
 from gateway.settings import MemoryFrontSettings
 from tests.emulated.world import MAVEN
@@ -143,6 +143,41 @@ def test_purge_removes_the_keys_from_the_shared_redis_front(tmp_path, redis_serv
     assert "removed 1 keys from the shared Redis front" in res.stderr
     assert "other machines" in res.stderr            # what this purge cannot reach is said
     assert asyncio.run(in_redis()) == {OTHER_KEY}
+
+
+def test_a_gateway_seeing_the_purge_marker_keeps_the_fleets_state_in_redis(tmp_path,
+                                                                          redis_server):
+    """A worker that sees its tier's purge marker forgets its memory; before, it cleared the
+    Redis front with aiocache's ``clear``: a FLUSHDB wiping every replica's circuits, leases,
+    budget and peer token (and any other data in that database)."""
+    import redis
+
+    data = tmp_path / "data"
+    front = MemoryFrontSettings(backend="redis", redis_url=redis_server.url)
+    asyncio.run(put(worker(data, 0), MAVEN_KEY, b"<project>w0</project>", front))
+    client = redis.Redis(port=redis_server.port)
+    client.set("trivy-gateway:circuit:maven.example", "open")
+    client.set("another-application:key", "1")
+    config = write_config(tmp_path, data, shared={"redis_url": redis_server.url})
+
+    async def serving_worker() -> tuple:
+        now = [0.0]
+        blobs = BlobStore(worker(data, 0), 10**9, 0, Metrics())
+        blobs.open()
+        entries = EntryStore(worker(data, 0), blobs, front, Metrics(), monotonic=lambda: now[0])
+        entries.open()
+        try:
+            res = await asyncio.to_thread(run_cli, "cache", "purge", "--host", CENTRAL,
+                                          "--config", str(config))
+            now[0] += PURGE_CHECK_INTERVAL        # the worker's next look at its marker
+            return res, await entries.get(MAVEN_KEY)
+        finally:
+            await entries.front.cache.close()
+    res, served = asyncio.run(serving_worker())
+    assert res.returncode == 0, res.stderr
+    assert served is None
+    assert client.get("trivy-gateway:circuit:maven.example") == b"open"
+    assert client.get("another-application:key") == b"1"
 
 
 def test_purge_says_so_and_fails_when_the_shared_redis_front_is_unreachable(three_tiers, tmp_path):

@@ -146,23 +146,25 @@ def _purge(settings: Settings, args: argparse.Namespace, tiers: list, front) -> 
     tail = "" if len(report) < 2 else " (" + ", ".join(
         f"{name}: {n} entries, {b} blobs" for name, n, b in report) + ")"
     print(f"removed {total[0]} entries and {total[1]} unreferenced blobs{tail}", file=sys.stderr)
-    return _purge_shared(settings, front, removed_keys, args.purge_all)
+    return _purge_shared(settings, front, removed_keys)
 
 
-def _purge_shared(settings: Settings, front: Optional[MemoryFrontSettings], keys: set[str],
-                  everything: bool) -> int:
-    """Remove the purged keys from a Redis memory front: it outlives the gateways (a gateway
-    stopped during the purge would otherwise serve them from Redis when it starts again)."""
-    if front is not None and front.backend == "redis" and (keys or everything):
-        error = asyncio.run(_forget_in_redis(front, keys, everything))
+def _purge_shared(settings: Settings, front: Optional[MemoryFrontSettings],
+                  keys: set[str]) -> int:
+    """Delete the purged keys from a Redis memory front: it outlives the gateways (a gateway
+    stopped during the purge would otherwise serve them from Redis when it starts again), and
+    a running one only forgets its own memory when it sees the marker (never FLUSHDB: the
+    fleet's circuits, leases and budget live in the same database). ``--all`` deletes the keys
+    of the local tiers too: keys only other machines' replicas hold are theirs to purge."""
+    if front is not None and front.backend == "redis" and keys:
+        error = asyncio.run(_forget_in_redis(front, keys))
         if error:
             print(f"trivy-gateway: cache purge: the shared Redis front ({front.redis_url.split('@')[-1]}) "
-                  f"was not purged: {error}. The data dir's tiers were; running gateways drop "
-                  "the shared entries within a second, a stopped one would serve them from "
-                  "Redis: run the purge again when Redis answers", file=sys.stderr)
+                  f"was not purged: {error}. The data dir's tiers were; a gateway would serve "
+                  "the purged small entries from Redis: run the purge again when Redis answers",
+                  file=sys.stderr)
             return 1
-        print(f"removed {'every entry' if everything else f'{len(keys)} keys'} from the shared "
-              "Redis front", file=sys.stderr)
+        print(f"removed {len(keys)} keys from the shared Redis front", file=sys.stderr)
     if settings.cache.shared.enabled:
         print("note: replicas on other machines keep their own local tiers: run the same purge "
               "against each replica's data dir", file=sys.stderr)
@@ -173,15 +175,11 @@ def _purge_shared(settings: Settings, front: Optional[MemoryFrontSettings], keys
     return 0
 
 
-async def _forget_in_redis(front: MemoryFrontSettings, keys: set[str],
-                           everything: bool) -> Optional[str]:
+async def _forget_in_redis(front: MemoryFrontSettings, keys: set[str]) -> Optional[str]:
     cache = _MemoryFront(front).cache
     try:
-        if everything:
-            await cache.clear()
-        else:
-            for key in sorted(keys):
-                await cache.delete(key)
+        for key in sorted(keys):
+            await cache.delete(key)
         return None
     except Exception as exc:  # noqa: BLE001 - any Redis failure is reported, not raised
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
