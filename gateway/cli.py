@@ -136,9 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "cache":
             return cache_command(settings, args)
         if args.command == "bundle":
-            from .lifecycle.commands import run_bundle_command  # noqa: PLC0415
-
-            return run_bundle_command(settings, args)
+            return _bundle(settings, args)
     except ConfigError as exc:
         print(f"trivy-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -175,6 +173,27 @@ def _serve(settings: Settings, loader: Callable[[], Settings]) -> int:
     except (OSError, StartupError) as exc:
         print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _bundle(settings: Settings, args: argparse.Namespace) -> int:
+    """``bundle export`` reads every tier of the data dir; ``bundle import`` with
+    ``server.workers: N`` imports into every worker's tier: a worker serves only its own, so a
+    bundle imported into ``<data_dir>/cache`` would be served by none (disk: N copies, each
+    within the worker's ``cache.max_size / N``)."""
+    from .lifecycle.commands import run_bundle_command  # noqa: PLC0415
+
+    n = settings.server.worker_count
+    if args.bundle_command != "import" or n < 2:
+        return run_bundle_command(settings, args)
+    from .workers import worker_settings  # noqa: PLC0415
+
+    for i in range(n):
+        tier = worker_settings(settings, i, n)
+        print(f"worker {i} of {n}: importing into {tier.data_dir}", file=sys.stderr)
+        rc = run_bundle_command(tier, args)
+        if rc:
+            return rc
     return 0
 
 

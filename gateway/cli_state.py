@@ -105,14 +105,18 @@ def checked_pem(data: bytes, where: str) -> bytes:
 
 
 def cache_command(settings: Settings, args: argparse.Namespace) -> int:
-    root = settings.data_dir / "cache"
-    if not root.is_dir():
-        raise StateMissing(f"no gateway cache at {root}: {data_dir_hint(settings)}")
+    """``cache …`` on every local tier of the data dir (one per worker with ``server.workers``)."""
+    from .cache.tiers import cache_tiers  # noqa: PLC0415
+
+    if not cache_tiers(settings.data_dir):
+        raise StateMissing(f"no gateway cache at {settings.data_dir / 'cache'} nor under "
+                           f"{settings.data_dir / 'workers'}: {data_dir_hint(settings)}")
     if args.cache_command == "purge" and not (args.host or args.repo or args.older_than
                                               or args.purge_all):
         print("trivy-gateway: cache purge needs a filter (--host, --repo, --older-than) or "
               "--all to remove every entry", file=sys.stderr)
         return 2
     from .cache.admin import run_cache_command  # noqa: PLC0415 - only for this command
+    from .shared import shared_memory_front  # noqa: PLC0415
 
-    return run_cache_command(settings, args)
+    return run_cache_command(settings, args, shared_memory_front(settings))

@@ -101,7 +101,7 @@ def test_cache_ls_has_a_header_and_readable_keys(bare_cwd, make_gateway, capsys)
     gw = make_gateway()
     assert main(["cache", "ls", "--data-dir", str(gw.data_dir)]) == 0
     header = capsys.readouterr().out.splitlines()[0].split()
-    assert header == ["KIND", "STATUS", "SIZE", "CHECKED", "STATE", "RESOURCE"]
+    assert header == ["KIND", "STATUS", "SIZE", "CHECKED", "STATE", "TIER", "RESOURCE"]
 
 
 def test_ca_init_creates_once_then_export_reads_it(bare_cwd, capsys):

@@ -4,10 +4,16 @@ They work on the files directly, so they also run while the gateway is up: after
 verify that removed blobs) they touch a marker file that a running gateway checks once a second,
 and it then forgets the entries and small bodies it holds in memory; an entry whose body blob has
 disappeared is a miss.
+
+They see every local tier of the data dir (``<data_dir>/cache`` and, with ``server.workers``,
+each worker's ``<data_dir>/workers/<i>/cache``: :mod:`.tiers`) and a purge applies to all of
+them, and to the shared Redis front when there is one: a purge that reached only some of the
+places a gateway serves from would let the operator believe a bad entry is gone.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import sys
@@ -15,17 +21,19 @@ import time
 from typing import Optional
 
 from ..observability.metrics import Metrics
-from ..settings import Settings, parse_duration
+from ..settings import MemoryFrontSettings, Settings, parse_duration
 from .blobstore import BlobStore
-from .entries import Entry, EntryStore
+from .entries import Entry, EntryStore, _MemoryFront
+from .tiers import Tier, cache_tiers
 
 
-def _open(settings: Settings) -> tuple[BlobStore, EntryStore]:
-    root = settings.data_dir / "cache"
+def open_tier(settings: Settings, tier: Tier) -> tuple[BlobStore, EntryStore]:
+    """A tier's stores as a second process opens them beside a running gateway."""
     metrics = Metrics()
-    blobs = BlobStore(root, settings.cache.max_size, 0, metrics)
+    # the whole budget, not the worker's share: this process never evicts (nothing is put)
+    blobs = BlobStore(tier.root, settings.cache.max_size, 0, metrics)
     blobs.open(clean_tmp=False)  # a running gateway's fills in tmp/ are alive
-    entries = EntryStore(root, blobs, settings.cache.memory, metrics)
+    entries = EntryStore(tier.root, blobs, settings.cache.memory, metrics)
     entries.open()
     return blobs, entries
 
@@ -67,27 +75,56 @@ def readable_key(key: str) -> str:
     return what
 
 
-def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
-    blobs, entries = _open(settings)
+def run_cache_command(settings: Settings, args: argparse.Namespace,
+                      front: Optional[MemoryFrontSettings] = None) -> int:
+    """``front``: the memory front the gateway uses (with Redis, shared by every worker and
+    replica: a purge removes the purged keys there too)."""
+    tiers = [(t, *open_tier(settings, t)) for t in cache_tiers(settings.data_dir)]
     cmd = args.cache_command
     if cmd == "stats":
-        print(json.dumps({"blobs": blobs.count, "entries": entries.count, "size_bytes": blobs.size,
-                          "size": _human(blobs.size), "max_size_bytes": blobs.max_size,
-                          "root": str(blobs.root)}, indent=2))
+        rows = [{"tier": t.name, "root": str(t.root), "blobs": b.count, "entries": e.count,
+                 "size_bytes": b.size} for t, b, e in tiers]
+        size = sum(r["size_bytes"] for r in rows)
+        print(json.dumps({"blobs": sum(r["blobs"] for r in rows),
+                          "entries": sum(r["entries"] for r in rows), "size_bytes": size,
+                          "size": _human(size), "max_size_bytes": settings.cache.max_size,
+                          "root": str(settings.data_dir), "tiers": rows}, indent=2))
         return 0
     if cmd == "ls":
         now = time.time()
         raw = getattr(args, "keys", False)
-        print(f"{'KIND':13} {'STATUS':6} {'SIZE':>10} {'CHECKED':>8} {'STATE':5} "
+        print(f"{'KIND':13} {'STATUS':6} {'SIZE':>10} {'CHECKED':>8} {'STATE':5} {'TIER':9} "
               f"{'KEY' if raw else 'RESOURCE'}")
-        for e in entries.iter_entries():
-            fresh = "fresh" if e.is_fresh(now) else "stale"
-            age = _age(now - e.validated_at)
-            print(f"{e.kind:13} {e.status:<6} {_human(e.body_size):>10} {age:>8} {fresh:5} "
-                  f"{e.key if raw else readable_key(e.key)}")
+        for tier, _, entries in tiers:
+            for e in entries.iter_entries():
+                fresh = "fresh" if e.is_fresh(now) else "stale"
+                age = _age(now - e.validated_at)
+                print(f"{e.kind:13} {e.status:<6} {_human(e.body_size):>10} {age:>8} {fresh:5} "
+                      f"{tier.name:9} {e.key if raw else readable_key(e.key)}")
         return 0
     if cmd == "purge":
-        cutoff = time.time() - parse_duration(args.older_than, "--older-than") if args.older_than else None
+        return _purge(settings, args, tiers, front)
+    if cmd == "verify":
+        checked = removed = 0
+        for tier, blobs, entries in tiers:
+            bad = [d for d in blobs.digests() if not blobs.verify(d)]
+            if bad:
+                entries.mark_purged()
+            checked += blobs.count + len(bad)
+            removed += len(bad)
+            for d in bad:
+                print(d if len(tiers) == 1 else f"{d} {tier.name}")
+        print(f"verified {checked} blobs, removed {removed} corrupt", file=sys.stderr)
+        return 1 if removed else 0
+    return 2
+
+
+def _purge(settings: Settings, args: argparse.Namespace, tiers: list, front) -> int:
+    """Purge every tier, then the shared front; exit 1 when a part could not be reached."""
+    cutoff = time.time() - parse_duration(args.older_than, "--older-than") if args.older_than else None
+    removed_keys: set[str] = set()
+    report = []
+    for tier, blobs, entries in tiers:
         removed = 0
         for e in list(entries.iter_entries()):
             if not purge_selects(e, args.host, args.repo):
@@ -95,6 +132,7 @@ def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
             if cutoff is not None and e.validated_at > cutoff:
                 continue
             _delete_sync(entries, e.key)
+            removed_keys.add(e.key)
             removed += 1
         # blobs no entry refers to any more are garbage
         referenced = {e.body_digest for e in entries.iter_entries() if e.body_digest}
@@ -102,18 +140,51 @@ def run_cache_command(settings: Settings, args: argparse.Namespace) -> int:
         for d in dropped:
             blobs.remove(d)
         if removed or dropped:
-            entries.mark_purged()                # a running gateway drops what memory holds
-        print(f"removed {removed} entries and {len(dropped)} unreferenced blobs", file=sys.stderr)
-        return 0
-    if cmd == "verify":
-        bad = [d for d in blobs.digests() if not blobs.verify(d)]
-        if bad:
-            entries.mark_purged()
-        print(f"verified {blobs.count + len(bad)} blobs, removed {len(bad)} corrupt", file=sys.stderr)
-        for d in bad:
-            print(d)
-        return 1 if bad else 0
-    return 2
+            entries.mark_purged()                # the gateway serving it drops what memory holds
+        report.append((tier.name, removed, len(dropped)))
+    total = (sum(r[1] for r in report), sum(r[2] for r in report))
+    tail = "" if len(report) < 2 else " (" + ", ".join(
+        f"{name}: {n} entries, {b} blobs" for name, n, b in report) + ")"
+    print(f"removed {total[0]} entries and {total[1]} unreferenced blobs{tail}", file=sys.stderr)
+    return _purge_shared(settings, front, removed_keys)
+
+
+def _purge_shared(settings: Settings, front: Optional[MemoryFrontSettings],
+                  keys: set[str]) -> int:
+    """Delete the purged keys from a Redis memory front: it outlives the gateways (a gateway
+    stopped during the purge would otherwise serve them from Redis when it starts again), and
+    a running one only forgets its own memory when it sees the marker (never FLUSHDB: the
+    fleet's circuits, leases and budget live in the same database). ``--all`` deletes the keys
+    of the local tiers too: keys only other machines' replicas hold are theirs to purge."""
+    if front is not None and front.backend == "redis" and keys:
+        error = asyncio.run(_forget_in_redis(front, keys))
+        if error:
+            print(f"trivy-gateway: cache purge: the shared Redis front ({front.redis_url.split('@')[-1]}) "
+                  f"was not purged: {error}. The data dir's tiers were; a gateway would serve "
+                  "the purged small entries from Redis: run the purge again when Redis answers",
+                  file=sys.stderr)
+            return 1
+        print(f"removed {len(keys)} keys from the shared Redis front", file=sys.stderr)
+    if settings.cache.shared.enabled:
+        print("note: replicas on other machines keep their own local tiers: run the same purge "
+              "against each replica's data dir", file=sys.stderr)
+    if settings.cache.shared.s3.endpoint:
+        print("note: bodies in S3 are content-addressed and verified on every read, and are "
+              "kept: a purged blob may be filled again from S3 instead of the upstream",
+              file=sys.stderr)
+    return 0
+
+
+async def _forget_in_redis(front: MemoryFrontSettings, keys: set[str]) -> Optional[str]:
+    cache = _MemoryFront(front).cache
+    try:
+        for key in sorted(keys):
+            await cache.delete(key)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any Redis failure is reported, not raised
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        await cache.close()
 
 
 def _oci_coordinates(entry: Entry) -> tuple[Optional[str], Optional[str]]:

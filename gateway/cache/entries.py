@@ -300,10 +300,16 @@ class _MemoryFront:
             self._unavailable(exc)
 
     async def clear(self) -> None:
+        """Forget what this process holds. With Redis, only this process's views: aiocache's
+        Redis ``clear`` is a FLUSHDB, which would also wipe the fleet's circuits, leases,
+        budget, peer token and holders (and anything else in that database); the operator
+        command that changed the cache deletes the keys it purged from Redis itself."""
         self._sizes.clear()
         self._total = 0
         self._hot.clear()
         self._hot_total = 0
+        if self.shared:
+            return
         try:
             await self.cache.clear()
         except Exception as exc:  # noqa: BLE001 - a broken Redis must not fail requests

@@ -49,6 +49,19 @@ def _open(settings: "Settings", clean_tmp: bool) -> tuple["BlobStore", "EntrySto
     return blobs, entries
 
 
+def _union_of_tiers(settings: "Settings"):
+    """Every local tier of the data dir as one store: with ``server.workers`` each worker holds
+    what it served in ``<data_dir>/workers/<i>``, and an export must see all of them."""
+    from ..cache.admin import open_tier  # noqa: PLC0415
+    from ..cache.tiers import TierUnion, cache_tiers  # noqa: PLC0415
+
+    tiers = cache_tiers(settings.data_dir)
+    if not tiers:
+        _open(settings, clean_tmp=False)   # no tier at all: the single-process one, as before
+        tiers = cache_tiers(settings.data_dir)
+    return TierUnion([open_tier(settings, t) for t in tiers])
+
+
 def run_bundle_command(settings: "Settings", args: argparse.Namespace) -> int:
     from .bundle import BundleError, export_bundle, parse_artifacts  # noqa: PLC0415
     from .bundle_import import import_bundle  # noqa: PLC0415
@@ -56,8 +69,8 @@ def run_bundle_command(settings: "Settings", args: argparse.Namespace) -> int:
 
     try:
         if args.bundle_command == "export":
-            blobs, entries = _open(settings, clean_tmp=False)
-            export_bundle(blobs, entries, Path(args.output), parse_artifacts(args.artifacts),
+            union = _union_of_tiers(settings)
+            export_bundle(union, union, Path(args.output), parse_artifacts(args.artifacts),
                           args.maven, args.vex)
             return 0
         if not Path(args.file).is_file():
