@@ -11,7 +11,7 @@ import asyncio
 import ssl
 from typing import Optional
 
-from ..exchange import error_response
+from ..exchange import Response, error_response
 from ..observability.logging import get_logger
 from ..proxy.connection import ClientConnection
 from ..proxy.respond import Outcome
@@ -78,25 +78,18 @@ class MirrorConnection(ClientConnection):
             return None
         return Reply(response) if response is not None else None
 
-    async def _dispatch(self, request, prepared: Optional[Prepared] = None,
-                        response=None) -> Outcome:
-        if prepared is None:
-            prepared = self._prepare(request)
-        rec, routed = prepared.rec, prepared.routed
-        try:
-            if type(routed) is Reply:
-                return await self._reply(rec, routed)
-            if response is None:
-                try:
-                    response = await self.server.door.answer(*self._door_args(prepared))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - answer, never drop the connection silently
-                    log.exception("mirror_failed", request_id=rec.id, path=rec.path)
-                    response = error_response(503, f"trivy-gateway mirror: internal error: {exc}")
-            return await self._respond(rec, rec.method, response)
-        finally:
-            self._account(rec)
+    async def _answer_routed(self, request, prepared: Prepared,
+                             response: Optional[Response]) -> Outcome:
+        rec = prepared.rec
+        if response is None:
+            try:
+                response = await self.server.door.answer(*self._door_args(prepared))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - answer, never drop the connection silently
+                log.exception("mirror_failed", request_id=rec.id, path=rec.path)
+                response = error_response(503, f"trivy-gateway mirror: internal error: {exc}")
+        return await self._respond(rec, rec.method, response)
 
 
 class MirrorServer(ProxyServer):

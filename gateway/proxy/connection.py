@@ -565,12 +565,18 @@ class ClientConnection(RequestRouter, ResponseWriter):
         try:
             if type(routed) is Reply:
                 return await self._reply(rec, routed)
-            if routed is CONNECT:
-                return await self._connect(rec, request.target, prepared.headers)
-            return await self._exchange(request, rec, routed, prepared.headers,  # type: ignore[arg-type]
-                                        response, tried=prepared.tried)
+            return await self._answer_routed(request, prepared, response)
         finally:
             self._account(rec)
+
+    async def _answer_routed(self, request: http1.RequestHead, prepared: Prepared,
+                             response: Optional[Response]) -> Outcome:
+        """A routed request that is not the connection's own reply: CONNECT, or an exchange
+        for the pipeline (the mirror door's connection routes to its door instead)."""
+        if prepared.routed is CONNECT:
+            return await self._connect(prepared.rec, request.target, prepared.headers)
+        return await self._exchange(request, prepared.rec, prepared.routed,  # type: ignore[arg-type]
+                                    prepared.headers, response, tried=prepared.tried)
 
     # -- CONNECT ----------------------------------------------------------------------------
     async def _connect(self, rec: AccessRecord, target: str, headers: RequestFields) -> Outcome:
