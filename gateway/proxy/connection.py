@@ -156,12 +156,18 @@ class ClientConnection(RequestRouter, ResponseWriter):
         self._close()
         return True
 
-    def abort(self) -> None:
+    def abort(self) -> Optional[asyncio.Task]:
+        """Abort the sockets; returns the connection's task, cancelled, if one was running
+        (the server awaits it)."""
         if self._upstream_writer is not None:
             self._upstream_writer.transport.abort()
         transport = self.stream.transport
         if transport is not None:
             transport.abort()
+        task = self._task
+        if task is not None:
+            task.cancel()
+        return task
 
     def _close(self) -> None:
         self.busy = False

@@ -155,10 +155,8 @@ class ProxyServer:
     async def _abort_all(self) -> None:
         tasks = []
         for conn in list(self._connections):
-            conn.abort()
-            task = conn._task
+            task = conn.abort()
             if task is not None:
-                task.cancel()
                 tasks.append(task)
         if tasks:
             try:
