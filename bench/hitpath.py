@@ -205,7 +205,9 @@ async def run(args, world) -> list[tuple[str, float, float]]:
         stream = ClientStream(lambda _stream: None)
         stream.connection_made(transport)  # type: ignore[arg-type]
         conn = ClientConnection(server, stream)
+        # as after CONNECT: the authority and its request shapes (proxy/shapes.py)
         conn.tls_host, conn.tls_port = MAVEN, 443
+        conn._shapes = server.shapes_for(MAVEN, 443, conn.settings)  # noqa: SLF001
         conn.start()
         request = (f"GET {TARGET} HTTP/1.1\r\nHost: {MAVEN}\r\n"
                    "User-Agent: Go-http-client/1.1\r\n\r\n").encode()
@@ -219,6 +221,19 @@ async def run(args, world) -> list[tuple[str, float, float]]:
 
         rows.append(("proxy callback hit (parse..write, account)",)
                     + await timed(args.n, args.rounds, callback_hit))
+        # the same hit with a head the connection has not seen (a field that changes every
+        # time): parsed and routed, no shape replayed, a classification per request
+        seq = iter(range(10 ** 9))
+
+        async def callback_new_head() -> None:
+            stream.data_received(request[:-2] + b"X-Seq: %d\r\n\r\n" % next(seq))
+            task = conn._task  # noqa: SLF001
+            if task is not None:
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            assert transport.last > len(got)
+
+        rows.append(("proxy callback hit, head not seen before",)
+                    + await timed(args.n, args.rounds, callback_new_head))
         conn.abort()
 
         access = get_logger("gateway.access").bind()

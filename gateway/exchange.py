@@ -107,6 +107,10 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     #: notes layers add for the access log (cache outcome, upstream status, kind …)
     notes: dict = field(default_factory=dict)
+    #: a front door's token for requests it knows to be identical in method, scheme, host,
+    #: port, target and header fields (``proxy/shapes.py``): layers below may key their memos
+    #: by it instead of by those inputs. None: no such knowledge. Opaque and hashable.
+    shape: Optional[object] = None
 
     @property
     def path(self) -> str:
@@ -217,6 +221,10 @@ class StreamBody(Body):
 
 @dataclass
 class Response:
+    """An answer. Never changed once made: a producer may hand the same object to several
+    requests (a cache hit's answer is built once per ``Age`` second); a layer that wants other
+    fields makes a new one (``dataclasses.replace``)."""
+
     status: int
     headers: CIMultiDict = field(default_factory=CIMultiDict)
     body: Body = field(default_factory=EmptyBody)

@@ -23,3 +23,28 @@ def test_deferred_increments_are_visible_to_every_registry_reader():
     m.deferred.add(child)
     assert m.registry.get_sample_value("trivy_gateway_requests_total", labels) == 4
     assert m.registry.get_sample_value("trivy_gateway_requests_total", labels) == 4
+
+
+def test_deferred_observations_give_the_samples_observe_gives():
+    """The request-duration histogram is observed through the deferred counts: after a flush
+    its buckets, sum and count are exactly what ``observe`` makes of the same values —
+    including values equal to a bucket's bound (``le`` is inclusive), zero, and beyond the
+    last finite bound."""
+    deferred, direct = Metrics(["h"]), Metrics(["h"])
+    values = [0.0, 0.0001, 0.005, 0.0050001, 0.01, 0.3, 1.0, 2.5, 7.0, 1e6]
+    for v in values:
+        deferred.deferred.observe(deferred.request_duration.labels(host="h"), v)
+        direct.request_duration.labels(host="h").observe(v)
+    names = ("trivy_gateway_request_duration_seconds_bucket",
+             "trivy_gateway_request_duration_seconds_sum",
+             "trivy_gateway_request_duration_seconds_count")
+
+    def samples(m: Metrics) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for metric in m.registry.collect() for s in metric.samples if s.name in names}
+
+    got, want = samples(deferred), samples(direct)
+    assert got == want
+    assert want[("trivy_gateway_request_duration_seconds_count", (("host", "h"),))] == len(values)
+    # a second collection adds nothing
+    assert samples(deferred) == want

@@ -83,12 +83,30 @@ def test_not_modified_and_unsatisfiable_have_no_head(blobs):
     assert r.status == 416 and r.head is None
 
 
-def test_answers_from_one_entry_do_not_share_their_fields(blobs):
-    """The rendered answer of an entry is reused; the fields each response carries are its own."""
+def test_answers_from_one_entry_are_shared_and_read_only(blobs):
+    """A hit's answer is built once per (Age, Cache-Status) and body, and the requests that get
+    it share it: its fields are a read-only view, so no layer can change another request's
+    answer (one that wants other fields makes a new Response, as the mirror door does)."""
     e = entry()
-    first = response_from_entry(exchange(), e, BODY, blobs, cache_status(CacheResult.HIT))
-    first.headers["X-Mine"] = "1"
-    del first.headers["ETag"]
-    second = response_from_entry(exchange(), e, BODY, blobs, cache_status(CacheResult.HIT))
-    assert "X-Mine" not in second.headers and second.headers["ETag"] == '"abc"'
-    assert second.head == rendered(second)
+    status = cache_status(CacheResult.HIT)
+    now = e.validated_at + 42.2
+    first = response_from_entry(exchange(), e, BODY, blobs, status, now=now)
+    with pytest.raises(TypeError):
+        first.headers["X-Mine"] = "1"            # type: ignore[index]
+    with pytest.raises(TypeError):
+        del first.headers["ETag"]                # type: ignore[attr-defined]
+    assert first.headers["ETag"] == '"abc"' and first.head == rendered(first)
+    # the same second, the same body: the same answer
+    assert response_from_entry(exchange(), e, BODY, blobs, status, now=now + 0.5) is first
+    # another Age: another answer, and the first one is unchanged
+    later = response_from_entry(exchange(), e, BODY, blobs, status, now=now + 5)
+    assert later is not first and later.headers["Age"] == "47" and first.headers["Age"] == "42"
+    assert later.head == rendered(later) and first.head == rendered(first)
+    # another body object (an entry re-read into memory) is never answered with the old one
+    again = bytes(bytearray(BODY))
+    other = response_from_entry(exchange(), e, again, blobs, status, now=now + 5)
+    assert other is not later and other.body.data is again   # type: ignore[attr-defined]
+    # HEAD has its own (no body), shared too
+    head = response_from_entry(exchange("HEAD"), e, BODY, blobs, status, now=now + 5)
+    assert head is not later and head.body.length == len(BODY)
+    assert response_from_entry(exchange("HEAD"), e, BODY, blobs, status, now=now + 5) is head

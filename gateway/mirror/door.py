@@ -9,6 +9,8 @@ the scan. So whatever the cache cannot absorb leaves this door as 429 (upstream 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import re
@@ -143,8 +145,8 @@ class MirrorDoor:
         if any(k in response.headers for k in _DROPPED):
             headers = CIMultiDict((k, v) for k, v in response.headers.items()
                                   if k.lower() not in _DROPPED)
-            response.headers = headers
-            response.head = None
+            # a new answer: the pipeline's may be shared by other requests (never changed)
+            return dataclasses.replace(response, headers=headers, head=None)
         return response
 
     # -- VEX repository ----------------------------------------------------------------------

@@ -232,6 +232,11 @@ def configure_logging(settings: LoggingSettings, stream=None) -> None:
                         format="%(levelname)s %(name)s %(message)s")
 
 
+#: structlog's registry of the context variables ``bind_contextvars`` created (None: this
+#: structlog keeps no such registry, so merge_contextvars always runs)
+_structlog_context_vars: Optional[dict] = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
+
+
 class InfoLine:
     """``bound.info(event, **fields)`` for a logger bound once and called per request (the
     access log), without structlog's per-call plumbing.
@@ -275,7 +280,9 @@ class InfoLine:
             # add_log_level (``info`` for the info method), _UtcIsoStamper, format_exc_info (a
             # no-op without ``exc_info``), _JsonRenderer; then the line to the buffer, which is
             # what ``logger.info(line)`` does
-            structlog.contextvars.merge_contextvars(logger, "info", event_dict)
+            if _structlog_context_vars is None or _structlog_context_vars:
+                # (with no context variable ever bound there is nothing to merge)
+                structlog.contextvars.merge_contextvars(logger, "info", event_dict)
             event_dict["level"] = "info"
             event_dict["timestamp"] = _utc_iso_now()
             if "exc_info" in event_dict:

@@ -10,6 +10,7 @@ any host not named in the configuration into ``"other"``; no URL, path or digest
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from enum import StrEnum
 from typing import Iterable
 
@@ -61,7 +62,8 @@ _RETRY_AFTER_BUCKETS = (0.001, 0.1, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
 
 
 class DeferredCounts:
-    """Counter increments of the per-request path, kept as plain numbers until collection.
+    """Counter increments and histogram observations of the per-request path, kept as plain
+    numbers until collection.
 
     Why: prometheus_client's ``inc()`` checks the value and takes a lock on every call (~0.7 µs
     here) and a small cache hit makes three of them (requests, cache requests, bytes served),
@@ -76,16 +78,38 @@ class DeferredCounts:
 
     def __init__(self) -> None:
         self._pending: dict[object, float] = {}
+        #: histogram child -> [its upper bounds, a count per bucket, the sum]
+        self._observed: dict[object, list] = {}
 
     def add(self, counter, amount: float = 1) -> None:
         """Add ``amount`` to ``counter`` (a labelled prometheus_client Counter child)."""
         pending = self._pending
         pending[counter] = pending.get(counter, 0) + amount
 
+    def observe(self, histogram, amount: float) -> None:
+        """``histogram.observe(amount)`` (a labelled Histogram child, no exemplar), kept as a
+        bucket count: the first bucket whose upper bound is >= ``amount``, as ``observe``
+        picks it."""
+        slot = self._observed.get(histogram)
+        if slot is None:
+            bounds = histogram._upper_bounds             # noqa: SLF001 - see flush()
+            slot = self._observed[histogram] = [bounds, [0] * len(bounds), 0.0]
+        slot[1][bisect_left(slot[0], amount)] += 1
+        slot[2] += amount
+
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
         for counter, amount in pending.items():
             counter.inc(amount)
+        observed, self._observed = self._observed, {}
+        for histogram, (_bounds, counts, total) in observed.items():
+            # what observe() does per call, once per bucket: the child's sum and bucket values
+            # (prometheus_client's Histogram keeps them as _sum and _buckets; a test pins it)
+            histogram._sum.inc(total)                    # noqa: SLF001
+            buckets = histogram._buckets                 # noqa: SLF001
+            for i, n in enumerate(counts):
+                if n:
+                    buckets[i].inc(n)
 
     # the collector protocol: nothing of its own to expose; collecting flushes
     def describe(self) -> list:

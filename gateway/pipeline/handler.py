@@ -156,10 +156,13 @@ class Pipeline:
         if cfg is not self._classified_cfg:
             memo.clear()
             self._classified_cfg = cfg
-        key = (ex.method, ex.scheme, ex.host, ex.port, ex.target, tuple(ex.headers.items()))
+        # a front door's shape token stands for all of those inputs (Exchange.shape)
+        key = ex.shape
+        if key is None:
+            key = (ex.method, ex.scheme, ex.host, ex.port, ex.target, tuple(ex.headers.items()))
         known = memo.get(key)
         if known is None:
-            lower = MappingProxyType(fold_fields(key[5]))
+            lower = MappingProxyType(fold_fields(tuple(ex.headers.items())))
             # host[:port]: a registry on a non-default port is its own registry
             # (cache.oci.registries); the upstream URL's scheme (ex.url), not necessarily the
             # client connection's

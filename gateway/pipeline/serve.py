@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..cache import BlobStore, Entry, Fill
 from ..exchange import (Body, BytesBody, EmptyBody, Exchange, FileBody, InvalidHeader, Response,
@@ -90,9 +90,10 @@ def parse_range(value: str, size: int) -> Optional[tuple[int, int]] | str:
 
 class _Rendered:
     """One entry's stored fields rendered as header lines, and the last plain answer built from
-    them (its fields and head), kept while ``Age`` and ``Cache-Status`` stay the same."""
+    them (its fields and head, and the responses for a GET from memory and for a HEAD), kept
+    while ``Age`` and ``Cache-Status`` stay the same."""
 
-    __slots__ = ("fields", "block", "key", "headers", "head")
+    __slots__ = ("fields", "block", "key", "headers", "head", "view", "get", "get_body", "head_only")
 
     def __init__(self, fields: list, block: Optional[bytes]) -> None:
         self.fields = fields
@@ -101,6 +102,12 @@ class _Rendered:
         self.key: Optional[tuple[int, int, str]] = None
         self.headers = CIMultiDict()
         self.head: Optional[bytes] = None
+        #: a read-only view of ``headers`` (what the responses below carry)
+        self.view = CIMultiDictProxy(self.headers)
+        #: the whole answer to a GET whose body is ``get_body`` (in memory), and to a HEAD
+        self.get: Optional[Response] = None
+        self.get_body: Optional[bytes] = None
+        self.head_only: Optional[Response] = None
 
 
 #: id(entry.headers) -> its :class:`_Rendered`: a hot entry's stored fields are validated and
@@ -165,11 +172,11 @@ def _answer_head(block: Optional[bytes], age: int, status_value: str) -> Optiona
         return None
 
 
-def _plain_answer(entry: Entry, age: int, status_value: str) -> tuple[CIMultiDict, Optional[bytes]]:
+def _plain_answer(entry: Entry, age: int, status_value: str) -> _Rendered:
     """Fields and head of the whole stored response (no validator matched, no range asked):
     the stored fields, ``Age``, ``Cache-Status``, ``Accept-Ranges`` (for a 200). Built once
     per entry per (``Age``, ``Cache-Status``): a hot entry is asked for many times a second.
-    The fields are a copy the caller owns."""
+    The fields are shared (a read-only view)."""
     r = _rendering(entry)
     key = (entry.status, age, status_value)
     if r.key != key:
@@ -180,7 +187,9 @@ def _plain_answer(entry: Entry, age: int, status_value: str) -> tuple[CIMultiDic
             if head is not None:
                 head += b"Accept-Ranges: bytes\r\n"
         r.key, r.headers, r.head = key, headers, head
-    return r.headers.copy(), r.head
+        r.view = CIMultiDictProxy(headers)
+        r.get = r.get_body = r.head_only = None
+    return r
 
 
 def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs: BlobStore,
@@ -195,12 +204,26 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
     req = ex.headers
     if status != 200 or not ("If-None-Match" in req or "If-Modified-Since" in req
                              or "Range" in req):
-        # what most hits are: the whole stored response (what the lines below give for them)
-        headers, head = _plain_answer(entry, age, status_value)
+        # what most hits are: the whole stored response (what the lines below give for them).
+        # Answers without a per-request resource (a body in memory, none) are built once per
+        # (Age, Cache-Status) and shared: a Response is never changed once made
+        r = _plain_answer(entry, age, status_value)
         if ex.method == "HEAD":
-            return Response(status, headers, HeadBody(size), source="cache", head=head)
-        return Response(status, headers, _entry_body(entry, body, blobs, 0, size, chunk_size),
-                        source="cache", head=head)
+            answer = r.head_only
+            if answer is None:
+                answer = r.head_only = Response(status, r.view, HeadBody(size),  # type: ignore[arg-type]
+                                                source="cache", head=r.head)
+            return answer
+        if body is not None:
+            answer = r.get
+            if answer is None or r.get_body is not body:
+                answer = r.get = Response(status, r.view,  # type: ignore[arg-type]
+                                          _entry_body(entry, body, blobs, 0, size, chunk_size),
+                                          source="cache", head=r.head)
+                r.get_body = body
+            return answer
+        return Response(status, r.view, _entry_body(entry, body, blobs, 0, size, chunk_size),  # type: ignore[arg-type]
+                        source="cache", head=r.head)
     headers = _answer_fields(entry, age, status_value)
     inm = req.get("If-None-Match")
     if status == 200 and inm is not None and _etag_matches(inm, entry.etag):

@@ -45,6 +45,7 @@ from . import http1
 from .request import AccessRecord, ClientGone, RequestBody, RequestFields
 from .respond import CLOSE, KEEP, SWITCHED, Outcome, ResponseWriter
 from .routing import CONNECT, Prepared, Reply, RequestRouter
+from .shapes import ShapeMemo
 from .stream import ClientStream
 from .targets import TargetError, parse_authority
 from .tls_upgrade import start_tls
@@ -132,6 +133,10 @@ class ClientConnection(RequestRouter, ResponseWriter):
         self._fresh = True
         # bound once per connection: the lazy module-level proxy binds anew on every call
         self._access_log = InfoLine(access_log.bind())
+        #: intercepted: the request shapes of this connection's authority (``shapes.py``)
+        self._shapes: Optional[ShapeMemo] = None
+        #: the chunk just fed at rest (callback mode): its request may become a shape
+        self._chunk: Optional[bytes] = None
 
     def _new_http1(self) -> http1.ServerConnection:
         return http1.ServerConnection(max_head_bytes=self.settings.max_header_bytes)
@@ -213,11 +218,28 @@ class ClientConnection(RequestRouter, ResponseWriter):
     def _on_data(self, data: bytes) -> None:
         """The stream's bytes in callback mode (``b""``: the client closed its side)."""
         try:
-            self.conn.receive_data(data)
+            conn = self.conn
+            memo = self._shapes
+            if memo is not None and data and conn.at_rest:
+                shape = memo.shapes.get(data)
+                if shape is not None:
+                    # these bytes were parsed and routed before: replay what that gave
+                    conn.replay(shape.head)
+                    self.busy = True
+                    self._fresh = False
+                    self._head_started = None
+                    if self._answer_prepared(shape.head,
+                                             shape.prepare(self.client, self._loop.time())):
+                        self._pump()
+                    return
+                self._chunk = data
+            conn.receive_data(data)
             self._pump()
         except Exception:  # noqa: BLE001 - one bad connection must not take the server down
             log.exception("connection_failed", client=self.client)
             self.abort()
+        finally:
+            self._chunk = None
 
     def _pump(self) -> None:
         """Take the parser's events in order while each request is answered at once."""
@@ -255,11 +277,19 @@ class ClientConnection(RequestRouter, ResponseWriter):
         """Answer ``request`` in this callback if its answer is known without awaiting, else
         hand it to the task. True: answered, and the connection goes on in callback mode."""
         conn = self.conn
+        chunk, self._chunk = self._chunk, None
         if request.method == "CONNECT" or not conn.request_received():
             self._start_task(_Handover(request))     # a body to read, or a switch
             return False
         conn.next_event()                            # END: nothing more belongs to it
         prepared = self._prepare(request)
+        if chunk is not None and not conn.trailing_data[0] and self._shapes is not None:
+            self._shapes.record(chunk, request, prepared)    # the chunk was this request
+        return self._answer_prepared(request, prepared)
+
+    def _answer_prepared(self, request: http1.RequestHead, prepared: Prepared) -> bool:
+        """:meth:`_answer_now` once ``request`` (complete, bodyless) is prepared."""
+        conn = self.conn
         known = self._known_answer(prepared)
         response = known.response if known is not None else None
         if response is None or self.stream.write_paused or not (
@@ -644,6 +674,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
         self.conn = self._new_http1()
         self._fresh = True
         self.tls_host, self.tls_port = host, port
+        self._shapes = self.server.shapes_for(host, port, self.settings)
         rec.established = True
         self._set_kind("intercepted")
         return SWITCHED
@@ -781,9 +812,10 @@ class ClientConnection(RequestRouter, ResponseWriter):
                                                      status=str(rec.status), door=rec.door),
                         self.metrics.request_duration.labels(host=host_label))
             self._remember(key, children)
-        self.metrics.deferred.add(children[0])
+        deferred = self.metrics.deferred
+        deferred.add(children[0])
         if not rec.established:
-            children[1].observe(duration)
+            deferred.observe(children[1], duration)
         if not self.server.settings.logging.access_log:
             return
         notes = rec.exchange.notes if rec.exchange is not None else {}

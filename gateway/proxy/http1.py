@@ -326,6 +326,28 @@ class ServerConnection:
                         value.strip().lower() == "100-continue":
                     self.they_are_waiting_for_100_continue = True
 
+    @property
+    def at_rest(self) -> bool:
+        """Between two requests with nothing buffered: the next bytes begin a new request, and
+        the parser is in the state it returns to after every complete request."""
+        return (self.their_state is IDLE and self.our_state is IDLE and not self._events
+                and not self._in_message and not self._stopped and not self._broken
+                and not self._eof)
+
+    def replay(self, head: RequestHead) -> None:
+        """Take ``head`` as the next request, complete and bodyless: the transitions
+        ``next_event()`` makes when it returns ``head`` and then :data:`END`.
+
+        For a head this machine parsed before *at rest* from one whole chunk that held exactly
+        that request (no body, no Upgrade, not CONNECT): llhttp at rest turns the same bytes
+        into the same events, so the caller may skip feeding them (``proxy/shapes.py``). The
+        parser is left at rest, which is where it would be after those bytes.
+        """
+        if not self.at_rest or head.upgrade or head.method == "CONNECT":
+            raise LocalProtocolError("a head can only be replayed at rest, without a switch")
+        self._begin_request(head)
+        self.their_state = DONE if self._request_keep_alive else MUST_CLOSE
+
     def request_received(self) -> bool:
         """The request whose head was just returned is complete in the buffer with no body
         before its end (a GET/HEAD with nothing to read): :data:`END` is the next event."""

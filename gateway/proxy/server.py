@@ -10,8 +10,12 @@ from ..observability.logging import get_logger
 from .auth import ProxyAuth
 from .connection import ClientConnection
 from .memory import MemoryReleaser
+from .shapes import ShapeMemo
 from .stream import ClientStream
 from .tunnel import TunnelOpener
+
+#: CONNECT authorities with a shape memo before the memos start over (Trivy talks to a handful)
+SHAPE_AUTHORITIES = 256
 
 log = get_logger("gateway.proxy")
 
@@ -65,6 +69,19 @@ class ProxyServer:
         #: prometheus children by label values (``labels()`` costs a lock and a tuple build on
         #: every call); bounded, the label values are
         self.metric_children: dict[tuple, object] = {}
+        #: request shapes per CONNECT authority (``shapes.py``); bounded
+        self._shapes: dict[tuple[str, int], ShapeMemo] = {}
+
+    def shapes_for(self, host: str, port: int, settings: object) -> ShapeMemo:
+        """The shape memo of intercepted connections to ``host:port`` created under
+        ``settings`` (a connection's proxy settings: another object after a reload)."""
+        key = (host, port)
+        memo = self._shapes.get(key)
+        if memo is None or memo.settings is not settings:
+            if len(self._shapes) >= SHAPE_AUTHORITIES:
+                self._shapes.clear()
+            memo = self._shapes[key] = ShapeMemo(settings)
+        return memo
 
     # -- introspection --------------------------------------------------------------------
     @property

@@ -1,0 +1,262 @@
+"""Request shapes (``gateway/proxy/shapes.py``): a head that arrives again, byte for byte, on an
+intercepted connection is answered from what parsing and routing made of it the first times —
+and the client, the handler, the metrics and the access log cannot tell the difference.
+
+Real sockets and real TLS through ``CONNECT`` (``tests/proxy_support.py``); the handler answers
+``/hit/<name>`` synchronously (``try_hit``, as the pipeline does for a fresh in-memory hit) and
+records every exchange it is given.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import pytest
+from multidict import CIMultiDict
+from structlog.testing import capture_logs
+
+from gateway.exchange import BytesBody, Exchange, Response
+from gateway.proxy import http1
+from tests.proxy_support import MemoryHandler, make_settings, open_intercepted, running_gateway
+
+RULES = [{"host": "registry.test", "action": "intercept"},
+         {"host": "other.test", "action": "intercept"}]
+
+
+class RecordingHandler(MemoryHandler):
+    """``/hit/<name>`` answered by ``try_hit`` while ``self.known`` (else by ``handle``); every
+    exchange either method sees is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.known = True
+        self.tried: list[Exchange] = []
+        self.handled: list[Exchange] = []
+
+    def try_hit(self, ex: Exchange) -> Optional[Response]:
+        self.tried.append(ex)
+        if not ex.path.startswith("/hit/") or not self.known:
+            return None
+        return Response(200, CIMultiDict({"Content-Type": "text/plain"}),
+                        BytesBody(f"hit {ex.path[5:]} {ex.headers.get('X-Flavour', '-')}\n"
+                                  .encode()), source="cache")
+
+    async def handle(self, ex: Exchange) -> Response:
+        self.handled.append(ex)
+        return Response(200, CIMultiDict({"Content-Type": "text/plain"}),
+                        BytesBody(f"handled {ex.path}\n".encode()))
+
+
+async def _read_response(reader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def _get(path: str, host: str = "registry.test", extra: str = "", method: str = "GET") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Go-http-client/1.1\r\n"
+            f"{extra}\r\n").encode()
+
+
+async def _ask(reader, writer, data: bytes) -> tuple[bytes, bytes]:
+    writer.write(data)
+    async with asyncio.timeout(5):
+        return await _read_response(reader)
+
+
+async def _open(gw, host: str = "registry.test"):
+    """An intercepted connection that has answered one request and waits in callback mode
+    (the first request after the handshake may still be read by the CONNECT's task)."""
+    reader, writer = await open_intercepted(gw, host)
+    await _ask(reader, writer, _get("/warm-up", host=host))
+    conn = next(c for c in gw.server._connections if c.tls_host == host)  # noqa: SLF001
+    async with asyncio.timeout(5):
+        while conn._task is not None:                                      # noqa: SLF001
+            await asyncio.sleep(0.005)
+    return reader, writer
+
+
+def _memo(gw, host: str = "registry.test"):
+    return gw.server._shapes[(host, 443)]      # noqa: SLF001 - what the memo holds
+
+
+async def test_a_head_seen_again_is_answered_as_parsing_it_would_be(tmp_path):
+    handler = RecordingHandler()
+    with capture_logs() as logs:
+        async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+            reader, writer = await _open(gw)
+            request = _get("/hit/pom", extra="Accept: */*\r\n")
+            answers = [await _ask(reader, writer, request) for _ in range(4)]
+            # recorded on its second arrival, replayed from the third on
+            assert list(_memo(gw).shapes) == [request]
+            writer.close()
+    heads = [h for h, _ in answers]
+    assert [b for _, b in answers] == [b"hit pom -\n"] * 4
+    assert all(h == heads[0] for h in heads)
+    # what the handler was given: the same request every time, a new exchange each time
+    tried = [ex for ex in handler.tried if ex.path == "/hit/pom"]
+    assert len(tried) == 4 and [ex.path for ex in handler.handled] == ["/warm-up"]
+    assert [ex.shape is not None for ex in tried] == [False, False, True, True]
+    for ex in tried:
+        assert (ex.method, ex.scheme, ex.host, ex.port, ex.target) == (
+            "GET", "https", "registry.test", 443, "/hit/pom")
+        assert list(ex.headers.items()) == list(tried[0].headers.items())
+        assert ex.notes["decision"] == "intercept"
+    assert len({ex.id for ex in tried}) == 4
+    # a replayed request's fields are shared with the others of its shape: read-only
+    with pytest.raises(TypeError):
+        tried[3].headers["X-Mine"] = "1"        # type: ignore[index]
+    # accounted once each, with the same record
+    access = [e for e in logs if e.get("event") == "request" and e.get("path") == "/hit/pom"]
+    assert len(access) == 4 and len({e["request_id"] for e in access}) == 4
+    keep = ("client", "method", "scheme", "host", "port", "path", "status", "bytes", "decision",
+            "door")
+    assert all({k: e[k] for k in keep} == {k: access[0][k] for k in keep} for e in access)
+    assert gw.metric("trivy_gateway_requests_total", host="registry.test", decision="intercept",
+                     status="200", door="proxy") == 6    # the CONNECT, the warm-up, 4 requests
+
+
+async def test_a_head_that_differs_in_one_byte_is_routed_on_its_own(tmp_path):
+    handler = RecordingHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        reader, writer = await _open(gw)
+        for _ in range(3):
+            await _ask(reader, writer, _get("/hit/pom", extra="X-Flavour: a\r\n"))
+        _, body = await _ask(reader, writer, _get("/hit/pom", extra="X-Flavour: b\r\n"))
+        assert body == b"hit pom b\n"
+        assert handler.tried[-1].shape is None
+        assert handler.tried[-1].headers["X-Flavour"] == "b"
+        assert handler.tried[-2].shape is not None      # the "a" flavour was replayed
+        writer.close()
+
+
+async def test_shapes_belong_to_one_connect_authority(tmp_path):
+    """The same bytes on a connection CONNECTed to another host are that connection's request:
+    a Host naming another authority is refused (421), never answered from another memo."""
+    handler = RecordingHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        reader, writer = await _open(gw)
+        request = _get("/hit/pom")
+        for _ in range(3):
+            await _ask(reader, writer, request)
+        other_reader, other_writer = await _open(gw, "other.test")
+        head, _ = await _ask(other_reader, other_writer, request)
+        assert head.startswith(b"HTTP/1.1 421 ")
+        assert [ex.path for ex in handler.tried].count("/hit/pom") == 3
+        for w in (writer, other_writer):
+            w.close()
+
+
+async def test_a_replayed_request_the_handler_cannot_answer_at_once_goes_to_handle(tmp_path):
+    """What was a fresh hit when the shape was recorded may be a miss now (expired, purged):
+    the replayed request is handed to the task like a parsed one, and the connection goes on."""
+    handler = RecordingHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        reader, writer = await _open(gw)
+        request = _get("/hit/pom")
+        for _ in range(3):
+            assert (await _ask(reader, writer, request))[1] == b"hit pom -\n"
+        handler.known = False
+        _, body = await _ask(reader, writer, request)
+        assert body == b"handled /hit/pom\n"
+        assert handler.handled[-1].shape is not None      # it was a replay
+        # the handler may keep the exchange's fields (a fill sends them upstream): unchanged
+        first = next(ex for ex in handler.tried if ex.path == "/hit/pom")
+        assert list(handler.handled[-1].headers.items()) == list(first.headers.items())
+        handler.known = True
+        assert (await _ask(reader, writer, request))[1] == b"hit pom -\n"
+        writer.close()
+
+
+async def test_pipelined_requests_in_one_chunk_are_answered_and_not_remembered(tmp_path):
+    handler = RecordingHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        reader, writer = await _open(gw)
+        pair = _get("/hit/a") + _get("/hit/b")
+        for _ in range(3):
+            writer.write(pair)
+            async with asyncio.timeout(5):
+                assert (await _read_response(reader))[1] == b"hit a -\n"
+                assert (await _read_response(reader))[1] == b"hit b -\n"
+        assert list(_memo(gw).shapes) in ([], [_get("/warm-up")])
+        assert all(ex.shape is None for ex in handler.tried if ex.path != "/warm-up")
+        writer.close()
+
+
+async def test_a_replayed_head_keeps_its_framing_head_and_connection_close(tmp_path):
+    handler = RecordingHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        reader, writer = await _open(gw)
+        head_request = _get("/hit/pom", method="HEAD")
+        for _ in range(3):
+            writer.write(head_request)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert b"content-length: 10\r\n" in head.lower()     # "hit pom -\n", not sent
+        writer.write(_get("/hit/after"))                        # nothing was sent for HEAD
+        async with asyncio.timeout(5):
+            assert (await _read_response(reader))[1] == b"hit after -\n"
+        heads = [ex for ex in handler.tried if ex.method == "HEAD"]
+        assert [ex.shape is not None for ex in heads] == [False, False, True]
+        writer.close()
+        # Connection: close on every arrival: each on its own connection, the third replayed
+        closing = _get("/hit/last", extra="Connection: close\r\n")
+        for n in range(3):
+            r, w = await _open(gw)
+            head, body = await _ask(r, w, closing)
+            assert b"connection: close" in head.lower() and body == b"hit last -\n"
+            async with asyncio.timeout(5):
+                assert await r.read() == b""                    # the gateway closed it
+            w.close()
+        assert handler.tried[-1].shape is not None
+
+
+def test_shape_memos_follow_the_connections_settings(tmp_path):
+    """A reload gives new connections new proxy settings, and them a new memo; a connection
+    keeps the memo of the settings it was created with."""
+    from tests.proxy_support import Gateway
+    gw = Gateway(make_settings(tmp_path, rules=RULES))
+    first = gw.server.shapes_for("registry.test", 443, gw.settings.proxy)
+    assert gw.server.shapes_for("registry.test", 443, gw.settings.proxy) is first
+    reloaded = make_settings(tmp_path, rules=RULES)
+    assert reloaded.proxy is not gw.settings.proxy
+    assert gw.server.shapes_for("registry.test", 443, reloaded.proxy) is not first
+    assert gw.server.shapes_for("other.test", 443, gw.settings.proxy) is not first
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"GET /a HTTP/1.0\r\nHost: h\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+])
+def test_replaying_a_head_makes_the_transitions_parsing_it_makes(raw):
+    """``ServerConnection.replay`` at rest leaves the machine exactly where feeding the same
+    bytes does (the state the response framing and keep-alive are decided from)."""
+    def state(c: http1.ServerConnection) -> tuple:
+        return (c.their_state, c.our_state, c._request_keep_alive, c._http10,  # noqa: SLF001
+                c._head_request, c._connect, c.they_are_waiting_for_100_continue,  # noqa: SLF001
+                c.trailing_data, c.at_rest)
+
+    parsed = http1.ServerConnection()
+    parsed.receive_data(raw)
+    head = parsed.next_event()
+    assert type(head) is http1.RequestHead and parsed.next_event() is http1.END
+    replayed = http1.ServerConnection()
+    assert replayed.at_rest
+    replayed.replay(head)
+    assert state(replayed) == state(parsed)
+    # and the response side behaves the same
+    for c in (parsed, replayed):
+        c.start_response(200, b"OK", b"", length=0)
+        c.end_response()
+    assert state(replayed) == state(parsed)
+    # never in the middle of something
+    busy = http1.ServerConnection()
+    busy.receive_data(b"GET /a HTTP/1.1\r\n")
+    with pytest.raises(http1.LocalProtocolError):
+        busy.replay(head)
