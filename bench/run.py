@@ -672,7 +672,7 @@ class Bench:
         for name, fn in phases:
             raw = out_dir / f"profile-{stamp}-{name}.txt"
             spy = subprocess.Popen([pyspy, "record", "--pid", str(self.gw_pid), "--format", "raw",
-                                    "--rate", "250", "--nonblocking", "-o", str(raw)],
+                                    "--rate", os.environ.get("PYSPY_RATE", "250"), "--nonblocking", "-o", str(raw)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
             try:

@@ -165,3 +165,83 @@ def test_a_burst_is_written_in_batches_of_flush_lines_in_order():
     finally:
         structlog.reset_defaults()
     assert (before, after) == (0, n) and written == list(range(n + 1))
+
+
+def test_a_deferred_line_is_the_line_info_line_writes_in_its_place(monkeypatch):
+    """``InfoLine.later`` (the access log): the values are taken at the call, the text is made
+    when the batch is written — the same text ``InfoLine`` writes for them at that moment, in
+    the same place among the other lines; a line that cannot be made is reported, not the
+    batch lost."""
+    import asyncio
+
+    from gateway.observability import logging as logging_module
+
+    # as in a gateway process, where no context variable is ever bound (an earlier test may
+    # have bound one in this process; then lines are rendered at once, see the next test)
+    monkeypatch.setattr(logging_module, "_structlog_context_vars", {})
+    monkeypatch.setattr(logging_module.time, "time_ns", lambda: 1_700_000_000_123_456_789)
+    buf = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
+    built: list[tuple] = []
+
+    def build(values: tuple) -> dict:
+        built.append(values)
+        return dict(zip(ACCESS_FIELDS, values))
+
+    def broken(values: tuple) -> dict:
+        raise KeyError("no such field")
+
+    async def log_some() -> None:
+        line = InfoLine(get_logger("gateway.access").bind())
+        line("request", dict(ACCESS_FIELDS))
+        line.later("request", build, tuple(ACCESS_FIELDS.values()))
+        get_logger("gateway.proxy").info("something_else", n=1)
+        line.later("request", broken, ())
+        line.later("request", build, tuple(ACCESS_FIELDS.values()))
+        assert built == [] and buf.getvalue() == ""     # nothing rendered before the batch
+
+    try:
+        asyncio.run(log_some())
+        structlog.get_config()["logger_factory"]()._buffer.flush()
+    finally:
+        structlog.reset_defaults()
+    text = buf.getvalue().splitlines()
+    assert len(text) == 5 and len(built) == 2
+    assert text[1] == text[0] and text[4] == text[0]    # byte for byte
+    assert json.loads(text[0])["timestamp"] == "2023-11-14T22:13:20.123456Z"
+    assert json.loads(text[2])["event"] == "something_else"
+    failed = json.loads(text[3])
+    assert failed["event"] == "log_line_failed" and "KeyError" in failed["error"]
+
+
+def test_a_deferred_line_is_rendered_at_once_where_it_cannot_wait(monkeypatch):
+    """Bound context variables belong to the moment of the call, and a chain that is not the
+    buffered JSON one (console format, capture_logs) has no batch: then ``later`` logs at once."""
+    from gateway.observability import logging as logging_module
+
+    import asyncio
+
+    monkeypatch.setattr(logging_module, "_structlog_context_vars", {"structlog_trace": object()})
+    buf = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
+    built: list[tuple] = []
+
+    def build(values: tuple) -> dict:
+        built.append(values)
+        return dict(zip(ACCESS_FIELDS, values))
+
+    async def log_one() -> None:
+        InfoLine(get_logger("gateway.access").bind()).later(
+            "request", build, tuple(ACCESS_FIELDS.values()))
+        assert len(built) == 1                          # made now, though written with the batch
+
+    try:
+        asyncio.run(log_one())
+        structlog.get_config()["logger_factory"]()._buffer.flush()
+        assert json.loads(buf.getvalue())["request_id"] == "a-1"
+    finally:
+        structlog.reset_defaults()
+    with structlog.testing.capture_logs() as logs:
+        InfoLine(get_logger("gateway.access").bind()).later(
+            "request", lambda v: dict(zip(ACCESS_FIELDS, v)), tuple(ACCESS_FIELDS.values()))
+    assert logs and logs[0]["request_id"] == "a-1" and logs[0]["event"] == "request"

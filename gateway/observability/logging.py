@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
 
 import orjson
 import structlog
@@ -61,6 +61,10 @@ FLUSH_DELAY = 0.02
 FLUSH_LINES = 256
 
 
+#: a line whose text is made when the buffer is written: ``(render, argument)``
+Deferred = tuple[Callable[[Any], str], Any]
+
+
 class _LineBuffer:
     """Log lines for one output, written in batches: one ``write`` + ``flush`` per event-loop
     burst instead of one per line (the access log writes a line per request).
@@ -70,14 +74,24 @@ class _LineBuffer:
     :data:`FLUSH_LINES`-th buffered; anywhere else (no loop, another thread) it is written at
     once, together with whatever is buffered, so lines stay in order. What is still buffered
     at interpreter exit is written by an ``atexit`` hook.
+
+    A line may also be buffered *unrendered* (:meth:`defer`): its text is made when the batch is
+    written, in buffer order. Why: rendering a few hundred lines back to back, with the
+    renderer's code and data in the CPU cache, costs a fraction of rendering each one between two
+    requests' TLS and socket work (the access line measured ~7 µs per request in place against
+    ~2 µs in a loop). The values it is made from are taken when it is logged.
     """
 
     def __init__(self, file) -> None:
         self._file = file
-        self._lines: list[str] = []
+        self._lines: list[Union[str, Deferred]] = []
         self._lock = threading.Lock()
         self._armed: Optional[asyncio.AbstractEventLoop] = None
         atexit.register(self.flush)
+
+    def defer(self, item: Deferred) -> None:
+        """Buffer a line rendered as ``item[0](item[1])`` when the batch is written."""
+        self.write_line(item)                    # type: ignore[arg-type]
 
     def write_line(self, line: str) -> None:
         loop = asyncio._get_running_loop()
@@ -99,14 +113,23 @@ class _LineBuffer:
                 self._write()
 
     def _write(self) -> None:
-        self._lines.append("")                  # the last line's newline, without copying text
-        text = "\n".join(self._lines)
+        lines = [line if type(line) is str else _render_deferred(line) for line in self._lines]
+        lines.append("")                         # the last line's newline, without copying text
+        text = "\n".join(lines)
         self._lines.clear()
         try:
             self._file.write(text)
             self._file.flush()
         except (OSError, ValueError):            # closed or broken stderr: drop, never raise
             pass
+
+
+def _render_deferred(item: Deferred) -> str:
+    try:
+        return item[0](item[1])
+    except Exception as exc:  # noqa: BLE001 - a line that cannot be made must not lose the batch
+        return _render_json({"event": "log_line_failed", "level": "error",
+                             "error": f"{type(exc).__name__}: {exc}", "timestamp": _utc_iso_now()})
 
 
 class _BufferedLogger:
@@ -181,8 +204,12 @@ _stamp_cache: tuple[int, str] = (-1, "")
 def _utc_iso_now() -> str:
     """The text of ``TimeStamper(fmt="iso", utc=True)`` (``datetime.isoformat`` in UTC with
     ``Z``: microseconds, omitted when zero), with the date and time formatted once per second."""
+    return _utc_iso(time.time_ns())
+
+
+def _utc_iso(ns: int) -> str:
+    """:func:`_utc_iso_now`'s text for the time ``ns`` (nanoseconds since the epoch)."""
     global _stamp_cache
-    ns = time.time_ns()
     second = ns // 1_000_000_000
     cached_second, prefix = _stamp_cache
     if second != cached_second:
@@ -237,6 +264,9 @@ def configure_logging(settings: LoggingSettings, stream=None) -> None:
 _structlog_context_vars: Optional[dict] = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
 
 
+_T = TypeVar("_T")
+
+
 class InfoLine:
     """``bound.info(event, **fields)`` for a logger bound once and called per request (the
     access log), without structlog's per-call plumbing.
@@ -252,7 +282,7 @@ class InfoLine:
     no-op, as the filtering bound logger does.
     """
 
-    __slots__ = ("_context", "_processors", "_logger", "enabled", "_json", "_write")
+    __slots__ = ("_context", "_processors", "_logger", "enabled", "_json", "_write", "_defer")
 
     def __init__(self, bound: Any) -> None:
         # structlog's BoundLoggerBase keeps these as attributes; fixed at bind time, like
@@ -264,9 +294,36 @@ class InfoLine:
         #: this logger's chain is the JSON chain of configure_logging (see __call__)
         self._json = bool(self._processors) and self._processors == _json_chain
         self._write: Callable[[str], None] = self._logger.info
+        #: the buffer's defer (the JSON chain on a buffered logger), else None
+        self._defer: Optional[Callable[[Deferred], None]] = None
         if self._json:
             if isinstance(self._logger, _BufferedLogger):
                 self._write = self._logger._buffer.write_line
+                self._defer = self._logger._buffer.defer
+
+    def later(self, event: str, build: Callable[[_T], dict[str, Any]], values: _T) -> None:
+        """``self(event, build(values))``, with the text made when the buffer is written
+        (:meth:`_LineBuffer.defer`): the same line, the same place among the others, its
+        timestamp taken now. ``values`` must not change afterwards (a tuple). Immediate when
+        the chain is not the buffered JSON chain, or when structlog context variables are
+        bound (they belong to the moment of the call)."""
+        if not self.enabled:
+            return
+        if self._defer is None or _structlog_context_vars is None or _structlog_context_vars:
+            self(event, build(values))
+            return
+        self._defer((self._render_later, (event, build, values, time.time_ns())))
+
+    def _render_later(self, item: tuple) -> str:
+        event, build, values, ns = item
+        fields = build(values)
+        event_dict = {**self._context, **fields} if self._context else fields
+        event_dict["event"] = event
+        event_dict["level"] = "info"
+        event_dict["timestamp"] = _utc_iso(ns)
+        if "exc_info" in event_dict:
+            structlog.processors.format_exc_info(self._logger, "info", event_dict)
+        return _render_json(event_dict)
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         """Log ``fields`` (a dict the caller hands over: it becomes the event dict)."""

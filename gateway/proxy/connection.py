@@ -819,12 +819,23 @@ class ClientConnection(RequestRouter, ResponseWriter):
         if not self.server.settings.logging.access_log:
             return
         notes = rec.exchange.notes if rec.exchange is not None else {}
-        fields = dict(request_id=rec.id, client=rec.client, method=rec.method or None,
-                      scheme=rec.scheme or None, host=rec.host or None, port=rec.port or None,
-                      path=rec.path, status=rec.status, bytes=rec.bytes, duration=round(duration, 4),
-                      decision=rec.decision, cache=notes.get("cache"), door=rec.door)
-        if rec.bytes_in:
-            fields["bytes_in"] = rec.bytes_in
-        if rec.error:
-            fields["error"] = rec.error
-        self._access_log("request", fields)
+        # the values now, the line's text with the next batch of log lines (InfoLine.later)
+        self._access_log.later("request", _access_fields, (
+            rec.id, rec.client, rec.method, rec.scheme, rec.host, rec.port, rec.path, rec.status,
+            rec.bytes, duration, rec.decision, notes.get("cache"), rec.door, rec.bytes_in,
+            rec.error))
+
+
+def _access_fields(values: tuple) -> dict:
+    """The access line's fields, in their order, from the values ``_account`` took."""
+    (request_id, client, method, scheme, host, port, path, status, sent, duration, decision,
+     cache, door, bytes_in, error) = values
+    fields = dict(request_id=request_id, client=client, method=method or None,
+                  scheme=scheme or None, host=host or None, port=port or None, path=path,
+                  status=status, bytes=sent, duration=round(duration, 4), decision=decision,
+                  cache=cache, door=door)
+    if bytes_in:
+        fields["bytes_in"] = bytes_in
+    if error:
+        fields["error"] = error
+    return fields
