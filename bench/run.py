@@ -49,6 +49,10 @@ POM_PATH = "org/example/bench/bench-lib/1.0.0/bench-lib-1.0.0.pom"
 
 
 # ------------------------------------------------------------------------------ helpers
+#: --pin: run_hey puts the server on core 0 and hey on core 1
+PIN_CORES = False
+
+
 def run_hey(hey: str, url: str, cafile: str, proxy: Optional[str], conns: int, seconds: float,
             server_pids: list[int]) -> dict:
     """One ``hey`` run (kept-alive connections, HTTP/1.1); the server CPU is taken over hey's
@@ -56,6 +60,11 @@ def run_hey(hey: str, url: str, cafile: str, proxy: Optional[str], conns: int, s
     cmd = [hey, "-z", f"{seconds:g}s", "-c", str(conns), "-disable-compression"]
     if proxy:
         cmd += ["-x", proxy]
+    if PIN_CORES and shutil.which("taskset"):
+        # --pin: the server under test alone on core 0, the client on core 1
+        for pid in server_pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", "0", str(pid)], capture_output=True)
+        cmd = ["taskset", "-c", "1"] + cmd
     cpu = CPUWindow(server_pids, time.time(), None)
     out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 60,
                          env=dict(os.environ, SSL_CERT_FILE=cafile)).stdout
@@ -517,6 +526,10 @@ class Bench:
             ("nginx", f"https://127.0.0.1:{env.nginx.tls_port}/small.pom", self.ref_ca, None,
              env.nginx.pids),
         ] + squid_lane
+        if a.go_lanes:                           # quick A/B runs: only these lanes (and the rows
+            keep = {n.strip() for n in a.go_lanes.split(",")}    # they need stay complete)
+            keep |= {"gateway", "bare Protocol"}
+            lanes = [lane for lane in lanes if lane[0] in keep]
         rounds = max(1, a.runs)
         slice_s = max(2.0, a.duration / rounds)
         per: dict[str, list[dict]] = {name: [] for name, *_ in lanes}
@@ -532,7 +545,10 @@ class Bench:
         # for seconds) can hit any round of any server, and noise only ever adds
         res = {name: dict(min(rs, key=lambda r: r["cpu_us_per_req"] if r["n"] else float("inf")))
                for name, rs in per.items()}
-        g, b, c, n = res["gateway"], res["bare Protocol"], res["aiohttp ceiling"], res["nginx"]
+        nan = {"rate": float("nan"), "cpu_us_per_req": float("nan"), "p50_ms": float("nan"),
+               "p99_ms": float("nan")}
+        g, b = res["gateway"], res["bare Protocol"]
+        c, n = res.get("aiohttp ceiling", nan), res.get("nginx", nan)
         sq = res.get("squid")
         self.rows.append(dict(
             metric=f"small hits, Go client c={conns}, intercepted TLS",
@@ -793,6 +809,12 @@ def parse_args(argv=None):
                    help="with --profile: only these of tls-stream,plain-stream,small,tunnels,small-go")
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")
     p.add_argument("--no-squid", action="store_true", help="leave Squid out of the Go client lane")
+    p.add_argument("--pin", action="store_true",
+                   help="Go client lane: the server under test on core 0, hey on core 1 (steadier "
+                        "A/B figures; the default shares both cores as the issue measures)")
+    p.add_argument("--go-lanes", default="", metavar="LIST",
+                   help="Go client lane: only the gateway, the bare server and these of "
+                        "'aiohttp ceiling,nginx,squid' (quick A/B runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra gateway setting for experiments, e.g. logging.access_log=false")
     a = p.parse_args(argv)
@@ -807,6 +829,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    global PIN_CORES
+    PIN_CORES = args.pin
     bench = Bench(args)
     phases = ({"tls", "plain", "mirror", "small", "tunnels", "rss", "cold"} if not args.only
               else set(filter(None, args.only.split(","))) - {"none"})

@@ -221,9 +221,9 @@ class StreamBody(Body):
 
 @dataclass
 class Response:
-    """An answer. Never changed once made: a producer may hand the same object to several
-    requests (a cache hit's answer is built once per ``Age`` second); a layer that wants other
-    fields makes a new one (``dataclasses.replace``)."""
+    """An answer. Never changed once made (but for the proxy's ``wire`` memo): a producer may
+    hand the same object to several requests (a cache hit's answer is built once per ``Age``
+    second); a layer that wants other fields makes a new one (``dataclasses.replace``)."""
 
     status: int
     headers: CIMultiDict = field(default_factory=CIMultiDict)
@@ -236,6 +236,9 @@ class Response:
     #: these bytes instead of rendering ``headers`` again. Must hold exactly the end-to-end
     #: fields of ``headers`` (no hop-by-hop fields, no Content-Length, no Via).
     head: Optional[bytes] = None
+    #: not part of the answer: the proxy's memo of the bytes it wrote for it on a kept-alive
+    #: GET — ``(Via, bytes, body length)`` — which a shared answer lets later requests reuse
+    wire: Optional[tuple] = field(default=None, compare=False, repr=False)
 
 
 class Handler(Protocol):

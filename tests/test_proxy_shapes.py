@@ -260,3 +260,82 @@ def test_replaying_a_head_makes_the_transitions_parsing_it_makes(raw):
     busy.receive_data(b"GET /a HTTP/1.1\r\n")
     with pytest.raises(http1.LocalProtocolError):
         busy.replay(head)
+
+
+class SharedAnswerHandler(MemoryHandler):
+    """Answers every ``/hit/…`` request with ONE Response object, pre-rendered, as the
+    pipeline shares a hit's answer for its Age second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        body = b"shared answer\n"
+        self.answer = Response(200, CIMultiDict({"Content-Type": "text/plain", "ETag": '"s"'}),
+                               BytesBody(body), source="cache",
+                               head=b'Content-Type: text/plain\r\nETag: "s"\r\n')
+
+    def try_hit(self, ex: Exchange) -> Optional[Response]:
+        return self.answer if ex.path.startswith("/hit/") else None
+
+
+async def test_a_shared_answer_is_written_as_rendering_it_would_be_for_each_request(tmp_path):
+    """The bytes written for a shared answer are kept on it (``Response.wire``) and reused only
+    for a request with the same framing inputs: a kept-alive GET. A HEAD, a request that asks
+    to close, and a connection of a draining gateway get their own framing."""
+    handler = SharedAnswerHandler()
+    async with running_gateway(make_settings(tmp_path, rules=RULES), handler=handler) as gw:
+        reader, writer = await _open(gw)
+        first = await _ask(reader, writer, _get("/hit/a"))
+        assert handler.answer.wire is not None
+        other_reader, other_writer = await _open(gw)
+        again = await _ask(other_reader, other_writer, _get("/hit/b"))
+        assert again == first and first[1] == b"shared answer\n"
+        assert b"content-length: 14\r\n" in first[0].lower()
+        assert b"connection: close" not in first[0].lower()
+        # HEAD: the same head, no body
+        writer.write(_get("/hit/a", method="HEAD"))
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head == first[0]
+        # and the connection is still in step: the next answer is whole
+        assert await _ask(reader, writer, _get("/hit/c")) == first
+        # Connection: close → its own framing, and the connection ends
+        closing = await _ask(reader, writer, _get("/hit/d", extra="Connection: close\r\n"))
+        assert b"connection: close" in closing[0].lower() and closing[1] == first[1]
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        # a draining gateway closes after the answer, memo or not
+        gw.server.draining = True
+        drained = await _ask(other_reader, other_writer, _get("/hit/e"))
+        assert b"connection: close" in drained[0].lower() and drained[1] == first[1]
+        for w in (writer, other_writer):
+            w.close()
+
+
+def test_replaying_a_response_makes_the_transitions_framing_it_makes():
+    """``ServerConnection.replay_response`` after a kept-alive request: the state framing the
+    same response by length leaves; refused for a request that is not a kept-alive GET."""
+    def state(c: http1.ServerConnection) -> tuple:
+        return (c.their_state, c.our_state, c._response_keep_alive, c._no_body,  # noqa: SLF001
+                c._remaining, c._chunked, c.they_are_waiting_for_100_continue)  # noqa: SLF001
+
+    framed, replayed = http1.ServerConnection(), http1.ServerConnection()
+    for c in (framed, replayed):
+        c.receive_data(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert type(c.next_event()) is http1.RequestHead and c.next_event() is http1.END
+        assert c.plain_keep_alive
+    framed.start_response(200, b"OK", b"", length=3)
+    framed.send_data(b"abc")
+    framed.end_response()
+    replayed.replay_response()
+    assert state(replayed) == state(framed)
+    for c in (framed, replayed):
+        c.start_next_cycle()
+    for raw in (b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\n",
+                b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                b"GET /a HTTP/1.0\r\nHost: h\r\n\r\n"):
+        c = http1.ServerConnection()
+        c.receive_data(raw)
+        c.next_event(), c.next_event()
+        assert not c.plain_keep_alive
+        with pytest.raises(http1.LocalProtocolError):
+            c.replay_response()

@@ -348,6 +348,27 @@ class ServerConnection:
         self._begin_request(head)
         self.their_state = DONE if self._request_keep_alive else MUST_CLOSE
 
+    @property
+    def plain_keep_alive(self) -> bool:
+        """A complete HTTP/1.1 request that allows another one, not HEAD, is waiting for its
+        response: the inputs under which :meth:`replay_response` may stand for a response
+        framed by length before."""
+        return (self.their_state is DONE and self.our_state is IDLE and self._request_keep_alive
+                and not self._http10 and not self._head_request)
+
+    def replay_response(self) -> None:
+        """The transitions of ``start_response(..., length=n)`` → ``send_data`` of n bytes →
+        ``end_response()`` for a kept-alive request (:attr:`plain_keep_alive`): the caller
+        sends bytes these calls produced before under the same inputs (``proxy/respond.py``)."""
+        if not self.plain_keep_alive:
+            raise LocalProtocolError("no kept-alive request waiting for a framed response")
+        self.they_are_waiting_for_100_continue = False
+        self._no_body = False
+        self._remaining = 0
+        self._chunked = False
+        self._response_keep_alive = True
+        self.our_state = DONE
+
     def request_received(self) -> bool:
         """The request whose head was just returned is complete in the buffer with no body
         before its end (a GET/HEAD with nothing to read): :data:`END` is the next event."""

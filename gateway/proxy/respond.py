@@ -212,12 +212,26 @@ class ResponseWriter(ResponseWriterHost):
         record, one send), without awaiting — callback mode answers with it in the protocol
         callback, :meth:`_respond` then drains. Returns KEEP or CLOSE."""
         rec.status = response.status
+        conn = self.conn
+        wire = response.wire
+        if (wire is not None and method == "GET" and extra_headers is None and not close
+                and wire[0] == self._via and conn.plain_keep_alive and not self.server.draining):
+            # the same answer object to a request with the same framing inputs (a hit's answer
+            # is shared for its Age second): the same bytes, the same transitions
+            conn.replay_response()
+            self.writer.write(wire[1])
+            n = wire[2]
+            rec.bytes += n
+            if response.source in ("cache", "upstream"):
+                self._served_bytes(response.source, n)
+            return KEEP
+        memo = (method == "GET" and extra_headers is None and not close
+                and conn.plain_keep_alive and not self.server.draining)
         try:
             head_bytes = self._response_head(method, response, extra_headers, close)
         except http1.LocalProtocolError as exc:
             self.writer.write(self._invalid_head(rec, exc))
             return CLOSE
-        conn = self.conn
         if _bodiless(method, response.status):
             self.writer.write(head_bytes + conn.end_response())
         else:
@@ -225,10 +239,14 @@ class ResponseWriter(ResponseWriterHost):
             if data:
                 pieces = conn.send_data(data)
                 end = conn.end_response()
-                self.writer.write(b"".join((head_bytes, *pieces, end)))
+                out = b"".join((head_bytes, *pieces, end))
+                self.writer.write(out)
                 rec.bytes += len(data)
                 if response.source in ("cache", "upstream"):
                     self._served_bytes(response.source, len(data))
+                if memo and response.head is not None and conn.our_state is http1.DONE \
+                        and not conn._chunked:                      # noqa: SLF001
+                    response.wire = (self._via, out, len(data))
             else:
                 self.writer.write(head_bytes + conn.end_response())
         if conn.our_state is not http1.DONE or close:
