@@ -87,6 +87,8 @@ class _LineBuffer:
         self._lines: list[Union[str, Deferred]] = []
         self._lock = threading.Lock()
         self._armed: Optional[asyncio.AbstractEventLoop] = None
+        #: the thread that runs ``_armed``
+        self._armed_thread = 0
         atexit.register(self.flush)
 
     def defer(self, item: Deferred) -> None:
@@ -94,16 +96,29 @@ class _LineBuffer:
         self.write_line(item)                    # type: ignore[arg-type]
 
     def write_line(self, line: str) -> None:
-        loop = asyncio._get_running_loop()
         with self._lock:
             lines = self._lines
             lines.append(line)
-            if loop is None or len(lines) >= FLUSH_LINES:
+            if len(lines) >= FLUSH_LINES:
                 self._write()
+                return
+            armed = self._armed
+            # a flush is due on the loop running in this thread (the common case, a line per
+            # request): nothing more to do, and no asyncio._get_running_loop() (a getpid()
+            # system call on every call, to detect a fork)
+            if armed is not None and self._armed_thread == threading.get_ident() \
+                    and armed.is_running():
+                return
+        loop = asyncio._get_running_loop()
+        with self._lock:
+            if loop is None:
+                if self._lines:
+                    self._write()
                 return
             if self._armed is loop:
                 return
             self._armed = loop
+            self._armed_thread = threading.get_ident()
         loop.call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:

@@ -230,7 +230,10 @@ class ClientConnection(RequestRouter, ResponseWriter):
                     self._head_started = None
                     if self._answer_prepared(shape.head,
                                              shape.prepare(self.client, self._loop.time())):
-                        self._pump()
+                        # answered and kept: nothing else was in the chunk, the parser is at
+                        # rest — what _pump would find (NEED_DATA, nothing buffered)
+                        self.busy = False
+                        self._arm()
                     return
                 self._chunk = data
             conn.receive_data(data)
@@ -818,24 +821,22 @@ class ClientConnection(RequestRouter, ResponseWriter):
             deferred.observe(children[1], duration)
         if not self.server.settings.logging.access_log:
             return
-        notes = rec.exchange.notes if rec.exchange is not None else {}
-        # the values now, the line's text with the next batch of log lines (InfoLine.later)
+        exchange = rec.exchange
+        # the line's text is made with the next batch of log lines (InfoLine.later) from the
+        # record, which nothing changes once the request is accounted, and what is taken now
         self._access_log.later("request", _access_fields, (
-            rec.id, rec.client, rec.method, rec.scheme, rec.host, rec.port, rec.path, rec.status,
-            rec.bytes, duration, rec.decision, notes.get("cache"), rec.door, rec.bytes_in,
-            rec.error))
+            rec, duration, exchange.notes.get("cache") if exchange is not None else None))
 
 
 def _access_fields(values: tuple) -> dict:
-    """The access line's fields, in their order, from the values ``_account`` took."""
-    (request_id, client, method, scheme, host, port, path, status, sent, duration, decision,
-     cache, door, bytes_in, error) = values
-    fields = dict(request_id=request_id, client=client, method=method or None,
-                  scheme=scheme or None, host=host or None, port=port or None, path=path,
-                  status=status, bytes=sent, duration=round(duration, 4), decision=decision,
-                  cache=cache, door=door)
-    if bytes_in:
-        fields["bytes_in"] = bytes_in
-    if error:
-        fields["error"] = error
+    """The access line's fields, in their order: (record, duration, cache outcome)."""
+    rec, duration, cache = values
+    fields = dict(request_id=rec.id, client=rec.client, method=rec.method or None,
+                  scheme=rec.scheme or None, host=rec.host or None, port=rec.port or None,
+                  path=rec.path, status=rec.status, bytes=rec.bytes, duration=round(duration, 4),
+                  decision=rec.decision, cache=cache, door=rec.door)
+    if rec.bytes_in:
+        fields["bytes_in"] = rec.bytes_in
+    if rec.error:
+        fields["error"] = rec.error
     return fields

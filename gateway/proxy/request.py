@@ -4,7 +4,6 @@ metrics are written from."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Protocol, Union, runtime_checkable
 
 from multidict import CIMultiDict
@@ -20,14 +19,12 @@ class ClientGone(ClientBodyError):
     """The client closed or reset the connection (or broke the framing of its request body)."""
 
 
-@dataclass
 class AccessRecord:
-    """What the access log line and the request metrics say about one request."""
+    """What the access log line and the request metrics say about one request.
 
-    client: str
-    method: str
-    started: float
-    id: str = field(default_factory=new_request_id)
+    A plain class whose defaults are class attributes: a record holds only what was set on it
+    (made for every request; a dataclass's generated ``__init__`` of 16 fields cost ~0.6 µs)."""
+
     scheme: str = ""
     host: str = ""
     port: int = 0
@@ -40,6 +37,20 @@ class AccessRecord:
     exchange: Optional[Exchange] = None
     established: bool = False      # a CONNECT answered 200
     door: str = "proxy"            # which listener took the request: proxy or mirror
+
+    def __init__(self, client: str, method: str, started: float, id: Optional[str] = None,
+                 **fields) -> None:
+        self.client = client
+        self.method = method
+        self.started = started
+        self.id: str = id or new_request_id()
+        for name, value in fields.items():
+            if not hasattr(AccessRecord, name):
+                raise TypeError(f"AccessRecord has no field {name!r}")
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"AccessRecord({self.__dict__!r})"
 
 
 #: request fields the proxy reads itself (besides the hop-by-hop ones, never forwarded)

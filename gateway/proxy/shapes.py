@@ -67,8 +67,9 @@ class Shape:
 
     def prepare(self, client: str, started: float) -> Prepared:
         """What ``_prepare`` gives a request with this head: new per-request objects."""
-        rec = AccessRecord(client, self.method, started, scheme=self.scheme, host=self.host,
-                           port=self.port, path=self.path, decision=self.decision)
+        rec = AccessRecord(client, self.method, started)
+        rec.scheme, rec.host, rec.port = self.scheme, self.host, self.port
+        rec.path, rec.decision = self.path, self.decision
         ex = Exchange(self.method, self.scheme, self.host, self.port, self.target,
                       self.headers, None, client, id=rec.id, started=started, shape=self)  # type: ignore[arg-type]
         ex.notes["decision"] = self.decision
