@@ -831,10 +831,11 @@ class ClientConnection(RequestRouter, ResponseWriter):
 def _access_fields(values: tuple) -> dict:
     """The access line's fields, in their order: (record, duration, cache outcome)."""
     rec, duration, cache = values
-    fields = dict(request_id=rec.id, client=rec.client, method=rec.method or None,
-                  scheme=rec.scheme or None, host=rec.host or None, port=rec.port or None,
-                  path=rec.path, status=rec.status, bytes=rec.bytes, duration=round(duration, 4),
-                  decision=rec.decision, cache=cache, door=rec.door)
+    fields = {"request_id": rec.id, "client": rec.client, "method": rec.method or None,
+              "scheme": rec.scheme or None, "host": rec.host or None, "port": rec.port or None,
+              "path": rec.path, "status": rec.status, "bytes": rec.bytes,
+              "duration": round(duration, 4), "decision": rec.decision, "cache": cache,
+              "door": rec.door}
     if rec.bytes_in:
         fields["bytes_in"] = rec.bytes_in
     if rec.error:
