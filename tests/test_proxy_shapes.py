@@ -339,3 +339,33 @@ def test_replaying_a_response_makes_the_transitions_framing_it_makes():
         assert not c.plain_keep_alive
         with pytest.raises(http1.LocalProtocolError):
             c.replay_response()
+
+
+def test_the_shapes_of_a_server_are_bounded_together(monkeypatch):
+    """All memos of a server hold at most SHAPES_MAX shapes together: reaching it starts them
+    all over; a memo replaced after a reload gives its share back."""
+    from gateway.proxy import shapes as shapes_module
+    from gateway.proxy.request import AccessRecord, RequestFields
+    from gateway.proxy.routing import Prepared
+
+    monkeypatch.setattr(shapes_module, "SHAPES_MAX", 4)
+
+    def prepared(path: str) -> tuple[http1.RequestHead, Prepared]:
+        head = http1.RequestHead("GET", path, [("Host", "h")], "1.1", True)
+        rec = AccessRecord("c", "GET", 0.0, scheme="https", host="h", port=443, path=path,
+                           decision="intercept")
+        ex = Exchange("GET", "https", "h", 443, path, CIMultiDict(Host="h"), None, "c")
+        return head, Prepared(rec, RequestFields(head.headers), ex)
+
+    budget = shapes_module.ShapeBudget()
+    a, b = budget.memo(object()), budget.memo(object())
+    for memo, paths in ((a, ["/1", "/2"]), (b, ["/3", "/4"])):
+        for path in paths:
+            for _ in range(2):                   # remembered on the second arrival
+                memo.record(path.encode(), *prepared(path))
+    assert (len(a.shapes), len(b.shapes), budget.held) == (2, 2, 4)
+    a.record(b"/5", *prepared("/5"))
+    a.record(b"/5", *prepared("/5"))             # the fifth: everything starts over
+    assert (list(a.shapes), b.shapes, budget.held) == ([b"/5"], {}, 1)
+    budget.retire(a)
+    assert budget.held == 0 and budget.memos == [b]

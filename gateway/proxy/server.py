@@ -10,7 +10,7 @@ from ..observability.logging import get_logger
 from .auth import ProxyAuth
 from .connection import ClientConnection
 from .memory import MemoryReleaser
-from .shapes import ShapeMemo
+from .shapes import ShapeBudget, ShapeMemo
 from .stream import ClientStream
 from .tunnel import TunnelOpener
 
@@ -69,8 +69,9 @@ class ProxyServer:
         #: prometheus children by label values (``labels()`` costs a lock and a tuple build on
         #: every call); bounded, the label values are
         self.metric_children: dict[tuple, object] = {}
-        #: request shapes per CONNECT authority (``shapes.py``); bounded
+        #: request shapes per CONNECT authority (``shapes.py``), bounded together
         self._shapes: dict[tuple[str, int], ShapeMemo] = {}
+        self._shape_budget = ShapeBudget()
 
     def shapes_for(self, host: str, port: int, settings: object) -> ShapeMemo:
         """The shape memo of intercepted connections to ``host:port`` created under
@@ -78,9 +79,13 @@ class ProxyServer:
         key = (host, port)
         memo = self._shapes.get(key)
         if memo is None or memo.settings is not settings:
+            if memo is not None:
+                self._shape_budget.retire(memo)
             if len(self._shapes) >= SHAPE_AUTHORITIES:
+                for old in self._shapes.values():
+                    self._shape_budget.retire(old)
                 self._shapes.clear()
-            memo = self._shapes[key] = ShapeMemo(settings)
+            memo = self._shapes[key] = self._shape_budget.memo(settings)
         return memo
 
     # -- introspection --------------------------------------------------------------------

@@ -27,8 +27,9 @@ Invariants:
   which the pipeline may key its own memos by.
 * **Remembered on the second arrival.** A head seen once is only noted (its hash): a head that
   never comes back — a field that changes per request — costs a set insertion, not a shape.
-* **Bounded.** At most :data:`SHAPES_PER_AUTHORITY` heads per authority (then the memo starts
-  over) and :data:`SHAPE_HEAD_MAX` bytes per head; authorities are bounded by the server.
+* **Bounded.** At most :data:`SHAPES_MAX` shapes over all the memos of a server (a
+  :class:`ShapeBudget`; when it is reached they all start over) and :data:`SHAPE_HEAD_MAX` bytes
+  per head: ~2 KiB per shape, ~16 MiB at most.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from . import http1
 from .request import AccessRecord, RequestFields
 from .routing import Prepared
 
-#: heads remembered per authority before the memo starts over
-SHAPES_PER_AUTHORITY = 4096
+#: shapes the memos of one server hold together before they all start over
+SHAPES_MAX = 8192
 #: a longer head is not remembered (a key this large is rare and costs memory per entry)
 SHAPE_HEAD_MAX = 8 * 1024
 
@@ -77,16 +78,47 @@ class Shape:
         return Prepared(rec, self.fields, ex)
 
 
+class ShapeBudget:
+    """The shapes held by the memos of one server, and the memos (to start them all over)."""
+
+    __slots__ = ("held", "memos")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.memos: list["ShapeMemo"] = []
+
+    def memo(self, settings: object) -> "ShapeMemo":
+        memo = ShapeMemo(settings, self)
+        self.memos.append(memo)
+        return memo
+
+    def retire(self, memo: "ShapeMemo") -> None:
+        """``memo`` is replaced (a reload): forget its shapes (its connections make new ones)."""
+        memo.clear()
+        if memo in self.memos:
+            self.memos.remove(memo)
+
+    def start_over(self) -> None:
+        for memo in self.memos:
+            memo.clear()
+
+
 class ShapeMemo:
     """The shapes of one CONNECT authority under one settings object."""
 
-    __slots__ = ("settings", "shapes", "seen")
+    __slots__ = ("settings", "shapes", "seen", "budget")
 
-    def __init__(self, settings: object) -> None:
+    def __init__(self, settings: object, budget: ShapeBudget) -> None:
         self.settings = settings
         self.shapes: dict[bytes, Shape] = {}
         #: hashes of heads that arrived once (a shape is made on the second arrival)
         self.seen: set[int] = set()
+        self.budget = budget
+
+    def clear(self) -> None:
+        self.budget.held -= len(self.shapes)
+        self.shapes.clear()
+        self.seen.clear()
 
     def record(self, data: bytes, head: http1.RequestHead, prepared: Prepared) -> None:
         """Remember ``prepared`` (the routing of ``head``, parsed at rest from exactly
@@ -98,12 +130,14 @@ class ShapeMemo:
         digest = hash(data)                      # cached by the bytes object: looked up before
         seen = self.seen
         if digest not in seen:
-            if len(seen) >= 4 * SHAPES_PER_AUTHORITY:
+            if len(seen) >= SHAPES_MAX:
                 seen.clear()
             seen.add(digest)
             return
-        shapes = self.shapes
-        if len(shapes) >= SHAPES_PER_AUTHORITY:
-            shapes.clear()
-        shapes[data] = Shape(head, prepared)
+        budget = self.budget
+        if budget.held >= SHAPES_MAX:
+            budget.start_over()
+        if data not in self.shapes:
+            budget.held += 1
+        self.shapes[data] = Shape(head, prepared)
 
