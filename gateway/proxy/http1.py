@@ -89,7 +89,8 @@ CLOSED = _Sentinel("CLOSED")
 class RequestHead:
     """A parsed request head. Names and values are latin-1 decoded, as they arrived."""
 
-    __slots__ = ("method", "target", "headers", "http_version", "keep_alive", "upgrade")
+    __slots__ = ("method", "target", "headers", "http_version", "keep_alive", "upgrade",
+                 "expects_continue")
 
     def __init__(self, method: str, target: str, headers: list[tuple[str, str]],
                  http_version: str, keep_alive: bool, upgrade: bool = False) -> None:
@@ -101,6 +102,9 @@ class RequestHead:
         self.keep_alive = keep_alive
         #: CONNECT, or Upgrade + Connection: upgrade: the parser stopped after this head
         self.upgrade = upgrade
+        #: ``Expect: 100-continue`` in an HTTP/1.1 head (found once, by the first
+        #: ``_begin_request``: a replayed head is not searched again); None: not looked yet
+        self.expects_continue: Optional[bool] = None
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method} {self.target[:80]} HTTP/{self.http_version})"
@@ -319,12 +323,12 @@ class ServerConnection:
                                                     and value.strip() not in ("", "0")):
                     self.their_state = ERROR
                     raise RemoteProtocolError("a request with Upgrade must not have a body")
-        self.they_are_waiting_for_100_continue = False
-        if not self._http10:
-            for name, value in head.headers:
-                if len(name) == 6 and name.lower() == "expect" and \
-                        value.strip().lower() == "100-continue":
-                    self.they_are_waiting_for_100_continue = True
+        expects = head.expects_continue
+        if expects is None:
+            expects = head.expects_continue = not self._http10 and any(
+                len(name) == 6 and name.lower() == "expect"
+                and value.strip().lower() == "100-continue" for name, value in head.headers)
+        self.they_are_waiting_for_100_continue = expects
 
     @property
     def at_rest(self) -> bool:
