@@ -369,3 +369,16 @@ def test_the_shapes_of_a_server_are_bounded_together(monkeypatch):
     assert (list(a.shapes), b.shapes, budget.held) == ([b"/5"], {}, 1)
     budget.retire(a)
     assert budget.held == 0 and budget.memos == [b]
+
+
+async def test_an_intercepted_connection_keeps_its_attributes_in_a_shared_key_dict(tmp_path):
+    """At most 29 instance attributes (CPython 3.11 shares an instance dict's keys only up to
+    a small size): a 30th made every idle intercepted connection ~1.2 KiB larger."""
+    async with running_gateway(make_settings(tmp_path, rules=RULES),
+                               handler=RecordingHandler()) as gw:
+        reader, writer = await _open(gw)
+        for _ in range(3):
+            await _ask(reader, writer, _get("/hit/pom"))         # a replay has happened too
+        conn = next(iter(gw.server._connections))                 # noqa: SLF001
+        assert len(vars(conn)) <= 29, sorted(vars(conn))
+        writer.close()

@@ -90,6 +90,13 @@ class _Handover:
 
 
 class ClientConnection(RequestRouter, ResponseWriter):
+    """One client connection (see the module docstring).
+
+    Keep its instance attributes at 29 or fewer: CPython 3.11 shares the keys of instance
+    dictionaries only up to a small size, and a 30th attribute gave every idle intercepted
+    connection ~1.2 KiB more (``bench/idle_tls.py``: 29.8 → 31.1 KiB; the target is 32).
+    ``tests/test_proxy_shapes.py`` counts them."""
+
     #: the active_connections kind a new connection starts as (the mirror door's: "mirror")
     first_kind = "client"
 
@@ -135,8 +142,6 @@ class ClientConnection(RequestRouter, ResponseWriter):
         self._access_log = InfoLine(access_log.bind())
         #: intercepted: the request shapes of this connection's authority (``shapes.py``)
         self._shapes: Optional[ShapeMemo] = None
-        #: the chunk just fed at rest (callback mode): its request may become a shape
-        self._chunk: Optional[bytes] = None
 
     def _new_http1(self) -> http1.ServerConnection:
         return http1.ServerConnection(max_head_bytes=self.settings.max_header_bytes)
@@ -235,17 +240,19 @@ class ClientConnection(RequestRouter, ResponseWriter):
                         self.busy = False
                         self._arm()
                     return
-                self._chunk = data
+                conn.receive_data(data)
+                self._pump(data)                 # fed at rest: its request may become a shape
+                return
             conn.receive_data(data)
             self._pump()
         except Exception:  # noqa: BLE001 - one bad connection must not take the server down
             log.exception("connection_failed", client=self.client)
             self.abort()
-        finally:
-            self._chunk = None
 
-    def _pump(self) -> None:
-        """Take the parser's events in order while each request is answered at once."""
+    def _pump(self, chunk: Optional[bytes] = None) -> None:
+        """Take the parser's events in order while each request is answered at once.
+        ``chunk``: the bytes just fed to a parser at rest (the first request may be recorded
+        as a shape)."""
         conn = self.conn
         while self._task is None and not self._finished:
             try:
@@ -267,8 +274,9 @@ class ClientConnection(RequestRouter, ResponseWriter):
                 self.busy = True
                 self._fresh = False
                 self._head_started = None
-                if not self._answer_now(event):
+                if not self._answer_now(event, chunk):
                     return
+                chunk = None
                 continue
             if event is http1.CLOSED:
                 self._close()
@@ -276,11 +284,11 @@ class ClientConnection(RequestRouter, ResponseWriter):
             self._start_task(_Handover(error=http1.RemoteProtocolError(f"unexpected {event!r}")))
             return
 
-    def _answer_now(self, request: http1.RequestHead) -> bool:
+    def _answer_now(self, request: http1.RequestHead, chunk: Optional[bytes] = None) -> bool:
         """Answer ``request`` in this callback if its answer is known without awaiting, else
-        hand it to the task. True: answered, and the connection goes on in callback mode."""
+        hand it to the task. True: answered, and the connection goes on in callback mode.
+        ``chunk``: the whole of what was fed at rest before it (a shape candidate)."""
         conn = self.conn
-        chunk, self._chunk = self._chunk, None
         if request.method == "CONNECT" or not conn.request_received():
             self._start_task(_Handover(request))     # a body to read, or a switch
             return False

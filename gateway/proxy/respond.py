@@ -244,8 +244,8 @@ class ResponseWriter(ResponseWriterHost):
                 rec.bytes += len(data)
                 if response.source in ("cache", "upstream"):
                     self._served_bytes(response.source, len(data))
-                if memo and response.head is not None and conn.our_state is http1.DONE \
-                        and not conn._chunked:                      # noqa: SLF001
+                # (a body in memory is framed by its length: the bytes are the whole answer)
+                if memo and response.head is not None and conn.our_state is http1.DONE:
                     response.wire = (self._via, out, len(data))
             else:
                 self.writer.write(head_bytes + conn.end_response())
