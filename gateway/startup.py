@@ -42,7 +42,9 @@ def _describe(settings: Settings, key: str) -> str:
 def check_addresses(settings: Settings) -> None:
     """Bind each listen address once and release it, so a taken port fails before any state
     exists. The real listeners bind moments later with SO_REUSEADDR (and SO_REUSEPORT when
-    ``server.reuse_port``), like this probe."""
+    ``server.reuse_port``), like this probe — on *every* address the host resolves to, as
+    ``loop.create_server`` does (an empty host: all IPv4 and all IPv6 addresses), IPv6 ones
+    with IPV6_V6ONLY as asyncio sets it."""
     keys = ["server.listen", "server.admin_listen"]
     if settings.server.mirror_listen:
         keys.append("server.mirror_listen")
@@ -55,20 +57,23 @@ def check_addresses(settings: Settings) -> None:
                                        flags=socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise StartupError(f"cannot resolve {_describe(settings, key)}: {exc.strerror}") from None
-        family, kind, proto, _, addr = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if settings.server.reuse_port and key != "server.admin_listen":
-                # a worker (gateway.workers) shares the proxy and mirror ports with the others
-                # (SO_REUSEPORT); a foreign listener without it still makes the probe fail
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
-                probe.bind(addr)
-            except OSError as exc:
-                hint = (" (another process listens there)" if exc.errno == errno.EADDRINUSE
-                        else "")
-                raise StartupError(f"cannot listen on {_describe(settings, key)}: "
-                                   f"{exc.strerror}{hint}") from None
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if settings.server.reuse_port and key != "server.admin_listen":
+                    # a worker (gateway.workers) shares the proxy and mirror ports with the
+                    # others (SO_REUSEPORT); a foreign listener without it still fails the probe
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(addr)
+                except OSError as exc:
+                    hint = (" (another process listens there)" if exc.errno == errno.EADDRINUSE
+                            else "")
+                    where = f" on {addr[0]}" if len(infos) > 1 else ""
+                    raise StartupError(f"cannot listen on {_describe(settings, key)}{where}: "
+                                       f"{exc.strerror}{hint}") from None
 
 
 def check_files(settings: Settings, *, absolute_only: bool = False) -> None:

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from ..exchange import Exchange, Response
 from ..observability.logging import get_logger
+from ..settings import split_hostport
 from .auth import ProxyAuth
 from .connection import ClientConnection
 from .memory import MemoryReleaser
@@ -126,11 +127,12 @@ class ProxyServer:
                             max_connections=cap,
                             hint="raise the container/systemd nofile limit (LimitNOFILE=) or "
                                  "lower proxy.max_connections")
-        host, _, port = self._listen.rpartition(":")
-        host = host.strip("[]") or None
+        # the settings' reading of the address (":3128" is 0.0.0.0:3128), the one the start-up
+        # probe (startup.check_addresses) checked; not None, which would bind IPv6 as well
+        host, port = split_hostport(self._listen, f"{self.door_name} listen address")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ClientStream(self._accepted), host, int(port), reuse_address=True,
+            lambda: ClientStream(self._accepted), host, port, reuse_address=True,
             backlog=512, ssl=self.ssl_context, reuse_port=self.settings.server.reuse_port or None)
         log.info(f"{self.door_name}_listening", address=f"{self.address[0]}:{self.address[1]}",
                  auth=self.auth.enabled, tls=self.ssl_context is not None)
