@@ -244,6 +244,16 @@ if __name__ == "__main__":
     _serve_main(sys.argv[1:])
 
 
+async def read_response(reader) -> tuple[bytes, bytes]:
+    """(head, body) of one response framed by Content-Length (none: no body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
 async def open_intercepted(gw, host: str = "registry.test") -> tuple[asyncio.StreamReader,
                                                                      asyncio.StreamWriter]:
     """A client connection through ``CONNECT host:443`` and TLS with the gateway's leaf."""

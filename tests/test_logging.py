@@ -167,6 +167,20 @@ def test_a_burst_is_written_in_batches_of_flush_lines_in_order():
     assert (before, after) == (0, n) and written == list(range(n + 1))
 
 
+def _json_buffer_and_builder():
+    """Logging configured as the gateway does into a buffer; a field builder for
+    ``InfoLine.later`` that records when it is called."""
+    buf = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
+    built: list[tuple] = []
+
+    def build(values: tuple) -> dict:
+        built.append(values)
+        return dict(zip(ACCESS_FIELDS, values))
+
+    return buf, built, build
+
+
 def test_a_deferred_line_is_the_line_info_line_writes_in_its_place(monkeypatch):
     """``InfoLine.later`` (the access log): the values are taken at the call, the text is made
     when the batch is written — the same text ``InfoLine`` writes for them at that moment, in
@@ -180,13 +194,7 @@ def test_a_deferred_line_is_the_line_info_line_writes_in_its_place(monkeypatch):
     # have bound one in this process; then lines are rendered at once, see the next test)
     monkeypatch.setattr(logging_module, "_structlog_context_vars", {})
     monkeypatch.setattr(logging_module.time, "time_ns", lambda: 1_700_000_000_123_456_789)
-    buf = io.StringIO()
-    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
-    built: list[tuple] = []
-
-    def build(values: tuple) -> dict:
-        built.append(values)
-        return dict(zip(ACCESS_FIELDS, values))
+    buf, built, build = _json_buffer_and_builder()
 
     def broken(values: tuple) -> dict:
         raise KeyError("no such field")
@@ -222,13 +230,7 @@ def test_a_deferred_line_is_rendered_at_once_where_it_cannot_wait(monkeypatch):
     import asyncio
 
     monkeypatch.setattr(logging_module, "_structlog_context_vars", {"structlog_trace": object()})
-    buf = io.StringIO()
-    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
-    built: list[tuple] = []
-
-    def build(values: tuple) -> dict:
-        built.append(values)
-        return dict(zip(ACCESS_FIELDS, values))
+    buf, built, build = _json_buffer_and_builder()
 
     async def log_one() -> None:
         InfoLine(get_logger("gateway.access").bind()).later(

@@ -14,7 +14,8 @@ from typing import Optional
 from multidict import CIMultiDict
 
 from gateway.exchange import BytesBody, Exchange, Response
-from tests.proxy_support import MemoryHandler, make_settings, open_intercepted, running_gateway
+from tests.proxy_support import (MemoryHandler, make_settings, open_intercepted,
+                                 read_response, running_gateway)
 
 RULES = [{"host": "registry.test", "action": "intercept"}]
 BIG = 256 * 1024
@@ -51,15 +52,6 @@ def _body(name: str) -> bytes:
     return f"hit {name}\n".encode()
 
 
-async def _read_response(reader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head, await reader.readexactly(length)
-
-
 def _get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: registry.test\r\n\r\n".encode()
 
@@ -68,7 +60,7 @@ async def _in_callback_mode(gw, reader, writer):
     """One request and its answer: then the connection waits in callback mode (no task)."""
     writer.write(_get("/hit/first"))
     async with asyncio.timeout(5):
-        assert (await _read_response(reader))[1] == b"hit first\n"
+        assert (await read_response(reader))[1] == b"hit first\n"
         conn = _connection(gw)
         while conn._task is not None:
             await asyncio.sleep(0.005)
@@ -94,7 +86,7 @@ async def test_pipelined_mix_of_hits_and_awaited_answers_comes_back_in_order(tmp
         got = []
         async with asyncio.timeout(10):
             for _ in range(6):
-                got.append(await _read_response(reader))
+                got.append(await read_response(reader))
         assert [h.split(b"\r\n", 1)[0] for h, _ in got] == [b"HTTP/1.1 200 OK"] * 6
         assert got[0][1] == b"hit a\n"
         assert got[1][1] == b"x" * 1000 * 5
@@ -107,7 +99,7 @@ async def test_pipelined_mix_of_hits_and_awaited_answers_comes_back_in_order(tmp
         before = handler.sync_answers
         writer.write(_get("/hit/d"))
         async with asyncio.timeout(5):
-            assert (await _read_response(reader))[1] == b"hit d\n"
+            assert (await read_response(reader))[1] == b"hit d\n"
         assert handler.sync_answers == before + 1
         assert conn._task is None
         writer.close()
@@ -140,7 +132,7 @@ async def test_a_client_that_does_not_read_its_answers_is_not_buffered_without_b
         # nothing was lost: every answer arrives, whole and in order, once the client reads
         async with asyncio.timeout(30):
             for i in range(count):
-                head, data = await _read_response(reader)
+                head, data = await read_response(reader)
                 assert head.startswith(b"HTTP/1.1 200 OK") and data == _body(f"big-{i}"), i
         assert handler.sync_answers == count
         writer.close()
@@ -152,7 +144,7 @@ async def test_an_idle_connection_between_hits_is_closed_after_the_idle_timeout(
         reader, writer = await open_intercepted(gw)
         writer.write(_get("/hit/a"))
         async with asyncio.timeout(5):
-            assert (await _read_response(reader))[1] == b"hit a\n"
+            assert (await read_response(reader))[1] == b"hit a\n"
             assert await reader.read() == b""        # closed by the gateway, quietly
         writer.close()
         async with asyncio.timeout(5):

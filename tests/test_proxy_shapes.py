@@ -17,7 +17,8 @@ from structlog.testing import capture_logs
 
 from gateway.exchange import BytesBody, Exchange, Response
 from gateway.proxy import http1
-from tests.proxy_support import MemoryHandler, make_settings, open_intercepted, running_gateway
+from tests.proxy_support import (MemoryHandler, make_settings, open_intercepted,
+                                 read_response, running_gateway)
 
 RULES = [{"host": "registry.test", "action": "intercept"},
          {"host": "other.test", "action": "intercept"}]
@@ -47,15 +48,6 @@ class RecordingHandler(MemoryHandler):
                         BytesBody(f"handled {ex.path}\n".encode()))
 
 
-async def _read_response(reader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head, await reader.readexactly(length)
-
-
 def _get(path: str, host: str = "registry.test", extra: str = "", method: str = "GET") -> bytes:
     return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Go-http-client/1.1\r\n"
             f"{extra}\r\n").encode()
@@ -64,7 +56,7 @@ def _get(path: str, host: str = "registry.test", extra: str = "", method: str = 
 async def _ask(reader, writer, data: bytes) -> tuple[bytes, bytes]:
     writer.write(data)
     async with asyncio.timeout(5):
-        return await _read_response(reader)
+        return await read_response(reader)
 
 
 async def _open(gw, host: str = "registry.test"):
@@ -179,8 +171,8 @@ async def test_pipelined_requests_in_one_chunk_are_answered_and_not_remembered(t
         for _ in range(3):
             writer.write(pair)
             async with asyncio.timeout(5):
-                assert (await _read_response(reader))[1] == b"hit a -\n"
-                assert (await _read_response(reader))[1] == b"hit b -\n"
+                assert (await read_response(reader))[1] == b"hit a -\n"
+                assert (await read_response(reader))[1] == b"hit b -\n"
         assert list(_memo(gw).shapes) in ([], [_get("/warm-up")])
         assert all(ex.shape is None for ex in handler.tried if ex.path != "/warm-up")
         writer.close()
@@ -198,7 +190,7 @@ async def test_a_replayed_head_keeps_its_framing_head_and_connection_close(tmp_p
             assert b"content-length: 10\r\n" in head.lower()     # "hit pom -\n", not sent
         writer.write(_get("/hit/after"))                        # nothing was sent for HEAD
         async with asyncio.timeout(5):
-            assert (await _read_response(reader))[1] == b"hit after -\n"
+            assert (await read_response(reader))[1] == b"hit after -\n"
         heads = [ex for ex in handler.tried if ex.method == "HEAD"]
         assert [ex.shape is not None for ex in heads] == [False, False, True]
         writer.close()
