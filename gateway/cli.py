@@ -133,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return ca_command(settings, args)
         if args.command == "healthcheck":
             return healthcheck_command(settings, args)
+        if args.command in ("cache", "bundle"):
+            _migrate_cache_keys(settings)
         if args.command == "cache":
             return cache_command(settings, args)
         if args.command == "bundle":
@@ -174,6 +176,16 @@ def _serve(settings: Settings, loader: Callable[[], Settings]) -> int:
         print(f"trivy-gateway: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _migrate_cache_keys(settings: Settings) -> None:
+    """Entries of an older key format are converted before a cache or bundle command reads
+    them (``startup.migrate_cache_keys``); what happened goes to stderr."""
+    from .startup import migrate_cache_keys  # noqa: PLC0415
+
+    line = migrate_cache_keys(settings)
+    if line:
+        print(f"trivy-gateway: {line}", file=sys.stderr)
 
 
 def _bundle(settings: Settings, args: argparse.Namespace) -> int:

@@ -203,3 +203,48 @@ def ca_error(settings: Settings, exc: Exception) -> StartupError:
     """The CA kept under the data dir does not load (a lost key, a damaged file): exit 1 with
     the reason and the setting, not a traceback."""
     return StartupError(f"cannot use the CA under {_describe(settings, 'server.data_dir')}: {exc}")
+
+
+def migrate_cache_keys(settings: Settings) -> Optional[str]:
+    """For the operator commands (``cache …``, ``bundle …``): bring every local tier's entries
+    to the current key format, as ``serve`` does at start, so a command run after an upgrade and
+    before the first start sees (and exports) the entries under the keys the gateway looks up.
+
+    Only while no gateway runs on the data dir (its lock is free): a running gateway of this
+    version has migrated at its start, and one of an older version must not have its entries
+    renamed under it. Returns a line for the operator (what was done, or why not), or None when
+    there was nothing to do.
+    """
+    from .cache import BlobStore, EntryStore  # noqa: PLC0415 - keep light commands light
+    from .cache.keyformat import migrate_keys, stored_format  # noqa: PLC0415
+    from .cache.tiers import cache_tiers  # noqa: PLC0415
+    from .observability.metrics import Metrics  # noqa: PLC0415
+    from .resources.legacy import KEY_UPGRADE  # noqa: PLC0415
+
+    pending = [t for t in cache_tiers(settings.data_dir)
+               if (t.root / "entries").is_dir()
+               and stored_format(t.root / "entries") < KEY_UPGRADE.format]
+    if not pending:
+        return None
+    lock = DataDirLock(settings)
+    try:
+        lock.acquire()
+    except StartupError:
+        return (f"note: the cache under {settings.data_dir} has entries of an older key format and "
+                "a gateway is running on it without having converted them (an older version?): "
+                "they are not shown; upgrade and restart that gateway")
+    try:
+        done = []
+        for tier in pending:
+            metrics = Metrics()
+            blobs = BlobStore(tier.root, settings.cache.max_size, 0, metrics)
+            blobs.open(clean_tmp=False)          # tmp/ is a gateway's business, even a stopped one's
+            report = migrate_keys(EntryStore(tier.root, blobs, settings.cache.memory, metrics),
+                                  KEY_UPGRADE)
+            if report is not None:
+                done.append(f"{tier.name}: {report.migrated} kept, {report.dropped} dropped"
+                            + (f", {report.failed} failed" if report.failed else ""))
+    finally:
+        lock.release()
+    return ("converted the cache to the current key format, as `serve` does at its first start ("
+            + "; ".join(done) + ")") if done else None

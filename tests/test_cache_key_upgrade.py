@@ -318,3 +318,60 @@ async def test_gateway_started_on_an_old_cache_serves_it_and_migrates_once(clean
     assert (await proxy_get(again, f"https://{MIRROR}{blob_url(db_layer)}"))[0] == 200
     assert not [e for e in again.log_events() if e.get("event") == "cache_keys_migrated"]
     assert world.requests() == []
+
+
+def _old_cache_for_commands(data_dir: Path) -> str:
+    """A first-format cache with a blob kept by the conversion and a POM it drops; the blob's
+    digest."""
+    body = b'{"layers":[]}' * 10
+    write_old_entry(data_dir / "cache", f"blob|{sha(body)}|public", "oci_blob", body,
+                    meta={"host": MIRROR}, headers=[("Content-Type", "application/octet-stream")])
+    write_old_entry(data_dir / "cache", f"maven|{MAVEN}{POM}", "maven", b"<project/>", meta={},
+                    headers=[("Content-Type", "text/xml")])
+    return sha(body)
+
+
+def _command(*args: str) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    from tests.gateway_harness import REPO
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+
+
+def test_a_cache_command_after_an_upgrade_converts_the_cache_first(tmp_path):
+    """`cache ls` (any cache or bundle command) run before the first `serve` of the new
+    version: the entries are converted as `serve` would, so the command shows — and `bundle
+    export` would write — them under the keys the gateway looks up."""
+    data_dir = tmp_path / "data"
+    digest = _old_cache_for_commands(data_dir)
+    r = _command("cache", "ls", "--keys", "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    assert "converted the cache to the current key format" in r.stderr
+    assert "main: 1 kept, 1 dropped" in r.stderr
+    assert f"blob|https|{digest}|public" in r.stdout and "maven|" not in r.stdout
+    marker = data_dir / "cache" / "entries" / FORMAT_MARKER
+    assert marker.read_text().strip() == str(KEY_FORMAT)
+    again = _command("cache", "ls", "--data-dir", str(data_dir))
+    assert "converted" not in again.stderr and digest[:19] in again.stdout
+
+
+def test_a_cache_command_leaves_the_cache_of_a_running_gateway_alone(tmp_path):
+    """While a gateway holds the data dir (here: its lock, held by this process), the command
+    renames nothing under it — an older gateway still reads those keys — and says why."""
+    from gateway.startup import DataDirLock
+
+    data_dir = tmp_path / "data"
+    _old_cache_for_commands(data_dir)
+    before = snapshot(data_dir / "cache")
+    lock = DataDirLock(load_settings(env={}, overrides={"server": {"data_dir": str(data_dir)}}))
+    lock.acquire()
+    try:
+        r = _command("cache", "ls", "--keys", "--data-dir", str(data_dir))
+    finally:
+        lock.release()
+    assert r.returncode == 0, r.stderr
+    assert "a gateway is running on it without having converted them" in r.stderr
+    assert snapshot(data_dir / "cache") == before

@@ -98,6 +98,14 @@ def test_cache_ls_has_a_header_and_readable_keys(bare_cwd, make_gateway, capsys)
     assert readable_key("maven|https://repo.maven.apache.org/maven2/a/b/1/b-1.pom|") == \
         "repo.maven.apache.org/maven2/a/b/1/b-1.pom"
     assert readable_key(f"blob|{digest}|{'f' * 32}").endswith("[private: fetched with credentials]")
+    # the keys of the current format carry the scheme the gateway fetches with
+    assert readable_key(f"blob|https|{digest}|public") == "sha256:abababababab…"
+    assert readable_key(f"manifest|https|{digest}|public") == "sha256:abababababab…"
+    assert readable_key(f"blob|http|{digest}|public") == "sha256:abababababab… (plain http)"
+    assert readable_key(f"blob|https|{digest}|{'f' * 32}").endswith(
+        "[private: fetched with credentials]")
+    assert readable_key("tag|https://ghcr.io/aquasecurity/trivy-db:2|application/json|public") \
+        == "ghcr.io/aquasecurity/trivy-db:2"
     gw = make_gateway()
     assert main(["cache", "ls", "--data-dir", str(gw.data_dir)]) == 0
     header = capsys.readouterr().out.splitlines()[0].split()

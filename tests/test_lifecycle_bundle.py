@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cache import BlobStore, Entry, EntryStore
+from gateway.cache.entries import FORMAT_MARKER
 from gateway.lifecycle.bundle import BLOB_MEMBER, MANIFEST_NAME
 from gateway.observability.metrics import Metrics
 from gateway.resources import IMMUTABLE, classify
@@ -112,9 +113,11 @@ def populate(data_dir: Path, layer_size: int = 300_000, *, validated_at: float |
 
 
 def cache_files(data_dir: Path) -> set[str]:
+    """The cache's content files (not its bookkeeping: the operator-change signal and the key
+    format marker, which a bundle or cache command writes on a cache that had none)."""
     root = data_dir / "cache"
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-            and p.name != ".operator-changed"}
+            and p.name not in (".operator-changed", FORMAT_MARKER)}
 
 
 def export(src: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:

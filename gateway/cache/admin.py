@@ -65,6 +65,9 @@ def readable_key(key: str) -> str:
     if len(parts) < 2:
         return key
     kind, what = parts[0], re.sub(r"^https?://", "", parts[1])
+    if kind in ("blob", "manifest") and parts[1] in ("http", "https") and len(parts) >= 4:
+        # by digest: ``blob|<scheme>|<digest>|<scope>`` (the scheme the gateway fetches with)
+        what = parts[2] + (" (plain http)" if parts[1] == "http" else "")
     if kind == "oci-ping":
         what = f"{what} (registry ping)"
     elif kind == "oci-token":
