@@ -237,8 +237,10 @@ class Response:
     #: fields of ``headers`` (no hop-by-hop fields, no Content-Length, no Via).
     head: Optional[bytes] = None
     #: not part of the answer: the proxy's memo of the bytes it wrote for it on a kept-alive
-    #: GET — ``(Via, bytes, body length)`` — which a shared answer lets later requests reuse
-    wire: Optional[tuple] = field(default=None, compare=False, repr=False)
+    #: GET — ``(Via, bytes, body length)`` — which a shared answer lets later requests reuse.
+    #: ``init=False``: ``dataclasses.replace`` (another answer made from this one) starts
+    #: without it, never with bytes written for different fields
+    wire: Optional[tuple] = field(default=None, init=False, compare=False, repr=False)
 
 
 class Handler(Protocol):
