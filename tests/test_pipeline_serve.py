@@ -110,3 +110,31 @@ def test_answers_from_one_entry_are_shared_and_read_only(blobs):
     head = response_from_entry(exchange("HEAD"), e, BODY, blobs, status, now=now + 5)
     assert head is not later and head.body.length == len(BODY)
     assert response_from_entry(exchange("HEAD"), e, BODY, blobs, status, now=now + 5) is head
+
+
+def test_shared_answers_hold_a_bounded_amount_of_body_bytes(blobs, monkeypatch):
+    """The shared GET answers keep their bodies (and the proxy the bytes written for them) in
+    memory: together they stay within SHARED_BODIES_MAX, so an entry the memory front evicted
+    does not stay in memory because its last answer was kept; a body let go is rebuilt when
+    asked for again (a new answer, the same bytes)."""
+    from gateway.pipeline import serve
+
+    monkeypatch.setattr(serve, "SHARED_BODIES_MAX", 5 * 2 * len(BODY))   # five shared bodies
+    status = cache_status(CacheResult.HIT)
+    entries = [entry(headers=[("Content-Type", "text/xml"), ("ETag", f'"{i}"')])
+               for i in range(12)]
+    bodies = [bytes(bytearray(BODY)) for _ in entries]
+    first = [response_from_entry(exchange(), e, b, blobs, status, now=e.validated_at + 42.2)
+             for e, b in zip(entries, bodies)]
+    assert serve._shared.held <= serve.SHARED_BODIES_MAX
+    held = sum(1 for r in serve._rendered.values() if r.get is not None)
+    assert 1 <= held <= 5
+    # the last one is still shared; an early one was let go and is made anew, same content
+    last = response_from_entry(exchange(), entries[-1], bodies[-1], blobs, status,
+                               now=entries[-1].validated_at + 42.2)
+    assert last is first[-1]
+    again = response_from_entry(exchange(), entries[0], bodies[0], blobs, status,
+                                now=entries[0].validated_at + 42.2)
+    assert again is not first[0] and again.head == first[0].head
+    assert again.body.data is bodies[0]          # type: ignore[attr-defined]
+    assert serve._shared.held <= serve.SHARED_BODIES_MAX

@@ -93,7 +93,8 @@ class _Rendered:
     them (its fields and head, and the responses for a GET from memory and for a HEAD), kept
     while ``Age`` and ``Cache-Status`` stay the same."""
 
-    __slots__ = ("fields", "block", "key", "headers", "head", "view", "get", "get_body", "head_only")
+    __slots__ = ("fields", "block", "key", "headers", "head", "view", "get", "get_body",
+                 "head_only")
 
     def __init__(self, fields: list, block: Optional[bytes]) -> None:
         self.fields = fields
@@ -110,6 +111,39 @@ class _Rendered:
         self.head_only: Optional[Response] = None
 
 
+class _SharedBodies:
+    """The body bytes the shared GET answers of :data:`_rendered` hold (counted twice: the
+    proxy keeps the bytes it wrote for an answer on it, ``Response.wire``). Bounded by
+    :data:`SHARED_BODIES_MAX`: the memory front's budget bounds the bodies it holds, and an
+    entry it evicted must not stay in memory because its last answer was kept here."""
+
+    held = 0
+
+
+_shared = _SharedBodies()
+#: bytes the shared answers may hold together before all of them are let go (then rebuilt
+#: as they are asked for again)
+SHARED_BODIES_MAX = 32 * 1024 * 1024
+
+
+def _share(r: "_Rendered", answer: Response, body: bytes) -> None:
+    """Keep ``answer`` (a GET from memory) as ``r``'s shared one, within the budget."""
+    size = 2 * len(body)
+    if _shared.held + size > SHARED_BODIES_MAX:
+        for other in _rendered.values():
+            other.get = other.get_body = None
+        _shared.held = 0
+    _unshare(r)
+    r.get, r.get_body = answer, body
+    _shared.held += size
+
+
+def _unshare(r: "_Rendered") -> None:
+    if r.get_body is not None:
+        _shared.held -= 2 * len(r.get_body)
+    r.get = r.get_body = None
+
+
 #: id(entry.headers) -> its :class:`_Rendered`: a hot entry's stored fields are validated and
 #: encoded once, not on every hit. Revalidation replaces the list (never edits it), and the list
 #: is held here, so an id cannot be reused while its bytes are cached.
@@ -121,12 +155,15 @@ def _rendering(entry: Entry) -> _Rendered:
     known = _rendered.get(id(fields))
     if known is not None and known.fields is fields:
         return known
+    if known is not None:
+        _unshare(known)                          # replaced: the id now names another list
     try:
         block: Optional[bytes] = b"".join(header_line(k, v) for k, v in fields)
     except InvalidHeader:
         block = None
     if len(_rendered) >= 4096:
         _rendered.clear()
+        _shared.held = 0
     known = _rendered[id(fields)] = _Rendered(fields, block)
     return known
 
@@ -188,7 +225,8 @@ def _plain_answer(entry: Entry, age: int, status_value: str) -> _Rendered:
                 head += b"Accept-Ranges: bytes\r\n"
         r.key, r.headers, r.head = key, headers, head
         r.view = CIMultiDictProxy(headers)
-        r.get = r.get_body = r.head_only = None
+        _unshare(r)
+        r.head_only = None
     return r
 
 
@@ -217,10 +255,10 @@ def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs
         if body is not None:
             answer = r.get
             if answer is None or r.get_body is not body:
-                answer = r.get = Response(status, r.view,  # type: ignore[arg-type]
-                                          _entry_body(entry, body, blobs, 0, size, chunk_size),
-                                          source="cache", head=r.head)
-                r.get_body = body
+                answer = Response(status, r.view,  # type: ignore[arg-type]
+                                  _entry_body(entry, body, blobs, 0, size, chunk_size),
+                                  source="cache", head=r.head)
+                _share(r, answer, body)
             return answer
         return Response(status, r.view, _entry_body(entry, body, blobs, 0, size, chunk_size),  # type: ignore[arg-type]
                         source="cache", head=r.head)
