@@ -225,6 +225,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
         try:
             conn = self.conn
             memo = self._shapes
+            chunk: Optional[bytes] = None
             if memo is not None and data and conn.at_rest:
                 shape = memo.shapes.get(data)
                 if shape is not None:
@@ -240,11 +241,9 @@ class ClientConnection(RequestRouter, ResponseWriter):
                         self.busy = False
                         self._arm()
                     return
-                conn.receive_data(data)
-                self._pump(data)                 # fed at rest: its request may become a shape
-                return
+                chunk = data                     # fed at rest: its request may become a shape
             conn.receive_data(data)
-            self._pump()
+            self._pump(chunk)
         except Exception:  # noqa: BLE001 - one bad connection must not take the server down
             log.exception("connection_failed", client=self.client)
             self.abort()

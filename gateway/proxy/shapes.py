@@ -33,7 +33,6 @@ Invariants:
 """
 from __future__ import annotations
 
-
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..exchange import Exchange
