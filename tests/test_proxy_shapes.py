@@ -241,18 +241,24 @@ def test_replaying_a_head_makes_the_transitions_parsing_it_makes(raw):
     assert type(head) is http1.RequestHead and parsed.next_event() is http1.END
     replayed = http1.ServerConnection()
     assert replayed.at_rest
-    replayed.replay(head)
+    assert replayed.replay(head) is True
     assert state(replayed) == state(parsed)
     # and the response side behaves the same
     for c in (parsed, replayed):
         c.start_response(200, b"OK", b"", length=0)
         c.end_response()
     assert state(replayed) == state(parsed)
-    # never in the middle of something
+    # never in the middle of something: declined, nothing changed
     busy = http1.ServerConnection()
     busy.receive_data(b"GET /a HTTP/1.1\r\n")
+    before = state(busy)
+    assert busy.replay(head) is False and state(busy) == before
+    # and never a head that switches protocols
+    connect = http1.ServerConnection()
+    connect.receive_data(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n")
+    switch = connect.next_event()
     with pytest.raises(http1.LocalProtocolError):
-        busy.replay(head)
+        http1.ServerConnection().replay(switch)
 
 
 class SharedAnswerHandler(MemoryHandler):
@@ -322,7 +328,7 @@ def test_replaying_a_response_makes_the_transitions_framing_it_makes():
     framed.start_response(200, b"OK", b"", length=3)
     framed.send_data(b"abc")
     framed.end_response()
-    replayed.replay_response()
+    assert replayed.replay_response() is True
     assert state(replayed) == state(framed)
     for c in (framed, replayed):
         c.start_next_cycle()
@@ -333,8 +339,8 @@ def test_replaying_a_response_makes_the_transitions_framing_it_makes():
         c.receive_data(raw)
         c.next_event(), c.next_event()
         assert not c.plain_keep_alive
-        with pytest.raises(http1.LocalProtocolError):
-            c.replay_response()
+        before = state(c)
+        assert c.replay_response() is False and state(c) == before
 
 
 def test_the_shapes_of_a_server_are_bounded_together(monkeypatch):
@@ -348,7 +354,7 @@ def test_the_shapes_of_a_server_are_bounded_together(monkeypatch):
 
     def prepared(path: str) -> tuple[http1.RequestHead, Prepared]:
         head = http1.RequestHead("GET", path, [("Host", "h")], "1.1", True)
-        rec = AccessRecord("c", "GET", 0.0, scheme="https", host="h", port=443, path=path,
+        rec = AccessRecord.of("c", "GET", 0.0, scheme="https", host="h", port=443, path=path,
                            decision="intercept")
         ex = Exchange("GET", "https", "h", 443, path, CIMultiDict(Host="h"), None, "c")
         return head, Prepared(rec, RequestFields(head.headers), ex)

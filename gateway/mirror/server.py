@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Optional
+from typing import Optional, Union
 
 from ..exchange import Response, error_response
 from ..observability.logging import get_logger
@@ -35,8 +35,8 @@ class MirrorConnection(ClientConnection):
 
     def _prepare(self, request) -> Prepared:
         method, target = request.method, request.target
-        rec = AccessRecord(client=self.client, method=method, started=self._loop.time(),
-                           door="mirror", decision="mirror")
+        rec = AccessRecord.of(self.client, method, self._loop.time(), door="mirror",
+                              decision="mirror")
         rec.path = target.split("?", 1)[0][:200]
         headers = RequestFields(request.headers)
         clen = (headers.content_length or "").strip()
@@ -67,7 +67,7 @@ class MirrorConnection(ClientConnection):
 
         return (prepared.routed, rec.method, fwd, self.client, rec.id, seen)
 
-    def _known_answer(self, prepared: Prepared) -> Optional[Reply]:
+    def _known_answer(self, prepared: Prepared) -> Union[Reply, Response, None]:
         routed = prepared.routed
         if type(routed) is Reply:
             return routed
@@ -76,7 +76,7 @@ class MirrorConnection(ClientConnection):
             response = self.server.door.try_answer(*self._door_args(prepared))
         except Exception:  # noqa: BLE001 - answer() gives the answer (and logs what fails)
             return None
-        return Reply(response) if response is not None else None
+        return response
 
     async def _answer_routed(self, request, prepared: Prepared,
                              response: Optional[Response]) -> Outcome:

@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
 
 import orjson
 import structlog
@@ -61,10 +61,6 @@ FLUSH_DELAY = 0.02
 FLUSH_LINES = 256
 
 
-#: a line whose text is made when the buffer is written: ``(render, argument)``
-Deferred = tuple[Callable[[Any], str], Any]
-
-
 class _LineBuffer:
     """Log lines for one output, written in batches: one ``write`` + ``flush`` per event-loop
     burst instead of one per line (the access log writes a line per request).
@@ -74,27 +70,19 @@ class _LineBuffer:
     :data:`FLUSH_LINES`-th buffered; anywhere else (no loop, another thread) it is written at
     once, together with whatever is buffered, so lines stay in order. What is still buffered
     at interpreter exit is written by an ``atexit`` hook.
-
-    A line may also be buffered *unrendered* (a :data:`Deferred`): its text is made when the batch is
-    written, in buffer order. Why: rendering a few hundred lines back to back keeps the
-    renderer's code and data in the CPU cache instead of interleaving it with each request's
-    TLS and socket work; for the access line that measured ~1 µs per request less in the
-    running gateway (small hits, pinned A/B, 8 rounds each: 25–28 against 26–28 µs; rendering
-    itself is ~1.8 µs per line). The values it is made from are taken when it is logged.
     """
 
     def __init__(self, file) -> None:
         self._file = file
-        self._lines: list[Union[str, Deferred]] = []
+        self._lines: list[str] = []
         self._lock = threading.Lock()
         self._armed: Optional[asyncio.AbstractEventLoop] = None
         #: the thread that runs ``_armed``
         self._armed_thread = 0
         atexit.register(self.flush)
 
-    def write_line(self, line: Union[str, Deferred]) -> None:
-        """Buffer a line: its text, or a :data:`Deferred` rendered as ``item[0](item[1])`` when
-        the batch is written."""
+    def write_line(self, line: str) -> None:
+        """Buffer a line (its text, without the newline)."""
         with self._lock:
             lines = self._lines
             lines.append(line)
@@ -127,23 +115,15 @@ class _LineBuffer:
                 self._write()
 
     def _write(self) -> None:
-        lines = [line if type(line) is str else _render_deferred(line) for line in self._lines]
+        lines = self._lines
         lines.append("")                         # the last line's newline, without copying text
         text = "\n".join(lines)
-        self._lines.clear()
+        lines.clear()
         try:
             self._file.write(text)
             self._file.flush()
         except (OSError, ValueError):            # closed or broken stderr: drop, never raise
             pass
-
-
-def _render_deferred(item: Deferred) -> str:
-    try:
-        return item[0](item[1])
-    except Exception as exc:  # noqa: BLE001 - a line that cannot be made must not lose the batch
-        return _render_json({"event": "log_line_failed", "level": "error",
-                             "error": f"{type(exc).__name__}: {exc}", "timestamp": _utc_iso_now()})
 
 
 class _BufferedLogger:
@@ -199,6 +179,48 @@ def _render_json(event_dict: EventDict) -> str:
         return orjson.dumps(event_dict, default=_json_default, option=_ORJSON_OPTIONS).decode()
     except orjson.JSONEncodeError:
         return json.dumps(event_dict, default=_json_default)
+
+
+def json_value(value: Any) -> str:
+    """The JSON text :func:`_render_json` writes for ``value`` as a field's value."""
+    try:
+        return orjson.dumps(value, default=_json_default, option=_ORJSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, default=_json_default)
+
+
+#: values a :class:`JsonRun` remembers the text of before it starts over
+JSON_RUN_MAX = 4096
+
+
+class JsonRun:
+    """The JSON text of a fixed run of fields (``"a":1,"b":"x"``: an object's members, without
+    the braces), remembered by their values.
+
+    Why: most fields of an access line repeat from one request to the next (method, host, path,
+    status, size, cache outcome), and making a line from remembered runs plus the few fields
+    that change (id, client, duration, time) costs about half of rendering it whole
+    (``bench/hitpath.py``). The text is :func:`_render_json`'s for those fields, so a line made
+    of runs is the line rendered whole (``tests/test_logging.py`` checks this over random
+    values). Values must be hashable, and one field's values of one type: ``1`` and ``True``
+    are one key (the access line's fields are never both). Bounded: :data:`JSON_RUN_MAX`
+    values, then it starts over."""
+
+    __slots__ = ("names", "_texts")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._texts: dict[tuple, str] = {}
+
+    def text(self, values: tuple) -> str:
+        known = self._texts.get(values)
+        if known is None:
+            known = _render_json(dict(zip(self.names, values)))[1:-1]
+            texts = self._texts
+            if len(texts) >= JSON_RUN_MAX:
+                texts.clear()
+            texts[values] = known
+        return known
 
 
 class _JsonRenderer:
@@ -280,6 +302,9 @@ _structlog_context_vars: Optional[dict] = getattr(structlog.contextvars, "_CONTE
 
 _T = TypeVar("_T")
 
+#: event → the text of an info line after its fields, up to its timestamp (:meth:`InfoLine.fields`)
+_closings: dict[str, str] = {}
+
 
 class InfoLine:
     """``bound.info(event, **fields)`` for a logger bound once and called per request (the
@@ -296,7 +321,7 @@ class InfoLine:
     no-op, as the filtering bound logger does.
     """
 
-    __slots__ = ("_context", "_processors", "_logger", "enabled", "_json", "_write", "_defer")
+    __slots__ = ("_context", "_processors", "_logger", "enabled", "_json", "_write", "_plain")
 
     def __init__(self, bound: Any) -> None:
         # structlog's BoundLoggerBase keeps these as attributes; fixed at bind time, like
@@ -308,36 +333,32 @@ class InfoLine:
         #: this logger's chain is the JSON chain of configure_logging (see __call__)
         self._json = bool(self._processors) and self._processors == _json_chain
         self._write: Callable[[str], None] = self._logger.info
-        #: the buffer's write_line for deferred lines (the JSON chain on a buffered logger), else None
-        self._defer: Optional[Callable[[Deferred], None]] = None
+        #: the buffer's write_line where :meth:`fields` may make the text itself (the JSON chain
+        #: on a buffered logger, no bound context), else None
+        self._plain: Optional[Callable[[str], None]] = None
         if self._json:
             if isinstance(self._logger, _BufferedLogger):
                 self._write = self._logger._buffer.write_line
-                self._defer = self._logger._buffer.write_line
+                if not self._context:
+                    self._plain = self._write
 
-    def later(self, event: str, build: Callable[[_T], dict[str, Any]], values: _T) -> None:
-        """``self(event, build(values))``, with the text made when the buffer is written
-        (:meth:`_LineBuffer.write_line`): the same line, the same place among the others, its
-        timestamp taken now. ``values`` must not change afterwards (a tuple). Immediate when
-        the chain is not the buffered JSON chain, or when structlog context variables are
-        bound (they belong to the moment of the call)."""
+    def fields(self, event: str, build: Callable[[_T], dict[str, Any]],
+               members: Callable[[_T], str], values: _T) -> None:
+        """``self(event, build(values))``; where this line's chain is the buffered JSON chain
+        with nothing bound (no context, no context variables) — the gateway's access log — the
+        line is made as ``{`` + ``members(values)`` + event, level and timestamp instead, which
+        must be the same text: ``members(values)`` is the JSON members of ``build(values)`` in
+        their order (see :class:`JsonRun`)."""
         if not self.enabled:
             return
-        if self._defer is None or _structlog_context_vars is None or _structlog_context_vars:
+        if self._plain is None or _structlog_context_vars is None or _structlog_context_vars:
             self(event, build(values))
             return
-        self._defer((self._render_later, (event, build, values, time.time_ns())))
-
-    def _render_later(self, item: tuple) -> str:
-        event, build, values, ns = item
-        fields = build(values)
-        event_dict = {**self._context, **fields} if self._context else fields
-        event_dict["event"] = event
-        event_dict["level"] = "info"
-        event_dict["timestamp"] = _utc_iso(ns)
-        if "exc_info" in event_dict:
-            structlog.processors.format_exc_info(self._logger, "info", event_dict)
-        return _render_json(event_dict)
+        closing = _closings.get(event)
+        if closing is None:
+            closing = _closings[event] = (
+                f',"event":{json_value(event)},"level":"info","timestamp":"')
+        self._plain(f"{{{members(values)}{closing}{_utc_iso_now()}\"}}")
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         """Log ``fields`` (a dict the caller hands over: it becomes the event dict)."""

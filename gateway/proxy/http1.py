@@ -338,19 +338,26 @@ class ServerConnection:
                 and not self._in_message and not self._stopped and not self._broken
                 and not self._eof)
 
-    def replay(self, head: RequestHead) -> None:
-        """Take ``head`` as the next request, complete and bodyless: the transitions
-        ``next_event()`` makes when it returns ``head`` and then :data:`END`.
+    def replay(self, head: RequestHead) -> bool:
+        """Take ``head`` as the next request, complete and bodyless, if the machine is
+        :attr:`at_rest` (else False, nothing changed): the transitions ``next_event()`` makes
+        when it returns ``head`` and then :data:`END`.
 
         For a head this machine parsed before *at rest* from one whole chunk that held exactly
         that request (no body, no Upgrade, not CONNECT): llhttp at rest turns the same bytes
         into the same events, so the caller may skip feeding them (``proxy/shapes.py``). The
-        parser is left at rest, which is where it would be after those bytes.
+        parser is left at rest, which is where it would be after those bytes. (One call that
+        checks and replays: it runs on every replayed request.)
         """
-        if not self.at_rest or head.upgrade or head.method == "CONNECT":
-            raise LocalProtocolError("a head can only be replayed at rest, without a switch")
+        if not (self.their_state is IDLE and self.our_state is IDLE and not self._events
+                and not self._in_message and not self._stopped and not self._broken
+                and not self._eof):                     # at_rest
+            return False
+        if head.upgrade or head.method == "CONNECT":
+            raise LocalProtocolError("a head with a switch cannot be replayed")
         self._begin_request(head)
         self.their_state = DONE if self._request_keep_alive else MUST_CLOSE
+        return True
 
     @property
     def plain_keep_alive(self) -> bool:
@@ -360,18 +367,21 @@ class ServerConnection:
         return (self.their_state is DONE and self.our_state is IDLE and self._request_keep_alive
                 and not self._http10 and not self._head_request)
 
-    def replay_response(self) -> None:
+    def replay_response(self) -> bool:
         """The transitions of ``start_response(..., length=n)`` → ``send_data`` of n bytes →
-        ``end_response()`` for a kept-alive request (:attr:`plain_keep_alive`): the caller
-        sends bytes these calls produced before under the same inputs (``proxy/respond.py``)."""
-        if not self.plain_keep_alive:
-            raise LocalProtocolError("no kept-alive request waiting for a framed response")
+        ``end_response()`` for a kept-alive request, if :attr:`plain_keep_alive` (else False,
+        nothing changed): the caller sends bytes these calls produced before under the same
+        inputs (``proxy/respond.py``)."""
+        if not (self.their_state is DONE and self.our_state is IDLE and self._request_keep_alive
+                and not self._http10 and not self._head_request):     # plain_keep_alive
+            return False
         self.they_are_waiting_for_100_continue = False
         self._no_body = False
         self._remaining = 0
         self._chunked = False
         self._response_keep_alive = True
         self.our_state = DONE
+        return True
 
     def request_received(self) -> bool:
         """The request whose head was just returned is complete in the buffer with no body

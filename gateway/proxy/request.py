@@ -38,16 +38,22 @@ class AccessRecord:
     established: bool = False      # a CONNECT answered 200
     door: str = "proxy"            # which listener took the request: proxy or mirror
 
-    def __init__(self, client: str, method: str, started: float, id: Optional[str] = None,
-                 **fields) -> None:
+    def __init__(self, client: str, method: str, started: float, id: Optional[str] = None) -> None:
         self.client = client
         self.method = method
         self.started = started
         self.id: str = id or new_request_id()
+
+    @classmethod
+    def of(cls, client: str, method: str, started: float, id: Optional[str] = None,
+           **fields) -> "AccessRecord":
+        """A record with more of its fields set (by name; an unknown name is an error)."""
+        rec = cls(client, method, started, id)
         for name, value in fields.items():
             if not hasattr(AccessRecord, name):
                 raise TypeError(f"AccessRecord has no field {name!r}")
-            setattr(self, name, value)
+            setattr(rec, name, value)
+        return rec
 
     def __repr__(self) -> str:
         return f"AccessRecord({self.__dict__!r})"

@@ -215,10 +215,11 @@ class ResponseWriter(ResponseWriterHost):
         conn = self.conn
         wire = response.wire
         if (wire is not None and method == "GET" and extra_headers is None and not close
-                and wire[0] == self._via and conn.plain_keep_alive and not self.server.draining):
+                and wire[0] == self._via and not self.server.draining
+                and conn.replay_response()):
             # the same answer object to a request with the same framing inputs (a hit's answer
-            # is shared for its Age second): the same bytes, the same transitions
-            conn.replay_response()
+            # is shared for its Age second; replay_response checks the connection's): the
+            # same bytes, the same transitions
             self.writer.write(wire[1])
             n = wire[2]
             rec.bytes += n

@@ -52,7 +52,9 @@ class ClientStream(asyncio.Protocol):
         self._exc: Optional[BaseException] = None
         self._waiter: Optional[asyncio.Future] = None
         self._read_paused = False
-        self._write_paused = False
+        #: the transport's write buffer is above its high-water mark (drain before more); an
+        #: attribute, not a property: read on every answer
+        self.write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
         #: the transport is (or is about to be) TLS: EOF cannot be half a close there
         self.tls = False
@@ -61,7 +63,7 @@ class ClientStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         self.transport = transport  # type: ignore[assignment]
         self._read_paused = False
-        self._write_paused = False
+        self.write_paused = False
         if transport.get_extra_info("sslcontext") is not None:
             self.tls = True
         announce, self._on_connected = self._on_connected, None
@@ -109,10 +111,10 @@ class ClientStream(asyncio.Protocol):
             lost(exc)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         for fut in self._drain_waiters:
             if not fut.done():
                 fut.set_result(None)
@@ -183,11 +185,6 @@ class ClientStream(asyncio.Protocol):
             self.transport.resume_reading()
 
     # -- writing -----------------------------------------------------------------------------
-    @property
-    def write_paused(self) -> bool:
-        """The transport's write buffer is above its high-water mark (drain before more)."""
-        return self._write_paused
-
     def write(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
@@ -198,7 +195,7 @@ class ClientStream(asyncio.Protocol):
             await asyncio.sleep(0)
         if self._lost:
             raise ConnectionResetError("Connection lost")
-        if not self._write_paused:
+        if not self.write_paused:
             return
         fut = asyncio.get_running_loop().create_future()
         self._drain_waiters.append(fut)
