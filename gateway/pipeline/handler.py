@@ -51,6 +51,33 @@ _CLIENT = Origin.CLIENT
 COUNTERS_MAX = 4096
 
 
+#: request fields that make an answer from an entry more than the whole stored response
+_CONDITIONAL_FIELDS = ("if-none-match", "if-modified-since", "range")
+
+
+class Classified:
+    """What the pipeline makes of a request from its inputs alone — method, URL, header fields
+    and the cache settings — remembered per distinct request (:meth:`Pipeline._classify`).
+    Every value is a pure function of those inputs; the steps that read them (:meth:`try_hit`,
+    :meth:`handle`) are the same for a remembered request and a new one."""
+
+    __slots__ = ("lower", "res", "token", "lookup", "blob_head", "whole")
+
+    def __init__(self, method: str, lower: Mapping[str, str], res: Resource) -> None:
+        #: the request's fields folded (lower-case names), a read-only view
+        self.lower = lower
+        self.res = res
+        #: an anonymous registry token the gateway may answer itself (:meth:`Pipeline._token`)
+        self.token = bool(res.kind == "oci_auth" and res.cache_key
+                          and res.cache_key.startswith("oci-token|"))
+        #: answered from the cache at all (else forwarded as a stream)
+        self.lookup = res.cache_key is not None and method in ("GET", "HEAD")
+        #: a blob's HEAD: from the cache only when the blob is on disk
+        self.blob_head = res.kind == "oci_blob" and method == "HEAD"
+        #: no conditional or range field: an entry's answer is its whole stored response
+        self.whole = not any(name in lower for name in _CONDITIONAL_FIELDS)
+
+
 class Pipeline:
     """Implements :class:`gateway.exchange.Handler`."""
 
@@ -85,7 +112,7 @@ class Pipeline:
         self._counters_generation = -1
         #: request (method, scheme, host, port, target, header fields) → (folded fields, its
         #: Resource), valid for the ``cache`` settings object in ``_classified_cfg`` only
-        self._classified: dict[tuple, tuple[Mapping[str, str], Resource]] = {}
+        self._classified: dict[object, Classified] = {}
         self._classified_cfg: Optional[object] = None
 
     # -- entry point ----------------------------------------------------------------------------
@@ -100,24 +127,30 @@ class Pipeline:
         :meth:`_fresh_hit`); None also means "not known here" (a miss, an entry only on disk or
         in Redis, a purge-marker check due), never a different answer.
         """
-        lower, res = self._classify(ex)
-        token = self._token(ex, res)
-        if token is not None:
-            return token
-        if not self._lookup_allowed(ex, res):
+        known = self._classify(ex)
+        res = known.res
+        if known.token:
+            token = self._token(ex, res)
+            if token is not None:
+                return token
+        if not self._lookup_allowed(ex, known):
             return None
-        found = self._variant(self.entries.peek(res.cache_key), lower)
-        return self._fresh_hit(ex, res, found, self.clock()) if found is not None else None
+        found = self.entries.peek(res.cache_key)  # type: ignore[arg-type]
+        if found is None or (found[0].vary and self._variant(found, known.lower) is None):
+            return None
+        return self._fresh_hit(ex, res, found, self.clock(), known.whole)
 
     async def handle(self, ex: Exchange, revalidate: bool = False) -> Response:
         """Answer one request. ``revalidate=True`` (the prefetcher: has the tag moved?) checks
         even a fresh entry with the upstream (conditionally: a 304 keeps it); everything else —
         single flight, circuit, rate limits, verification, stale on failure — as for a client."""
-        lower, res = self._classify(ex)
-        token = self._token(ex, res)
-        if token is not None:
-            return token
-        if not self._lookup_allowed(ex, res):
+        known = self._classify(ex)
+        lower, res = known.lower, known.res
+        if known.token:
+            token = self._token(ex, res)
+            if token is not None:
+                return token
+        if not self._lookup_allowed(ex, known):
             return await self._forward(ex, res)
         # peek: the same answer as get() when it has one, without two coroutines (a memory hit)
         found = self._variant(self.entries.peek(res.cache_key)
@@ -126,7 +159,7 @@ class Pipeline:
         if found is not None:
             entry, body = found
             if not revalidate:
-                hit = self._fresh_hit(ex, res, found, now)
+                hit = self._fresh_hit(ex, res, found, now, known.whole)
                 if hit is not None:
                     return hit
         else:
@@ -140,16 +173,18 @@ class Pipeline:
         return await self._answer(ex, res, outcome, entry, body, collapsed=not leader, job=job)
 
     # -- the steps shared by try_hit and handle -------------------------------------------------
-    def _classify(self, ex: Exchange) -> tuple[Mapping[str, str], Resource]:
-        """(the request's fields folded, lower-case names; its Resource).
+    def _classify(self, ex: Exchange) -> Classified:
+        """What the request's inputs alone decide (:class:`Classified`): its fields folded,
+        its Resource, and the flags the steps below read.
 
         Memoised: :func:`classify` is a pure function of the request line, its header fields
         and ``self.cfg`` (frozen settings), and a scan repeats the same requests (a POM per
         dependency, the same manifests and tokens). The key is all of the request's inputs,
         every header field included as sent (a request differing in ``Accept`` or
         ``Authorization`` is its own key); the memo is dropped whenever ``self.cfg`` is another
-        object (a reload assigns a new one). Both values are immutable (Resource is frozen, the
-        fields a read-only view), so sharing them between requests is safe.
+        object (a reload assigns a new one). What it holds is never changed (Resource is frozen,
+        the fields a read-only view, the flags set once), so sharing it between requests is
+        safe.
         """
         cfg = self.cfg
         memo = self._classified
@@ -170,24 +205,22 @@ class Pipeline:
                            scheme=ex.scheme)
             if len(memo) >= CLASSIFIED_MAX:
                 memo.clear()
-            known = memo[key] = (lower, res)
-        ex.notes["kind"] = known[1].kind
+            known = memo[key] = Classified(ex.method, lower, res)
+        ex.notes["kind"] = known.res.kind
         return known
 
     def _token(self, ex: Exchange, res: Resource) -> Optional[Response]:
-        """An anonymous registry token the gateway answers itself (offline-capable)."""
-        if res.kind == "oci_auth" and res.cache_key and res.cache_key.startswith("oci-token|"):
-            token = public_token_response(ex, self.cfg)
-            if token is not None:
-                self._count(ex, res, CacheResult.HIT)
-                return token
-        return None
+        """An anonymous registry token the gateway answers itself (offline-capable), for a
+        request whose :attr:`Classified.token` is set."""
+        token = public_token_response(ex, self.cfg)
+        if token is not None:
+            self._count(ex, res, CacheResult.HIT)
+        return token
 
-    def _lookup_allowed(self, ex: Exchange, res: Resource) -> bool:
+    def _lookup_allowed(self, ex: Exchange, known: Classified) -> bool:
         """False: not answered from the cache at all (forwarded as a stream)."""
-        return res.cache_key is not None and ex.method in ("GET", "HEAD") and not (
-            res.kind == "oci_blob" and ex.method == "HEAD"
-            and not self.blobs.has(res.digest or ""))
+        return known.lookup and not (known.blob_head
+                                     and not self.blobs.has(known.res.digest or ""))
 
     @staticmethod
     def _variant(found: Optional[tuple[Entry, Optional[bytes]]],
@@ -199,25 +232,30 @@ class Pipeline:
         return found
 
     def _fresh_hit(self, ex: Exchange, res: Resource, found: tuple[Entry, Optional[bytes]],
-                   now: float) -> Optional[Response]:
-        """The answer from a fresh entry, or None when it is not fresh."""
+                   now: float, whole: Optional[bool] = None) -> Optional[Response]:
+        """The answer from a fresh entry, or None when it is not fresh (``whole``:
+        :attr:`Classified.whole`)."""
         entry, body = found
-        if not entry.is_fresh(now):
+        if not now < entry.fresh_until:          # Entry.is_fresh(now)
             return None
         result = _NEGATIVE if entry.negative else _HIT
-        self._maybe_refresh(ex, res, entry, now)
-        return self._serve(ex, res, entry, body, result, hit_status(result, entry.ttl_left(now)),
-                           now)
+        if res.refresh_ahead:
+            self._maybe_refresh(ex, res, entry, now)
+        return self._serve(ex, res, entry, body, result,
+                           hit_status(result, entry.fresh_until - now), now, whole)
 
     # -- the cache's answers -------------------------------------------------------------------
     def _serve(self, ex: Exchange, res: Resource, entry: Entry, body: Optional[bytes],
-               result: CacheResult, status_value: str, now: Optional[float] = None) -> Response:
-        """``now``: the clock's reading when nothing was awaited since (else read here)."""
+               result: CacheResult, status_value: str, now: Optional[float] = None,
+               whole: Optional[bool] = None) -> Response:
+        """``now``: the clock's reading when nothing was awaited since (else read here);
+        ``whole``: :attr:`Classified.whole` when known."""
         self._count(ex, res, result)
-        self._note_artifact(res, entry, stale=result == _STALE)
+        if entry.meta:
+            self._note_artifact(res, entry, stale=result == _STALE)
         try:
             return response_from_entry(ex, entry, body, self.blobs, status_value, self.chunk_size,
-                                       now=self.clock() if now is None else now)
+                                       now=self.clock() if now is None else now, whole=whole)
         except LookupError:
             # the blob went away between lookup and pin: answer as a miss next time
             asyncio.get_running_loop().create_task(self.entries.delete(entry.key))

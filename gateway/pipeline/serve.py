@@ -232,16 +232,18 @@ def _plain_answer(entry: Entry, age: int, status_value: str) -> _Rendered:
 
 def response_from_entry(ex: Exchange, entry: Entry, body: Optional[bytes], blobs: BlobStore,
                         status_value: str, chunk_size: int = 256 * 1024,
-                        now: Optional[float] = None) -> Response:
+                        now: Optional[float] = None, whole: Optional[bool] = None) -> Response:
     """Answer ``ex`` from a stored entry (hit, stale, negative, revalidated); ``now``: the
-    pipeline's clock (for ``Age``)."""
+    pipeline's clock (for ``Age``); ``whole``: the request has none of ``If-None-Match``,
+    ``If-Modified-Since`` and ``Range`` (None: look)."""
     now = time.time() if now is None else now
     age = max(0, int(now - entry.validated_at))
     status = entry.status
     size = entry.body_size
     req = ex.headers
-    if status != 200 or not ("If-None-Match" in req or "If-Modified-Since" in req
-                             or "Range" in req):
+    if whole is None:
+        whole = not ("If-None-Match" in req or "If-Modified-Since" in req or "Range" in req)
+    if status != 200 or whole:
         # what most hits are: the whole stored response (what the lines below give for them).
         # Answers without a per-request resource (a body in memory, none) are built once per
         # (Age, Cache-Status) and shared: a Response is never changed once made
