@@ -5,8 +5,12 @@ answer), keeps connections alive, parses nothing beyond the end of the head (req
 body here) and logs nothing. What the gateway spends per small hit above this is its own Python;
 the issue's target is ≤ 1.5× this server's CPU per request.
 
-Usage: ``python bench/bare.py BODY_FILE CERT KEY`` → prints ``PORT <n>`` when listening;
-runs until SIGTERM/SIGINT. Same event loop as the gateway (stdlib asyncio).
+Usage: ``python bench/bare.py BODY_FILE CERT KEY [--gateway-tls]`` → prints ``PORT <n>`` when
+listening; runs until SIGTERM/SIGINT. Same event loop as the gateway (stdlib asyncio).
+
+``--gateway-tls``: the same server over the gateway's TLS layer instead of asyncio's
+(``gateway/proxy/tls_upgrade.py``: ``start_tls`` with ``LeanSSLProtocol``), the reference that
+tells how much of the gateway's figure is its TLS glue and how much its own work per request.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import asyncio
 import signal
 import ssl
 import sys
+from pathlib import Path
 
 
 def render(body: bytes) -> bytes:
@@ -51,13 +56,38 @@ class BareHTTP(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
 
 
-async def main(body_path: str, cert: str, key: str) -> None:
+class GatewayTLS(asyncio.Protocol):
+    """Accepts plain TCP and upgrades it with the gateway's ``start_tls`` (as the proxy does
+    after CONNECT), then hands the connection to a :class:`BareHTTP`."""
+
+    def __init__(self, app: BareHTTP, ctx: ssl.SSLContext) -> None:
+        self.app, self.ctx = app, ctx
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        asyncio.ensure_future(self._upgrade(transport))
+
+    async def _upgrade(self, transport) -> None:
+        from gateway.proxy.tls_upgrade import start_tls  # noqa: PLC0415 - only for this mode
+
+        try:
+            await start_tls(asyncio.get_running_loop(), transport, self.app, self.ctx)
+        except (OSError, ssl.SSLError, ConnectionError):
+            transport.close()
+
+
+async def main(body_path: str, cert: str, key: str, mode: str = "") -> None:
     answer = render(open(body_path, "rb").read())
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: BareHTTP({b"/small.pom": answer}, answer),
-                                      "127.0.0.1", 0, ssl=ctx, backlog=1024)
+    if mode == "--gateway-tls":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        server = await loop.create_server(
+            lambda: GatewayTLS(BareHTTP({b"/small.pom": answer}, answer), ctx),
+            "127.0.0.1", 0, backlog=1024)
+    else:
+        server = await loop.create_server(lambda: BareHTTP({b"/small.pom": answer}, answer),
+                                          "127.0.0.1", 0, ssl=ctx, backlog=1024)
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,4 +97,4 @@ async def main(body_path: str, cert: str, key: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    asyncio.run(main(*sys.argv[1:5]))

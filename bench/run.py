@@ -139,6 +139,7 @@ class Env:
         self.nginx: Optional[Nginx] = None
         self.ceiling: Optional[PortProcess] = None
         self.bare: Optional[PortProcess] = None
+        self.bare_gw_tls: Optional[PortProcess] = None
         self.squid: Optional[Squid] = None
         self.plain: Optional[PortProcess] = None
 
@@ -147,6 +148,7 @@ class Env:
                          ("nginx", lambda: self.nginx and self.nginx.stop()),
                          ("ceiling", lambda: self.ceiling and self.ceiling.stop()),
                          ("bare", lambda: self.bare and self.bare.stop()),
+                         ("bare, gateway TLS", lambda: self.bare_gw_tls and self.bare_gw_tls.stop()),
                          ("squid", lambda: self.squid and self.squid.stop()),
                          ("plain upstream", lambda: self.plain and self.plain.stop()),
                          ("world", lambda: self.world and self.world.stop())):
@@ -207,6 +209,9 @@ class Bench:
         env.bare = PortProcess([str(HERE / "bare.py"), str(www / "small.pom"),
                                 str(pki.server_cert_pem), str(pki.server_key_pem)],
                                env.work / "bare.log").start()
+        env.bare_gw_tls = PortProcess([str(HERE / "bare.py"), str(www / "small.pom"),
+                                       str(pki.server_cert_pem), str(pki.server_key_pem),
+                                       "--gateway-tls"], env.work / "bare-gw-tls.log").start()
         env.plain = PortProcess([str(HERE / "plain_upstream.py"), PLAIN_REPO, str(self.blob.path)],
                                 env.work / "plain-upstream.log").start()
 
@@ -521,6 +526,8 @@ class Bench:
              f"http://127.0.0.1:{env.gw.proxy_port}", lambda: [self.gw_pid]),
             ("bare Protocol", f"https://127.0.0.1:{env.bare.port}/small.pom", self.ref_ca, None,
              lambda: [env.bare.pid]),
+            ("bare, gateway TLS", f"https://127.0.0.1:{env.bare_gw_tls.port}/small.pom",
+             self.ref_ca, None, lambda: [env.bare_gw_tls.pid]),
             ("aiohttp ceiling", f"https://127.0.0.1:{env.ceiling.port}/small.pom", self.ref_ca, None,
              lambda: [env.ceiling.pid]),
             ("nginx", f"https://127.0.0.1:{env.nginx.tls_port}/small.pom", self.ref_ca, None,
@@ -528,7 +535,7 @@ class Bench:
         ] + squid_lane
         if a.go_lanes:                           # quick A/B runs: only these lanes (and the rows
             keep = {n.strip() for n in a.go_lanes.split(",")}    # they need stay complete)
-            keep |= {"gateway", "bare Protocol"}
+            keep |= {"gateway", "bare Protocol", "bare, gateway TLS"}
             lanes = [lane for lane in lanes if lane[0] in keep]
         rounds = max(1, a.runs)
         slice_s = max(2.0, a.duration / rounds)
@@ -538,7 +545,7 @@ class Bench:
                 r = run_hey(hey, url, ca, proxy, conns, slice_s, pids())
                 per[name].append(r)
                 print(f"  round {i + 1} {name}: {r['rate']:,.0f}/s p50 {r['p50_ms']:.2f} ms "
-                      f"p99 {r['p99_ms']:.2f} ms ({r['cpu_us_per_req']:,.0f} us CPU/req; "
+                      f"p99 {r['p99_ms']:.2f} ms ({r['cpu_us_per_req']:,.1f} us CPU/req; "
                       f"{r['n']} ok, {r['bad']} not 200)", flush=True)
         # the best round per server (least CPU per request; its rate and latencies with it): on
         # this shared machine a slow spell (every process at several times its CPU per request
@@ -566,6 +573,18 @@ class Bench:
             target="<= 1.5x", ok=g["cpu_us_per_req"] <= 1.5 * b["cpu_us_per_req"],
             note=f"ratio = gateway/bare (lower is better); aiohttp ceiling {c['cpu_us_per_req']:,.0f} us, "
                  f"nginx {n['cpu_us_per_req']:,.0f} us"))
+        bg = res.get("bare, gateway TLS")
+        if bg is not None:
+            # the same bare server over the gateway's TLS layer (bench/bare.py --gateway-tls):
+            # what the gateway spends per request beyond TLS glue it shares with this one
+            self.rows.append(dict(
+                metric="small hits, Go client: CPU vs bare on the gateway's TLS",
+                gateway=f"{g['cpu_us_per_req']:,.1f} us",
+                reference=f"{bg['cpu_us_per_req']:,.1f} us (bare, gateway TLS)",
+                ratio=g["cpu_us_per_req"] / bg["cpu_us_per_req"] if bg["cpu_us_per_req"] else float("nan"),
+                target="(info)", ok=None,
+                note=f"the issue's reference is the bare server on asyncio's TLS: "
+                     f"{b['cpu_us_per_req']:,.1f} us"))
         if sq is not None:
             self.rows.append(dict(
                 metric="small hits, Go client: CPU per request vs Squid",

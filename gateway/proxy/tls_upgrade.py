@@ -57,8 +57,12 @@ _AGAIN = sslproto.SSLAgainErrors
 #: (the same state machine and attribute names); on another Python the stock steps run
 LEAN_STEPS = sys.version_info[:2] in ((3, 11), (3, 12), (3, 13)) and all(
     hasattr(sslproto.SSLProtocol, name) for name in (
-        "_do_read__copied", "_write_appdata", "_process_outgoing", "_control_app_writing",
-        "_control_ssl_reading", "_call_eof_received", "_start_shutdown", "_fatal_error"))
+        "buffer_updated", "_do_read", "_do_read__copied", "_do_write", "_write_appdata",
+        "_process_outgoing", "_control_app_writing", "_control_ssl_reading",
+        "_call_eof_received", "_start_shutdown", "_fatal_error")) and hasattr(
+    # ssl.SSLObject's read/write/pending are one-line Python wrappers around this object's
+    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO()),
+    "_sslobj")
 
 
 class LeanSSLProtocol(sslproto.SSLProtocol):
@@ -98,8 +102,28 @@ class LeanSSLProtocol(sslproto.SSLProtocol):
         return view
 
     if LEAN_STEPS:
+        def buffer_updated(self, nbytes: int) -> None:
+            # asyncio's buffer_updated → _do_read for a wrapped connection, in one step
+            self._incoming.write(self._ssl_buffer_view[:nbytes])
+            if self._state is not _WRAPPED or self._app_reading_paused \
+                    or self._app_protocol_is_buffer:
+                if self._state is _WRAPPED:
+                    self._do_read()
+                else:
+                    super().buffer_updated(0)    # the BIO has the bytes; 0: nothing more
+                return
+            try:
+                self._do_read__copied()
+                if self._write_backlog:
+                    self._do_write()
+                else:
+                    self._process_outgoing()
+                self._control_ssl_reading()
+            except Exception as ex:  # noqa: BLE001 - as asyncio's _do_read
+                self._fatal_error(ex, "Fatal error on SSL protocol")
+
         def _do_read__copied(self) -> None:
-            sslobj, incoming = self._sslobj, self._incoming
+            sslobj, incoming = self._sslobj._sslobj, self._incoming
             first: Optional[bytes] = None
             more: Optional[list[bytes]] = None
             chunk = b"1"
@@ -130,7 +154,7 @@ class LeanSSLProtocol(sslproto.SSLProtocol):
                 return
             data = list_of_data[0]
             try:
-                count = self._sslobj.write(data)
+                count = self._sslobj._sslobj.write(data)
             except _AGAIN:
                 count = 0
             except Exception as ex:  # noqa: BLE001 - as asyncio's _write_appdata
