@@ -253,7 +253,7 @@ def test_json_run_remembers_a_bounded_number_of_texts(monkeypatch):
     assert run.text((1, "x")) == '"a":1,"b":"x"'
     for i in range(10):
         assert run.text((i, None)) == f'"a":{i},"b":null'
-        assert len(run._texts) <= 3
+        assert len(run.texts) <= 3
 
 
 def test_fields_logs_the_whole_dict_where_something_is_bound():

@@ -206,17 +206,18 @@ class JsonRun:
     are one key (the access line's fields are never both). Bounded: :data:`JSON_RUN_MAX`
     values, then it starts over."""
 
-    __slots__ = ("names", "_texts")
+    __slots__ = ("names", "texts")
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
-        self._texts: dict[tuple, str] = {}
+        #: values → text (read directly by callers that save a call: ``texts.get(v) or text(v)``)
+        self.texts: dict[tuple, str] = {}
 
     def text(self, values: tuple) -> str:
-        known = self._texts.get(values)
+        known = self.texts.get(values)
         if known is None:
             known = _render_json(dict(zip(self.names, values)))[1:-1]
-            texts = self._texts
+            texts = self.texts
             if len(texts) >= JSON_RUN_MAX:
                 texts.clear()
             texts[values] = known
@@ -358,7 +359,7 @@ class InfoLine:
         if closing is None:
             closing = _closings[event] = (
                 f',"event":{json_value(event)},"level":"info","timestamp":"')
-        self._plain(f"{{{members(values)}{closing}{_utc_iso_now()}\"}}")
+        self._plain(f"{{{members(values)}{closing}{_utc_iso(time.time_ns())}\"}}")
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         """Log ``fields`` (a dict the caller hands over: it becomes the event dict)."""

@@ -816,23 +816,27 @@ class ClientConnection(RequestRouter, ResponseWriter):
     # -- accounting ---------------------------------------------------------------------------
     def _remember(self, key: tuple, child) -> None:
         cache = self.server.metric_children
-        if len(cache) < 2048:
-            cache[key] = child
+        if len(cache) >= 2048:
+            cache.clear()                        # bounded; the next requests fill it again
+        cache[key] = child
 
     def _account(self, rec: AccessRecord) -> None:
         duration = self._loop.time() - rec.started
-        host_label = self.metrics.host_label(rec.host)
-        key = (host_label, rec.decision, rec.status, rec.door)
+        metrics = self.metrics
+        # keyed by the host as recorded and the host labels' generation: its label is looked
+        # up once per key, not per request
+        key = (rec.host, rec.decision, rec.status, rec.door, metrics.host_labels_generation)
         children = self.server.metric_children.get(key)
         if children is None:
-            children = (self.metrics.requests.labels(host=host_label, decision=rec.decision,
-                                                     status=str(rec.status), door=rec.door),
-                        self.metrics.request_duration.labels(host=host_label))
+            host_label = metrics.host_label(rec.host)
+            children = (metrics.requests.labels(host=host_label, decision=rec.decision,
+                                                status=str(rec.status), door=rec.door),
+                        metrics.request_duration.labels(host=host_label))
             self._remember(key, children)
-        deferred = self.metrics.deferred
-        deferred.add(children[0])
-        if not rec.established:
-            deferred.observe(children[1], duration)
+        if rec.established:
+            metrics.deferred.add(children[0])
+        else:
+            metrics.deferred.add_observe(children[0], children[1], duration)
         if not self.server.settings.logging.access_log:
             return
         exchange = rec.exchange
@@ -863,17 +867,28 @@ def _access_fields(values: tuple) -> dict:
 #: same URL, size and outcome), in their order
 _ACCESS_TARGET = JsonRun(("method", "scheme", "host", "port", "path", "status", "bytes"))
 _ACCESS_OUTCOME = JsonRun(("decision", "cache", "door"))
+#: a client address → its JSON text (a connection's client is on every line it logs)
+_client_texts: dict[str, str] = {}
 
 
 def _access_members(values: tuple) -> str:
     """:func:`_access_fields` as JSON members text (``InfoLine.fields``): the same text, the
-    repeating runs remembered."""
+    repeating runs remembered (one lookup each: this runs for every request)."""
     rec, duration, cache = values
-    text = (f'"request_id":{json_value(rec.id)},"client":{json_value(rec.client)},'
-            + _ACCESS_TARGET.text((rec.method or None, rec.scheme or None, rec.host or None,
-                                   rec.port or None, rec.path, rec.status, rec.bytes))
-            + f',"duration":{json_value(duration)},'
-            + _ACCESS_OUTCOME.text((rec.decision, cache, rec.door)))
+    client = _client_texts.get(rec.client)
+    if client is None:
+        if len(_client_texts) >= 4096:
+            _client_texts.clear()
+        client = _client_texts[rec.client] = json_value(rec.client)
+    key = (rec.method or None, rec.scheme or None, rec.host or None, rec.port or None, rec.path,
+           rec.status, rec.bytes)
+    target = _ACCESS_TARGET.texts.get(key) or _ACCESS_TARGET.text(key)
+    key = (rec.decision, cache, rec.door)
+    outcome = _ACCESS_OUTCOME.texts.get(key) or _ACCESS_OUTCOME.text(key)
+    # repr() is orjson's text for a float of 4 decimals from 0.0001 up to 1e15 (and 0.0)
+    text = (f'"request_id":{json_value(rec.id)},"client":{client},{target},"duration":'
+            f'{repr(duration) if 0.0001 <= duration < 1e15 or duration == 0.0 else json_value(duration)},'
+            f'{outcome}')
     if rec.bytes_in:
         text += f',"bytes_in":{json_value(rec.bytes_in)}'
     if rec.error:

@@ -71,8 +71,8 @@ class Shape:
         rec.scheme, rec.host, rec.port = self.scheme, self.host, self.port
         rec.path, rec.decision = self.path, self.decision
         ex = Exchange(self.method, self.scheme, self.host, self.port, self.target,
-                      self.headers, None, client, id=rec.id, started=started, shape=self)  # type: ignore[arg-type]
-        ex.notes["decision"] = self.decision
+                      self.headers, None, client, id=rec.id, started=started,  # type: ignore[arg-type]
+                      notes={"decision": self.decision}, shape=self)
         rec.exchange = ex
         return Prepared(rec, self.fields, ex)
 
