@@ -285,3 +285,31 @@ def test_fields_logs_the_whole_dict_where_something_is_bound():
         assert logs and logs[0]["request_id"] == "a-1" and logs[0]["event"] == "request"
     finally:
         structlog.reset_defaults()
+
+
+def test_a_members_function_that_fails_gives_the_whole_dict_line(monkeypatch):
+    """A log line never fails the request: if the members text cannot be made, the line is
+    rendered from the dict."""
+    import asyncio
+
+    from gateway.observability import logging as logging_module
+
+    monkeypatch.setattr(logging_module, "_structlog_context_vars", {})
+    buf = io.StringIO()
+    configure_logging(LoggingSettings(level="info", format="json"), stream=buf)
+
+    def broken(values):
+        raise TypeError("unhashable")
+
+    async def log_one() -> None:
+        InfoLine(get_logger("gateway.access").bind()).fields(
+            "request", lambda v: dict(zip(ACCESS_FIELDS, v)), broken,
+            tuple(ACCESS_FIELDS.values()))
+
+    try:
+        asyncio.run(log_one())
+        structlog.get_config()["logger_factory"]()._buffer.flush()
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(buf.getvalue())
+    assert line["request_id"] == "a-1" and line["event"] == "request"

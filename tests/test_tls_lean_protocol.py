@@ -9,6 +9,7 @@ socket's buffers while the client does not read. The server side is the gateway'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 
@@ -114,8 +115,9 @@ class Client:
         return bytes(got)
 
 
-async def _connected(pki):
-    """(client, server-side recorder, server objects to close)."""
+@contextlib.asynccontextmanager
+async def connected(pki):
+    """(client, server-side recorder, TLS transport, client socket); all closed afterwards."""
     loop = asyncio.get_running_loop()
     server_ctx = pki.server_ssl_context()
     made: asyncio.Future = loop.create_future()
@@ -136,7 +138,12 @@ async def _connected(pki):
     await client.handshake()
     tls = await asyncio.wait_for(upgrade, 10)
     assert isinstance(tls._ssl_protocol, LeanSSLProtocol)
-    return client, recorder, tls, server, sock
+    try:
+        yield client, recorder, tls, sock
+    finally:
+        tls.abort()
+        sock.close()
+        server.close()
 
 
 async def _until(predicate, what: str) -> None:
@@ -159,8 +166,7 @@ def test_the_lean_steps_are_the_ones_running_here():
 async def test_records_in_one_segment_reach_the_protocol_at_once_and_in_order(pki):
     """Several records in one TCP segment: all of them are decrypted in the same callback
     (stopping after the first would leave the rest in the BIO until more bytes come)."""
-    client, rec, tls, server, sock = await _connected(pki)
-    try:
+    async with connected(pki) as (client, rec, tls, sock):
         parts = [b"GET /a HTTP/1.1\r\n\r\n", b"GET /b HTTP/1.1\r\n\r\n", b"x" * 40_000]
         wire = b"".join(client.record(p) for p in parts)
         await asyncio.get_running_loop().sock_sendall(sock, wire)
@@ -169,48 +175,33 @@ async def test_records_in_one_segment_reach_the_protocol_at_once_and_in_order(pk
         # nothing more is waiting, and the connection still works both ways
         tls.write(b"answer")
         assert await client.read_all(6) == b"answer"
-    finally:
-        tls.abort()
-        sock.close()
-        server.close()
 
 
 async def test_a_record_split_over_segments_arrives_when_complete(pki):
-    client, rec, tls, server, sock = await _connected(pki)
-    loop = asyncio.get_running_loop()
-    try:
+    async with connected(pki) as (client, rec, tls, sock):
+        loop = asyncio.get_running_loop()
         wire = client.record(b"GET /split HTTP/1.1\r\n\r\n")
         await loop.sock_sendall(sock, wire[:7])
         await asyncio.sleep(0.05)
         assert rec.data == b""                       # a partial record decrypts to nothing
         await loop.sock_sendall(sock, wire[7:])
         await _until(lambda: rec.data == b"GET /split HTTP/1.1\r\n\r\n", "the whole record")
-    finally:
-        tls.abort()
-        sock.close()
-        server.close()
 
 
 async def test_data_and_close_notify_in_one_segment_give_the_data_then_eof(pki):
     """A read loop that stopped after the data record would not see the close_notify behind
     it until the client sent more, which it never will."""
-    client, rec, tls, server, sock = await _connected(pki)
-    try:
+    async with connected(pki) as (client, rec, tls, sock):
         wire = client.record(b"last request") + client.close_notify()
         await asyncio.get_running_loop().sock_sendall(sock, wire)
         await asyncio.wait_for(rec.eof.wait(), 10)
         assert rec.data == b"last request"
-    finally:
-        tls.abort()
-        sock.close()
-        server.close()
 
 
 async def test_a_large_answer_to_a_client_that_does_not_read_pauses_then_resumes_writing(pki):
     """Flow control through the lean write step: the application is paused above the
     high-water mark and resumed once the client has read; every byte arrives in order."""
-    client, rec, tls, server, sock = await _connected(pki)
-    try:
+    async with connected(pki) as (client, rec, tls, sock):
         piece = bytes(range(256)) * 256              # 64 KiB per write
         sent = 0
         for i in range(1024):                        # at most 64 MiB
@@ -226,17 +217,12 @@ async def test_a_large_answer_to_a_client_that_does_not_read_pauses_then_resumes
         assert got == body
         await _until(lambda: rec.resumed >= 1, "resume_writing")
         assert tls.get_write_buffer_size() == 0
-    finally:
-        tls.abort()
-        sock.close()
-        server.close()
 
 
 async def test_many_small_exchanges_keep_both_directions_in_step(pki):
     """Request, answer, request, answer… on one connection, as a kept-alive client does."""
-    client, rec, tls, server, sock = await _connected(pki)
-    loop = asyncio.get_running_loop()
-    try:
+    async with connected(pki) as (client, rec, tls, sock):
+        loop = asyncio.get_running_loop()
         for i in range(200):
             request = b"GET /%d HTTP/1.1\r\n\r\n" % i
             rec.arrived.clear()
@@ -248,7 +234,3 @@ async def test_many_small_exchanges_keep_both_directions_in_step(pki):
             tls.write(answer)
             assert await client.read_all(len(answer)) == answer
         assert rec.calls == 200                      # one callback per request record
-    finally:
-        tls.abort()
-        sock.close()
-        server.close()

@@ -319,7 +319,9 @@ class InfoLine:
     order, minus the calls that cannot change anything for an ``info`` line without
     ``exc_info``. A chain that drops the event (:class:`structlog.DropEvent`, e.g.
     ``capture_logs`` in tests) drops it here too, and a level above ``info`` makes the call a
-    no-op, as the filtering bound logger does.
+    no-op, as the filtering bound logger does. :meth:`fields` is the access log's form: where
+    nothing is bound, the line is made from JSON members text the caller builds from
+    remembered runs (:class:`JsonRun`), without a dict.
     """
 
     __slots__ = ("_context", "_processors", "_logger", "enabled", "_json", "_write", "_plain")
@@ -355,11 +357,16 @@ class InfoLine:
         if self._plain is None or _structlog_context_vars is None or _structlog_context_vars:
             self(event, build(values))
             return
+        try:
+            text = members(values)
+        except Exception:  # noqa: BLE001 - the line must not fail the request: the dict says it
+            self(event, build(values))
+            return
         closing = _closings.get(event)
         if closing is None:
             closing = _closings[event] = (
                 f',"event":{json_value(event)},"level":"info","timestamp":"')
-        self._plain(f"{{{members(values)}{closing}{_utc_iso(time.time_ns())}\"}}")
+        self._plain(f"{{{text}{closing}{_utc_iso(time.time_ns())}\"}}")
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         """Log ``fields`` (a dict the caller hands over: it becomes the event dict)."""

@@ -86,18 +86,6 @@ class DeferredCounts:
         pending = self._pending
         pending[counter] = pending.get(counter, 0) + amount
 
-    def add_observe(self, counter, histogram, amount: float) -> None:
-        """``add(counter)`` and ``observe(histogram, amount)`` in one call (a request's
-        count and duration)."""
-        pending = self._pending
-        pending[counter] = pending.get(counter, 0) + 1
-        slot = self._observed.get(histogram)
-        if slot is None:
-            bounds = histogram._upper_bounds             # noqa: SLF001 - see flush()
-            slot = self._observed[histogram] = [bounds, [0] * len(bounds), 0.0]
-        slot[1][bisect_left(slot[0], amount)] += 1
-        slot[2] += amount
-
     def observe(self, histogram, amount: float) -> None:
         """``histogram.observe(amount)`` (a labelled Histogram child, no exemplar), kept as a
         bucket count: the first bucket whose upper bound is >= ``amount``, as ``observe``

@@ -110,8 +110,9 @@ class Pipeline:
         #: once; valid for ``metrics.host_labels_generation`` in ``_counters_generation``
         self._request_counters: dict[tuple, object] = {}
         self._counters_generation = -1
-        #: request (method, scheme, host, port, target, header fields) → (folded fields, its
-        #: Resource), valid for the ``cache`` settings object in ``_classified_cfg`` only
+        #: request (method, scheme, host, port, target, header fields), or a front door's
+        #: shape token → its :class:`Classified`, valid for the ``cache`` settings object in
+        #: ``_classified_cfg`` only
         self._classified: dict[object, Classified] = {}
         self._classified_cfg: Optional[object] = None
 
