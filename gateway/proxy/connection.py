@@ -600,12 +600,7 @@ class ClientConnection(RequestRouter, ResponseWriter):
             return routed
         if type(routed) is Exchange and routed.body is None:
             prepared.tried = True
-            try_hit = self.server.try_hit
-            if try_hit is not None:
-                try:
-                    return try_hit(routed)
-                except Exception:  # noqa: BLE001 - handle() answers it, and logs what fails
-                    return None
+            return self._try_hit(routed)
         return None
 
     async def _dispatch(self, request: http1.RequestHead, prepared: Optional[Prepared] = None,
